@@ -1,0 +1,269 @@
+"""The ``cryptobat`` command: one entry point, a subcommand per job."""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import CryptobatError, TokenBusy
+from .home import resolve_home
+
+SECRET_PROMPTS = ("Passphrase: ", "New passphrase: ", "Repeat passphrase: ", "New PIN: ")
+
+
+def _home_arg(p: argparse.ArgumentParser, top: bool = False) -> None:
+    # on subcommands the option must not overwrite a --home given before the subcommand
+    p.add_argument("--home", metavar="DIR", default=None if top else argparse.SUPPRESS,
+                   help="token directory (default $CRYPTOBAT_HOME or ~/.local/share/cryptobat)")
+
+
+def _attach(path: Path, commands: list[str] | None = None) -> int:
+    """Relay a console on the daemon's socket to this terminal (or run ``commands``)."""
+    import getpass
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(path))
+    r = s.makefile("rb")
+    interactive = commands is None and sys.stdin.isatty()
+
+    def read_prompt() -> str | None:
+        """Copy the daemon's answer to stdout up to the next prompt; return the prompt."""
+        out = bytearray()
+        while True:
+            c = r.read(1)
+            if not c:
+                sys.stdout.write(out.decode(errors="replace"))
+                return None
+            out += c
+            text = out.decode(errors="replace")
+            for p in ("> ",) + SECRET_PROMPTS:
+                if text == p or text.endswith("\n" + p):
+                    sys.stdout.write(text[: -len(p)])
+                    return p
+
+    lines = iter(commands) if commands is not None else None
+    while True:
+        prompt = read_prompt()
+        sys.stdout.flush()
+        if prompt is None:
+            return 0
+        try:
+            if lines is not None:
+                line = next(lines)
+            elif interactive and prompt in SECRET_PROMPTS:
+                line = getpass.getpass(prompt)
+            elif interactive:
+                line = input(prompt)
+            else:  # a script: print a transcript, as the embedded console does
+                line = sys.stdin.readline()
+                if not line:
+                    return 0
+                line = line.rstrip("\n")
+                sys.stdout.write(prompt + ("" if prompt in SECRET_PROMPTS else line) + "\n")
+        except (EOFError, StopIteration):
+            return 0
+        s.sendall(line.encode() + b"\n")
+
+
+def _serving(home: Path) -> Path | None:
+    from .client import _serving as probe
+    p = home / "console.sock"
+    return p if probe(p) else None
+
+
+def cmd_init(a) -> int:
+    from .token import Token
+    home = resolve_home(a.home)
+    t = Token.init(home, a.quorum)
+    print(f"Initialised token {t.state['serial']} at {home} (quorum {a.quorum}, custody {t.custody.name})")
+    print("Next: enrol officers with 'cryptobat console' -> coadd NAME")
+    t.close()
+    return 0
+
+
+def cmd_console(a) -> int:
+    home = resolve_home(a.home)
+    sock = _serving(home)
+    if sock:
+        return _attach(sock)
+    from .console import Console
+    from .token import Token
+    token = Token(home)
+    console = Console(token)
+    interactive = sys.stdin.isatty()
+    import getpass
+    try:
+        while not console.closed:
+            try:
+                if interactive:
+                    line = getpass.getpass(console.prompt) if console.secret_input else input(console.prompt)
+                else:  # a script: print a transcript, prompt and command, as on the device
+                    line = sys.stdin.readline()
+                    if not line:
+                        break
+                    shown = "" if console.secret_input else line.rstrip("\n")
+                    sys.stdout.write(console.prompt + shown + "\n")
+            except EOFError:
+                break
+            sys.stdout.write(console.handle(line))
+            sys.stdout.flush()
+    finally:
+        token.close()
+    return 0
+
+
+def _run_console_commands(home: Path, commands: list[str]) -> str:
+    """Run console commands on the token, in process or through a daemon serving it."""
+    sock = _serving(home)
+    if sock:
+        import io
+        from contextlib import redirect_stdout
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            _attach(sock, commands)
+        return buf.getvalue()
+    from .console import Console
+    from .token import Token
+    token = Token(home)
+    try:
+        console = Console(token)
+        return "".join(console.handle(c) for c in commands)
+    finally:
+        token.close()
+
+
+def cmd_status(a) -> int:
+    sys.stdout.write(_run_console_commands(resolve_home(a.home), ["status"]))
+    return 0
+
+
+def cmd_audit(a) -> int:
+    cmd = "audit verify" if a.action == "verify" else f"audit {a.n}"
+    out = _run_console_commands(resolve_home(a.home), [cmd])
+    sys.stdout.write(out)
+    return 1 if out.startswith("fail:") else 0
+
+
+def cmd_keyfiles(a) -> int:
+    from . import keyfiles
+    from .client import connect
+    client = connect(None, a.home)
+    try:
+        zone = a.zone if a.zone.endswith(".") else a.zone + "."
+        keys = [k for k in client.keys() if k.zone == zone.lower()]
+    finally:
+        client.close()
+    if not keys:
+        raise CryptobatError(f"no keys for zone {zone} in the token")
+    for p in keyfiles.write(keys, Path(a.dir)):
+        print(p)
+    return 0
+
+
+def cmd_serve(a) -> int:
+    from .serve import serve
+    home = resolve_home(a.home)
+    p11 = None if a.no_pkcs11 else Path(a.pkcs11_socket) if a.pkcs11_socket else home / "pkcs11.sock"
+    return serve(home, pty=a.pty, serial_dev=a.serial, baud=a.baud,
+                 console_sock=Path(a.console_socket) if a.console_socket else None,
+                 native_sock=Path(a.native_socket) if a.native_socket else None, p11_sock=p11)
+
+
+def cmd_demo(a) -> int:
+    from .demo import run
+    return run(keep=a.keep)
+
+
+def cmd_signzone(argv: list[str]) -> int:
+    from .signzone import main
+    return main(argv)
+
+
+def cmd_p11_stdio(a) -> int:
+    from .p11serve import serve_stdio
+    return serve_stdio(resolve_home(a.home))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cryptobat", description="A DNSSEC signing HSM that enforces DNSSEC policy itself.")
+    p.add_argument("--version", action="version", version=f"cryptobat {__version__}")
+    _home_arg(p, top=True)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("init", help="create a token")
+    _home_arg(s)
+    s.add_argument("--quorum", type=int, default=2, metavar="M", help="officers needed for a change (default 2)")
+    s.set_defaults(fn=cmd_init)
+
+    s = sub.add_parser("console", help="the token's console on this terminal")
+    _home_arg(s)
+    s.set_defaults(fn=cmd_console)
+
+    s = sub.add_parser("status", help="the token at a glance")
+    _home_arg(s)
+    s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("audit", help="show or verify the audit log")
+    _home_arg(s)
+    s.add_argument("action", choices=["show", "verify"], nargs="?", default="show")
+    s.add_argument("-n", type=int, default=20, help="entries to show")
+    s.set_defaults(fn=cmd_audit)
+
+    s = sub.add_parser("keyfiles", help="write BIND K*.key/.private files for a zone's token keys")
+    _home_arg(s)
+    s.add_argument("zone")
+    s.add_argument("dir", nargs="?", default=".")
+    s.set_defaults(fn=cmd_keyfiles)
+
+    s = sub.add_parser("serve", help="run the daemon: console, native API and PKCS#11 sockets")
+    _home_arg(s)
+    s.add_argument("--pty", action="store_true", help="also serve the console on a pseudo-terminal")
+    s.add_argument("--serial", metavar="DEV", help="also serve the console on a serial device")
+    s.add_argument("--baud", type=int, default=115200)
+    s.add_argument("--console-socket", metavar="PATH")
+    s.add_argument("--native-socket", metavar="PATH")
+    s.add_argument("--pkcs11-socket", metavar="PATH")
+    s.add_argument("--no-pkcs11", action="store_true", help="do not serve PKCS#11")
+    s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("demo", help="replay the original device's sessions on a throwaway token")
+    s.add_argument("--keep", metavar="DIR", help="keep the token and zone files in DIR")
+    s.set_defaults(fn=cmd_demo)
+
+    sub.add_parser("signzone", help="sign a zone under the token's policy (dnssec-signzone options)", add_help=False)
+
+    s = sub.add_parser("p11-stdio", help="serve PKCS#11 (p11-kit RPC) on stdin/stdout")
+    _home_arg(s)
+    s.set_defaults(fn=cmd_p11_stdio)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        # signzone takes dnssec-signzone's own options, so hand it the rest untouched
+        if "signzone" in argv:
+            i = argv.index("signzone")
+            pre = build_parser().parse_args(argv[:i] + ["status"]) if i else None
+            rest = argv[i + 1:]
+            if pre is not None and pre.home and "--home" not in rest:
+                rest = ["--home", pre.home] + rest
+            return cmd_signzone(rest)
+        a = build_parser().parse_args(argv)
+        return a.fn(a)
+    except TokenBusy as e:
+        print(f"cryptobat: {e}; is 'cryptobat serve' running for it?", file=sys.stderr)
+    except CryptobatError as e:
+        print(f"cryptobat: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

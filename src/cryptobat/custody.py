@@ -1,0 +1,108 @@
+"""Key custody: where private keys live and how they are used.
+
+The token never handles a private key except through a :class:`Custody`. The
+software custody keeps a 256-bit master key in a 0600 file and stores each
+private key sealed under it (AES-256-GCM, the key's label as associated data),
+unsealing it only to sign. A TPM 2.0 custody (keys created inside the TPM,
+loaded per use and flushed) and one fronting an existing PKCS#11 HSM implement
+the same protocol; the rest of the token does not change.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from pathlib import Path
+from typing import Protocol
+
+import dns.dnssec  # noqa: F401  (registers dnspython's DNSSEC algorithms)
+import dns.dnssecalgs
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .errors import CryptobatError, IntegrityError
+
+RSA_BITS = 2048
+
+
+class LoadedKey(Protocol):
+    def sign(self, data: bytes) -> bytes: ...
+
+
+class Custody(Protocol):
+    name: str
+
+    def generate(self, algorithm: int, aad: bytes) -> tuple[bytes, bytes]:
+        """Create a key inside custody; return (DNSKEY public key field, opaque blob to store)."""
+        ...
+
+    def load(self, algorithm: int, blob: bytes, aad: bytes) -> LoadedKey: ...
+
+    def seal(self, data: bytes, aad: bytes) -> bytes: ...
+
+    def unseal(self, blob: bytes, aad: bytes) -> bytes: ...
+
+    def mac_key(self) -> bytes:
+        """Key for the state store's integrity MAC."""
+        ...
+
+
+class _DnssecKey:
+    """A private key that signs RRSIG signing data per its DNSSEC algorithm (hash inside)."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: dns.dnssecalgs.GenericPrivateKey) -> None:
+        self._key = key
+
+    def sign(self, data: bytes) -> bytes:
+        return self._key.sign(data)
+
+
+class SoftwareCustody:
+    """Master key in ``HOME/master.key`` (0600); private keys sealed under it."""
+
+    name = "software"
+
+    def __init__(self, home: Path, create: bool = False) -> None:
+        path = Path(home) / "master.key"
+        if create and not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, os.urandom(32))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        try:
+            master = path.read_bytes()
+        except FileNotFoundError:
+            raise CryptobatError(f"no token at {home} (run: cryptobat init)") from None
+        if len(master) != 32:
+            raise IntegrityError("master key file is damaged")
+        self._aead = AESGCM(hashlib.sha256(b"cryptobat seal" + master).digest())
+        self._mac = hmac.new(master, b"cryptobat state mac", hashlib.sha256).digest()
+
+    def seal(self, data: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, data, aad)
+
+    def unseal(self, blob: bytes, aad: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(blob[:12], blob[12:], aad)
+        except Exception:
+            raise IntegrityError("sealed data failed authentication") from None
+
+    def generate(self, algorithm: int, aad: bytes) -> tuple[bytes, bytes]:
+        cls = dns.dnssecalgs.get_algorithm_cls(algorithm)
+        key = cls.generate(RSA_BITS) if algorithm in (8, 10) else cls.generate()
+        der = key.key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        return key.public_key().encode_key_bytes(), self.seal(der, aad)
+
+    def load(self, algorithm: int, blob: bytes, aad: bytes) -> LoadedKey:
+        der = self.unseal(blob, aad)
+        private = serialization.load_der_private_key(der, password=None)
+        return _DnssecKey(dns.dnssecalgs.get_algorithm_cls(algorithm)(key=private))
+
+    def mac_key(self) -> bytes:
+        return self._mac

@@ -1,0 +1,90 @@
+"""Crypto officers and their two factors: a TOTP code and a passphrase.
+
+TOTP follows RFC 6238 as authenticator apps expect it (SHA-1, 6 digits, 30 s
+steps), with a window of one step either side. A code from a time step the
+officer already used is refused, so an observed code cannot be replayed;
+five failures in a row lock the officer out for a while. Secrets are stored
+sealed by the key custody; passphrases only as scrypt hashes.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+from dataclasses import dataclass
+
+import pyotp
+
+STEP = 30
+DIGITS = 6
+SECRET_CHARS = 32  # base32 characters: 160 bits, RFC 4226's recommended length
+MAX_FAILURES = 5
+LOCKOUT = 300
+ISSUER = "Cryptobat"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
+_SCRYPT = dict(n=2**14, r=8, p=1, dklen=32)
+
+
+def valid_name(name: str) -> bool:
+    return bool(NAME_RE.match(name))
+
+
+def new_secret() -> str:
+    return pyotp.random_base32(SECRET_CHARS)
+
+
+def provisioning_uri(name: str, secret: str, token_serial: str) -> str:
+    return pyotp.TOTP(secret).provisioning_uri(name=f"{name}@{token_serial}", issuer_name=ISSUER)
+
+
+def match_step(secret: str, code: str, now: int) -> int | None:
+    """Return the time step (now ±1) whose TOTP equals ``code``, or None."""
+    if not (len(code) == DIGITS and code.isdigit()):
+        return None
+    totp = pyotp.TOTP(secret, digits=DIGITS, interval=STEP)
+    step = now // STEP
+    for s in (step, step - 1, step + 1):
+        if hmac.compare_digest(totp.at(s * STEP), code):
+            return s
+    return None
+
+
+def hash_passphrase(passphrase: str) -> dict:
+    salt = os.urandom(16)
+    h = hashlib.scrypt(passphrase.encode(), salt=salt, **_SCRYPT)
+    return {"salt": salt.hex(), "hash": h.hex()}
+
+
+def check_passphrase(record: dict, passphrase: str) -> bool:
+    h = hashlib.scrypt(passphrase.encode(), salt=bytes.fromhex(record["salt"]), **_SCRYPT)
+    return hmac.compare_digest(h.hex(), record["hash"])
+
+
+@dataclass
+class LoginOutcome:
+    ok: bool
+    why: str  # for the audit log only; the console answers just Ok / Failed
+
+
+def login(officer: dict, secret: str, code: str, passphrase: str | None, now: int) -> LoginOutcome:
+    """Check both factors and update ``officer`` (a state record) in place."""
+    if officer.get("locked_until", 0) > now:
+        return LoginOutcome(False, "locked out")
+    step = match_step(secret, code, now)
+    if step is None:
+        why = "bad code"
+    elif step <= officer.get("last_step", -1):
+        why = "code replayed"
+    elif officer.get("passphrase") and (passphrase is None or not check_passphrase(officer["passphrase"], passphrase)):
+        why = "bad passphrase"
+    else:
+        officer["last_step"] = step
+        officer["failures"] = 0
+        return LoginOutcome(True, "ok")
+    officer["failures"] = officer.get("failures", 0) + 1
+    if officer["failures"] >= MAX_FAILURES:
+        officer["locked_until"] = now + LOCKOUT
+        officer["failures"] = 0
+        why += f"; locked out for {LOCKOUT} s"
+    return LoginOutcome(False, why)

@@ -1,0 +1,170 @@
+"""Parse the bytes a DNSSEC signer hands over for signing (RFC 4034 §3.1.8.1).
+
+The data is the RRSIG RDATA without the signature field, followed by every RR
+of the RRset in canonical form and order. We parse it strictly: names are read
+by hand because canonical form forbids compression and upper case, which a
+general wire parser (dnspython's) would silently accept; record data is then
+checked with dnspython, so only well-formed, canonical RDATA passes.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import dns.exception
+import dns.name
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+
+from .errors import Refusal
+
+_HEADER = struct.Struct("!HBBIIIH")  # type covered, alg, labels, orig TTL, exp, inc, key tag
+_RR = struct.Struct("!HHIH")  # type, class, TTL, rdlength
+# Types whose RDATA is fixed-size and name-free: their canonical form is the wire form.
+_FIXED = {dns.rdatatype.A: 4, dns.rdatatype.AAAA: 16}
+# Meta and pseudo types that never appear in a signed RRset (RFC 4035 §2.2, RFC 6895).
+_UNSIGNABLE = {dns.rdatatype.RRSIG, dns.rdatatype.OPT, dns.rdatatype.TKEY, dns.rdatatype.TSIG,
+               dns.rdatatype.IXFR, dns.rdatatype.AXFR, dns.rdatatype.MAILA, dns.rdatatype.MAILB,
+               dns.rdatatype.ANY, 0}
+
+
+@dataclass(frozen=True, slots=True)
+class SigningData:
+    type_covered: int
+    algorithm: int
+    labels: int
+    original_ttl: int
+    expiration: int
+    inception: int
+    key_tag: int
+    signer: bytes  # canonical wire form
+    owner: bytes  # canonical wire form of the RRset owner
+    rdclass: int
+    count: int  # number of RRs
+
+
+def read_name(data: bytes, pos: int) -> tuple[bytes, int, int]:
+    """Read one uncompressed, lower-case wire name; return (wire, label count, next pos)."""
+    start = pos
+    labels = 0
+    end = len(data)
+    while True:
+        if pos >= end:
+            raise Refusal("truncated name")
+        n = data[pos]
+        if n == 0:
+            pos += 1
+            break
+        if n > 63:
+            raise Refusal("compressed or invalid label in name")
+        label = data[pos + 1:pos + 1 + n]
+        if len(label) != n:
+            raise Refusal("truncated name")
+        if label != label.lower():
+            raise Refusal("name not in canonical (lower case) form")
+        labels += 1
+        pos += n + 1
+    if pos - start > 255:
+        raise Refusal("name too long")
+    return data[start:pos], labels, pos
+
+
+def is_subdomain(name: bytes, zone: bytes) -> bool:
+    """True if wire name ``name`` is ``zone`` or below it (both canonical)."""
+    if not name.endswith(zone):
+        return False
+    cut = len(name) - len(zone)
+    if cut == 0:
+        return True
+    # the suffix must start on a label boundary of ``name``
+    pos = 0
+    while pos < cut:
+        pos += name[pos] + 1
+    return pos == cut
+
+
+def _check_rdata(rdtype: int, rdclass: int, rdata: bytes) -> None:
+    fixed = _FIXED.get(rdtype)
+    if fixed is not None:
+        if len(rdata) != fixed:
+            raise Refusal(f"malformed {dns.rdatatype.to_text(rdtype)} RDATA")
+        return
+    try:
+        rd = dns.rdata.from_wire(rdclass, rdtype, rdata, 0, len(rdata))
+        canonical = rd.to_digestable()
+    except (dns.exception.DNSException, ValueError, IndexError, struct.error) as e:
+        raise Refusal(f"malformed {dns.rdatatype.to_text(rdtype)} RDATA") from e
+    if canonical != rdata:
+        raise Refusal(f"{dns.rdatatype.to_text(rdtype)} RDATA not in canonical form")
+
+
+def parse(data: bytes) -> SigningData:
+    """Parse and check the structure of RRSIG signing data; raise Refusal if malformed.
+
+    Checks here are about form: every RR is well-formed and canonical, shares one
+    owner, the covered type, one class and the original TTL, RRs are in canonical
+    order without duplicates, the labels field fits the owner, nothing trails.
+    Whether the token may sign it is :mod:`cryptobat.policy`'s decision.
+    """
+    if len(data) < _HEADER.size + 1:
+        raise Refusal("signing data too short")
+    tc, alg, labels, ottl, exp, inc, tag = _HEADER.unpack_from(data, 0)
+    if tc in _UNSIGNABLE or dns.rdatatype.is_metatype(tc):
+        raise Refusal(f"type {dns.rdatatype.to_text(tc)} is never signed")
+    signer, _, pos = read_name(data, _HEADER.size)
+    owner = None
+    rdclass = None
+    prev = None
+    count = 0
+    end = len(data)
+    while pos < end:
+        name, nlabels, pos = read_name(data, pos)
+        if pos + _RR.size > end:
+            raise Refusal("truncated RR")
+        rtype, rclass, ttl, rdlen = _RR.unpack_from(data, pos)
+        pos += _RR.size
+        rdata = data[pos:pos + rdlen]
+        if len(rdata) != rdlen:
+            raise Refusal("truncated RDATA")
+        pos += rdlen
+        if owner is None:
+            owner, rdclass = name, rclass
+            wildcard = name[:2] == b"\x01*"
+            if labels != nlabels - wildcard:
+                raise Refusal("RRSIG labels field does not match owner name")
+        elif name != owner:
+            raise Refusal("RRs with different owner names")
+        if rtype != tc:
+            raise Refusal("RR type differs from type covered")
+        if rclass != rdclass or dns.rdataclass.is_metaclass(rclass):
+            raise Refusal("RR class mismatch")
+        if ttl != ottl:
+            raise Refusal("RR TTL differs from original TTL")
+        if prev is not None and rdata <= prev:
+            raise Refusal("RRs not in canonical order" if rdata != prev else "duplicate RR")
+        _check_rdata(rtype, rclass, rdata)
+        prev = rdata
+        count += 1
+    if owner is None:
+        raise Refusal("no RRs in signing data")
+    return SigningData(tc, alg, labels, ottl, exp, inc, tag, signer, owner, rdclass, count)
+
+
+def name_text(wire: bytes) -> str:
+    return dns.name.from_wire(wire, 0)[0].to_text()
+
+
+def template(rrset, key, inception: int, expiration: int):
+    """An RRSIG RDATA (empty signature) for ``rrset`` signed by ``key`` (a KeyInfo)."""
+    import dns.rdtypes.ANY.RRSIG
+    labels = len(rrset.name) - 1 - (1 if rrset.name.is_wild() else 0)
+    return dns.rdtypes.ANY.RRSIG.RRSIG(
+        dns.rdataclass.IN, dns.rdatatype.RRSIG, rrset.rdtype, key.algorithm, labels, rrset.ttl,
+        expiration & 0xFFFFFFFF, inception & 0xFFFFFFFF, key.keytag, dns.name.from_text(key.zone), b"")
+
+
+def signing_data(rrset, rrsig) -> bytes:
+    """RFC 4034 §3.1.8.1 bytes for ``rrset`` under RRSIG ``rrsig``, as dnspython's validator builds them."""
+    import dns.dnssec
+    return dns.dnssec._make_rrsig_signature_data(rrset, rrsig)

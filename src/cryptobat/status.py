@@ -1,0 +1,46 @@
+"""``cryptobat status``: the token at a glance, as a readable table."""
+from __future__ import annotations
+
+import time
+
+from . import keystore
+from .token import Token
+
+
+def _ago(now: int, t: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t else "-"
+
+
+def render(token: Token) -> str:
+    s = token.state
+    now = token.now()
+    here = token.present()
+    mv = s["max_validity"]
+    rows = [
+        ("token", f"{token.info()['label']}  serial {s['serial']}  custody {token.custody.name}"),
+        ("home", str(token.home)),
+        ("clock", f"{_ago(now, now)} ({now})" + ("  TAMPER: signing refused until settime" if token.policy().clock_tampered else "  trusted")),
+        ("quorum", f"{s['quorum']} of {len(s['officers'])} officers, {len(here)} present"),
+        ("policy", f"max validity +{mv} s" if mv else "no max validity set: signing disabled"),
+        ("signer PIN", "set" if s["pin"] else "not set"),
+    ]
+    c = token.counters()
+    rows.append(("counters", f"signatures {c['signatures']}  refusals {c['refusals']}  "
+                             f"compat {c['compat_signatures']}  logins {c['logins']}  failed logins {c['login_failures']}"))
+    if s["p11_window_until"] > now:
+        rows.append(("pkcs11", f"key management window open for {s['p11_window_until'] - now} s"))
+    width = max(len(k) for k, _ in rows)
+    out = [f"{k:<{width}}  {v}" for k, v in rows]
+    out.append("")
+    out.append(f"{'officer':<16} {'present':<8} {'factors':<20} state")
+    for name, o in s["officers"].items():
+        factors = "TOTP + passphrase" if o["passphrase"] else "TOTP only"
+        state = f"locked until {_ago(now, o['locked_until'])}" if o["locked_until"] > now else "ok"
+        out.append(f"{name:<16} {'yes' if name in here else 'no':<8} {factors:<20} {state}")
+    out.append("")
+    out.append(f"{'key':<28} {'zone':<20} {'alg':<18} {'role':<5} {'tag':>5}  mode")
+    for k in token.keys():
+        alg = f"{k.algorithm} {keystore.SUPPORTED[k.algorithm]}"
+        out.append(f"{k.label:<28} {k.zone:<20} {alg:<18} {k.role:<5} {k.keytag:>5}  "
+                   f"{'compat (hash-only allowed)' if k.compat else 'full policy'}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,97 @@
+"""The token's one state store: SQLite in WAL mode, integrity protected.
+
+One row holds the whole token state as JSON with an HMAC over it; the audit
+log lives beside it in the same database. A change writes the new state and
+its audit entries in one transaction with ``synchronous=FULL``, so a crash at
+any instant leaves the old state or the new one, never a mix. An exclusive
+lock file keeps a second process from opening the same token.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import sqlite3
+from pathlib import Path
+from typing import Iterator
+
+from .audit import GENESIS, Head
+from .errors import CryptobatError, IntegrityError, TokenBusy
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 1), doc TEXT NOT NULL, mac TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, entry TEXT NOT NULL, hash TEXT NOT NULL);
+"""
+
+
+class Store:
+    def __init__(self, home: Path, mac_key: bytes, create: bool = False) -> None:
+        self.home = Path(home)
+        self._mac_key = mac_key
+        self._lock = self._acquire_lock()
+        path = self.home / "state.db"
+        if not create and not path.exists():
+            raise CryptobatError(f"no token at {self.home} (run: cryptobat init)")
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise IntegrityError(f"state store is damaged: {e}") from None
+
+    def _acquire_lock(self) -> int:
+        fd = os.open(self.home / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise TokenBusy(f"token {self.home} is in use by process {pid}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def _mac(self, doc: str) -> str:
+        return hmac.new(self._mac_key, doc.encode(), hashlib.sha256).hexdigest()
+
+    def load(self) -> dict | None:
+        """Return the verified state, or None for a new store."""
+        try:
+            row = self.db.execute("SELECT doc, mac FROM state WHERE id = 1").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise IntegrityError(f"state store is damaged: {e}") from None
+        if row is None:
+            return None
+        doc, mac = row
+        if not hmac.compare_digest(self._mac(doc), mac):
+            raise IntegrityError("state store integrity check failed: edited outside Cryptobat")
+        state = json.loads(doc)
+        last = self.db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        head = Head(**state["audit"])
+        if (tuple(last) if last else (0, GENESIS)) != (head.seq, head.hash):
+            raise IntegrityError("audit log does not match the state (entries edited or deleted)")
+        return state
+
+    def commit(self, state: dict, entries: list[tuple[int, str, str]]) -> None:
+        """Write ``state`` and append audit ``entries`` atomically."""
+        doc = json.dumps(state, sort_keys=True, separators=(",", ":"))
+        mac = self._mac(doc)
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT INTO audit (seq, entry, hash) VALUES (?, ?, ?)", entries)
+            db.execute("INSERT OR REPLACE INTO state (id, doc, mac) VALUES (1, ?, ?)", (doc, mac))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def audit_rows(self, since: int = 0) -> Iterator[tuple[int, str, str]]:
+        yield from self.db.execute("SELECT seq, entry, hash FROM audit WHERE seq > ? ORDER BY seq", (since,))
+
+    def close(self) -> None:
+        self.db.close()
+        os.close(self._lock)
