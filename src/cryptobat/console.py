@@ -39,6 +39,7 @@ HELP = """\
  setcompat LABEL on|off       allow hash-only PKCS#11 signing for a key (quorum)
  p11window SECONDS            open PKCS#11 key generation/deletion for a while (quorum)
  keygen ALG ROLE ZONE [LABEL] generate a key: ALG 8|10|13|14|15|16 or mnemonic, ROLE ksk|zsk|csk (quorum)
+ keyimport ROLE ZONE FILE [LABEL]  import a BIND .private or PEM key file (quorum)
  keydel LABEL                 delete a key (quorum)
  keylist                      keys with key tag, DNSKEY and DS
  tpmloadkey LABEL             load a key for signing: ok: key loaded handle=XXXXXXXX
@@ -261,6 +262,19 @@ class Console:
         role = keystore.parse_role(args[1])
         info = self.token.keygen(alg, role, args[2], args[3] if len(args) == 4 else None)
         return (f"ok: key generated label={info.label} zone={info.zone} algorithm={alg} "
+                f"role={role} tag={info.keytag}\n")
+
+    def do_keyimport(self, args: list[str]) -> str:
+        if len(args) not in (3, 4):
+            raise _Usage
+        role = keystore.parse_role(args[0])
+        try:
+            with open(args[2]) as f:
+                text = f.read(1 << 20)
+        except (OSError, UnicodeDecodeError) as e:
+            raise CryptobatError(f"cannot read {args[2]}: {e}") from None
+        info = self.token.keyimport(role, args[1], text, args[3] if len(args) == 4 else None)
+        return (f"ok: key imported label={info.label} zone={info.zone} algorithm={info.algorithm} "
                 f"role={role} tag={info.keytag}\n")
 
     def do_keydel(self, args: list[str]) -> str:

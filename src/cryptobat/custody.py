@@ -38,6 +38,10 @@ class Custody(Protocol):
 
     def load(self, algorithm: int, blob: bytes, aad: bytes) -> LoadedKey: ...
 
+    def import_key(self, algorithm: int, private_key, aad: bytes) -> tuple[bytes, bytes]:
+        """Take an existing private key into custody; return (public key field, blob)."""
+        ...
+
     def seal(self, data: bytes, aad: bytes) -> bytes: ...
 
     def unseal(self, blob: bytes, aad: bytes) -> bytes: ...
@@ -95,8 +99,12 @@ class SoftwareCustody:
     def generate(self, algorithm: int, aad: bytes) -> tuple[bytes, bytes]:
         cls = dns.dnssecalgs.get_algorithm_cls(algorithm)
         key = cls.generate(RSA_BITS) if algorithm in (8, 10) else cls.generate()
-        der = key.key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
+        return self.import_key(algorithm, key.key, aad)
+
+    def import_key(self, algorithm: int, private_key, aad: bytes) -> tuple[bytes, bytes]:
+        key = dns.dnssecalgs.get_algorithm_cls(algorithm)(key=private_key)
+        der = private_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption())
         return key.public_key().encode_key_bytes(), self.seal(der, aad)
 
     def load(self, algorithm: int, blob: bytes, aad: bytes) -> LoadedKey:

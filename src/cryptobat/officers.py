@@ -76,12 +76,13 @@ def login(officer: dict, secret: str, code: str, passphrase: str | None, now: in
         why = "bad code"
     elif step <= officer.get("last_step", -1):
         why = "code replayed"
-    elif officer.get("passphrase") and (passphrase is None or not check_passphrase(officer["passphrase"], passphrase)):
-        why = "bad passphrase"
     else:
-        officer["last_step"] = step
-        officer["failures"] = 0
-        return LoginOutcome(True, "ok")
+        officer["last_step"] = step  # a code counts once, whatever the passphrase
+        if officer.get("passphrase") and (passphrase is None or not check_passphrase(officer["passphrase"], passphrase)):
+            why = "bad passphrase"
+        else:
+            officer["failures"] = 0
+            return LoginOutcome(True, "ok")
     officer["failures"] = officer.get("failures", 0) + 1
     if officer["failures"] >= MAX_FAILURES:
         officer["locked_until"] = now + LOCKOUT

@@ -268,17 +268,24 @@ class Token:
             raise CryptobatError(f"no key labelled {label!r}")
         return keystore.info_of(rec)
 
-    def _generate(self, algorithm: int, role: str, zone: str, label: str | None) -> tuple[KeyInfo, dict]:
+    def _generate(self, algorithm: int, role: str, zone: str, label: str | None,
+                  private_key=None) -> tuple[KeyInfo, dict]:
+        """Create (or, given ``private_key``, import) a key; return its info and state record."""
         zone = keystore.parse_zone(zone)
         if label is not None and (label in self.state["keys"] or not label.isprintable() or " " in label):
             raise CryptobatError(f"label {label!r} is taken or not printable")
         tags = {k.keytag for k in self.keys() if k.zone == zone}
         for _ in range(16):  # a fresh key whose tag collides with one in the zone is discarded
             tmp = label or os.urandom(8).hex()
-            public, blob = self.custody.generate(algorithm, tmp.encode())
+            if private_key is not None:
+                public, blob = self.custody.import_key(algorithm, private_key, tmp.encode())
+            else:
+                public, blob = self.custody.generate(algorithm, tmp.encode())
             info = keystore.make_info(tmp, zone, algorithm, role, public)
             if info.keytag not in tags:
                 break
+            if private_key is not None:
+                raise CryptobatError(f"key tag {info.keytag} is already in use in {zone}")
         else:
             raise CryptobatError("could not find a free key tag")
         if label is None:
@@ -295,6 +302,20 @@ class Token:
         info, rec = self._generate(algorithm, role, zone, label)
         self._gated("keygen", {"label": info.label, "zone": info.zone, "algorithm": algorithm,
                                "role": role, "keytag": info.keytag},
+                    lambda s: s["keys"].__setitem__(info.label, rec))
+        return info
+
+    def keyimport(self, role: str, zone: str, key_text: str, label: str | None = None) -> KeyInfo:
+        """Take an existing private key (BIND .private or PEM) into the token, under quorum."""
+        from . import bindkey
+        self._require("keyimport")
+        algorithm, private_key = bindkey.load(key_text)
+        algorithm = algorithm or bindkey.algorithm_of(private_key)
+        if algorithm not in keystore.SUPPORTED:
+            raise CryptobatError(f"algorithm {algorithm} is not supported by the token")
+        info, rec = self._generate(algorithm, role, zone, label, private_key)
+        self._gated("keyimport", {"label": info.label, "zone": info.zone, "algorithm": algorithm,
+                                  "role": role, "keytag": info.keytag},
                     lambda s: s["keys"].__setitem__(info.label, rec))
         return info
 

@@ -1,0 +1,77 @@
+"""Read private keys to import into the token: BIND ``Private-key-format`` files or PEM.
+
+Importing an existing key lets an operator move a KSK into the token without a
+roll at the parent. No maintained Python library reads BIND's private-key
+format, so the few fields we need are parsed here; the key objects themselves
+come from ``cryptography``.
+"""
+from __future__ import annotations
+
+import base64
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+from .errors import CryptobatError
+
+_RSA_FIELDS = ("Modulus", "PublicExponent", "PrivateExponent", "Prime1", "Prime2",
+               "Exponent1", "Exponent2", "Coefficient")
+
+
+def _fields(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        if ":" in line and not line.startswith(";"):
+            k, v = line.split(":", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def _int(b64: str) -> int:
+    return int.from_bytes(base64.b64decode(b64), "big")
+
+
+def load(text: str):
+    """Return (algorithm number or None for PEM, cryptography private key)."""
+    if "-----BEGIN" in text:
+        try:
+            return None, serialization.load_pem_private_key(text.encode(), password=None)
+        except (ValueError, TypeError) as e:
+            raise CryptobatError(f"cannot read PEM private key: {e}") from None
+    f = _fields(text)
+    if "Private-key-format" not in f or "Algorithm" not in f:
+        raise CryptobatError("not a BIND private key file (no Private-key-format/Algorithm)")
+    if "Label" in f and "Modulus" not in f and "PrivateKey" not in f:
+        raise CryptobatError("this key file names an HSM key; it holds no key to import")
+    try:
+        alg = int(f["Algorithm"].split()[0])
+        if alg in (5, 7, 8, 10):
+            n, e, d, p, q, dp, dq, qi = (_int(f[k]) for k in _RSA_FIELDS)
+            key = rsa.RSAPrivateNumbers(p, q, d, dp, dq, qi, rsa.RSAPublicNumbers(e, n)).private_key()
+        elif alg in (13, 14):
+            curve = ec.SECP256R1() if alg == 13 else ec.SECP384R1()
+            key = ec.derive_private_key(_int(f["PrivateKey"]), curve)
+        elif alg == 15:
+            key = ed25519.Ed25519PrivateKey.from_private_bytes(base64.b64decode(f["PrivateKey"]))
+        elif alg == 16:
+            key = ed448.Ed448PrivateKey.from_private_bytes(base64.b64decode(f["PrivateKey"]))
+        else:
+            raise CryptobatError(f"algorithm {alg} cannot be imported")
+    except KeyError as e:
+        raise CryptobatError(f"private key file lacks the {e.args[0]} field") from None
+    except (ValueError, TypeError) as e:
+        raise CryptobatError(f"private key file is malformed: {e}") from None
+    return alg, key
+
+
+def algorithm_of(key) -> int:
+    """The DNSSEC algorithm a PEM key implies (RSA defaults to RSASHA256)."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        return 8
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return {"secp256r1": 13, "secp384r1": 14}.get(key.curve.name, 0)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return 15
+    if isinstance(key, ed448.Ed448PrivateKey):
+        return 16
+    return 0

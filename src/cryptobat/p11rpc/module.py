@@ -1,0 +1,712 @@
+"""PKCS#11 semantics over a :class:`~cryptobat.p11rpc.backend.Backend`, one instance per client.
+
+One slot holding one token.  Every token key appears as a private-key object (visible
+after login) and a public-key object.  ``CKA_ID`` and ``CKA_LABEL`` are both the UTF-8
+token key label: labels are unique on the token, whereas key tags can collide.
+
+Signing never bypasses the token: whole-data mechanisms go to ``timed_sign`` (the token
+parses and policy-checks the RRSIG signing data); hash-only mechanisms go to
+``sign_digest``, flagged ``bound`` only when this session itself hashed signing data that
+passed ``check_signing_data`` for that key and the digest matches exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa, utils
+
+from ..api import KeyInfo
+from . import constants as C
+from .backend import Backend
+from .codec import Attribute, Buffer, Mechanism, OutArray, encoded_length
+
+SLOT_ID = 1
+HANDSHAKE = b"PRIVATE-GNOME-KEYRING-PKCS11-PROTOCOL-V-1"
+MAX_DATA = 8 * 1024 * 1024
+MAX_RANDOM = 1024 * 1024
+MAX_BOUND = 256
+
+_RSA = (5, 7, 8, 10)
+FULL_SIGN = {C.CKM_SHA256_RSA_PKCS: (8,), C.CKM_SHA512_RSA_PKCS: (10,), C.CKM_ECDSA_SHA256: (13,),
+             C.CKM_ECDSA_SHA384: (14,), C.CKM_EDDSA: (15, 16)}
+HASH_SIGN = {C.CKM_RSA_PKCS: _RSA, C.CKM_ECDSA: (13, 14)}
+DIGESTS = {C.CKM_SHA_1: "sha1", C.CKM_SHA256: "sha256", C.CKM_SHA384: "sha384", C.CKM_SHA512: "sha512"}
+ALG_HASH = {5: "sha1", 7: "sha1", 8: "sha256", 10: "sha512", 13: "sha256", 14: "sha384"}
+DIGEST_INFO = {
+    "sha1": bytes.fromhex("3021300906052b0e03021a05000414"),
+    "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
+    "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
+    "sha512": bytes.fromhex("3051300d060960864801650304020305000440"),
+}
+CURVES = {  # DNSSEC algorithm -> (CKA_EC_PARAMS, point length)
+    13: (bytes.fromhex("06082a8648ce3d030107"), 64),
+    14: (bytes.fromhex("06052b81040022"), 96),
+    15: (bytes.fromhex("06032b6570"), 32),
+    16: (bytes.fromhex("06032b6571"), 57),
+}
+CURVE_ALIASES = {b"\x13\x0cedwards25519": 15, b"\x13\x0aedwards448": 16}
+SIG_LEN = {13: 64, 14: 96, 15: 64, 16: 114}
+
+_SIGN_VERIFY = C.CKF_SIGN | C.CKF_VERIFY
+_EC_FLAGS = _SIGN_VERIFY | C.CKF_EC_F_P | C.CKF_EC_NAMEDCURVE | C.CKF_EC_UNCOMPRESS
+MECHANISMS: dict[int, tuple[int, int, int]] = {
+    C.CKM_RSA_PKCS_KEY_PAIR_GEN: (1024, 4096, C.CKF_GENERATE_KEY_PAIR),
+    C.CKM_RSA_PKCS: (1024, 4096, _SIGN_VERIFY),
+    C.CKM_SHA256_RSA_PKCS: (1024, 4096, _SIGN_VERIFY),
+    C.CKM_SHA512_RSA_PKCS: (1024, 4096, _SIGN_VERIFY),
+    C.CKM_EC_KEY_PAIR_GEN: (256, 384, C.CKF_GENERATE_KEY_PAIR | C.CKF_EC_F_P | C.CKF_EC_NAMEDCURVE
+                            | C.CKF_EC_UNCOMPRESS),
+    C.CKM_ECDSA: (256, 384, _EC_FLAGS),
+    C.CKM_ECDSA_SHA256: (256, 256, _EC_FLAGS),
+    C.CKM_ECDSA_SHA384: (384, 384, _EC_FLAGS),
+    C.CKM_EC_EDWARDS_KEY_PAIR_GEN: (255, 448, C.CKF_GENERATE_KEY_PAIR),
+    C.CKM_EDDSA: (255, 448, _SIGN_VERIFY),
+    C.CKM_SHA_1: (0, 0, C.CKF_DIGEST),
+    C.CKM_SHA256: (0, 0, C.CKF_DIGEST),
+    C.CKM_SHA384: (0, 0, C.CKF_DIGEST),
+    C.CKM_SHA512: (0, 0, C.CKF_DIGEST),
+}
+
+
+class P11Error(Exception):
+    def __init__(self, ckr: int) -> None:
+        super().__init__(hex(ckr))
+        self.ckr = ckr
+
+
+@dataclass
+class Op:
+    mech: int
+    key: KeyInfo | None = None
+    data: bytearray = field(default_factory=bytearray)
+    updated: bool = False
+    result: bytes | None = None  # kept so a size query and the real call sign only once
+    result_for: bytes | None = None
+    hasher: Any = None
+    keep: bool = True  # digest input still short enough to be checked for binding
+
+
+@dataclass
+class Session:
+    handle: int
+    rw: bool
+    find: list[int] | None = None
+    sign: Op | None = None
+    verify: Op | None = None
+    digest: Op | None = None
+    bound: OrderedDict = field(default_factory=OrderedDict)  # (label, digest) -> None
+
+
+def _pad(s: str, n: int) -> bytes:
+    b = s.encode()[:n]
+    return b + b" " * (n - len(b))
+
+
+def rsa_public(pub: bytes) -> tuple[int, int]:
+    """(exponent, modulus) from an RFC 3110 DNSKEY public key field."""
+    if pub[:1] == b"\0":
+        elen, off = int.from_bytes(pub[1:3], "big"), 3
+    else:
+        elen, off = pub[0], 1
+    return int.from_bytes(pub[off:off + elen], "big"), int.from_bytes(pub[off + elen:], "big")
+
+
+def _der_octets(b: bytes) -> bytes:
+    n = len(b)
+    if n < 0x80:
+        return b"\x04" + bytes([n]) + b
+    ln = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return b"\x04" + bytes([0x80 | len(ln)]) + ln + b
+
+
+def fit(buf: Buffer, data: bytes) -> tuple[OutArray, bool]:
+    """Answer a receive buffer: (reply, whether the data was delivered)."""
+    if buf.capacity is None or buf.capacity < len(data):
+        return OutArray(None, len(data)), False
+    return OutArray(data), True
+
+
+def verify_signature(key: KeyInfo, mech: int, data: bytes, sig: bytes) -> bool:
+    alg = key.algorithm
+    try:
+        if alg in _RSA:
+            e, n = rsa_public(key.public_key)
+            pk = rsa.RSAPublicNumbers(e, n).public_key()
+            if mech == C.CKM_RSA_PKCS:
+                return pk.recover_data_from_signature(sig, padding.PKCS1v15(), None) == data
+            h = hashes.SHA256() if mech == C.CKM_SHA256_RSA_PKCS else hashes.SHA512()
+            pk.verify(sig, data, padding.PKCS1v15(), h)
+        elif alg in (13, 14):
+            curve = ec.SECP256R1() if alg == 13 else ec.SECP384R1()
+            half = len(key.public_key) // 2
+            pk = ec.EllipticCurvePublicNumbers(int.from_bytes(key.public_key[:half], "big"),
+                                               int.from_bytes(key.public_key[half:], "big"),
+                                               curve).public_key()
+            if len(sig) != 2 * half:
+                return False
+            der = utils.encode_dss_signature(int.from_bytes(sig[:half], "big"),
+                                             int.from_bytes(sig[half:], "big"))
+            if mech == C.CKM_ECDSA:
+                algo = {20: hashes.SHA1(), 32: hashes.SHA256(), 48: hashes.SHA384(),
+                        64: hashes.SHA512()}.get(len(data))
+                if algo is None:
+                    return False
+                pk.verify(der, data, ec.ECDSA(utils.Prehashed(algo)))
+            else:
+                pk.verify(der, data, ec.ECDSA(hashes.SHA256() if alg == 13 else hashes.SHA384()))
+        elif alg == 15:
+            ed25519.Ed25519PublicKey.from_public_bytes(key.public_key).verify(sig, data)
+        elif alg == 16:
+            ed448.Ed448PublicKey.from_public_bytes(key.public_key).verify(sig, data)
+        else:
+            return False
+        return True
+    except (InvalidSignature, ValueError):
+        return False
+
+
+class Module:
+    """PKCS#11 state for one client connection; backend calls go through ``locked``."""
+
+    def __init__(self, backend: Backend, locked: Callable[[Callable[[], Any]], Any] | None = None):
+        self.backend = backend
+        self.locked = locked or (lambda f: f())
+        self.initialized = False
+        self.logged_in = False
+        self.sessions: dict[int, Session] = {}
+        self.next_session = 1
+        self.handles: dict[str, int] = {}
+        self.next_handle = 1
+
+    # --- plumbing -------------------------------------------------------------------
+
+    def call(self, name: str, args: list[Any]) -> list[Any]:
+        """Run one PKCS#11 function; raises P11Error with the CKR on failure."""
+        if name == "C_Initialize":
+            return self.C_Initialize(*args)
+        if not self.initialized:
+            raise P11Error(C.CKR_CRYPTOKI_NOT_INITIALIZED)
+        fn = getattr(self, name, None)
+        if fn is None:
+            raise P11Error(REFUSALS.get(name, C.CKR_FUNCTION_NOT_SUPPORTED))
+        return fn(*args)
+
+    def _b(self, fn: Callable[..., Any], *a: Any) -> Any:
+        return self.locked(lambda: fn(*a))
+
+    def _session(self, h: int) -> Session:
+        s = self.sessions.get(h)
+        if s is None:
+            raise P11Error(C.CKR_SESSION_HANDLE_INVALID)
+        return s
+
+    def _slot(self, slot: int) -> None:
+        if slot != SLOT_ID:
+            raise P11Error(C.CKR_SLOT_ID_INVALID)
+
+    def _objects(self) -> dict[int, tuple[KeyInfo, bool]]:
+        """handle -> (key, is_private) for every object this client may currently see."""
+        out: dict[int, tuple[KeyInfo, bool]] = {}
+        for k in self._b(self.backend.keys):
+            base = self.handles.get(k.label)
+            if base is None:
+                base = self.handles[k.label] = self.next_handle
+                self.next_handle += 2
+            out[base + 1] = (k, False)
+            if self.logged_in:
+                out[base] = (k, True)
+        return out
+
+    def _object(self, h: int) -> tuple[KeyInfo, bool]:
+        obj = self._objects().get(h)
+        if obj is None:
+            raise P11Error(C.CKR_OBJECT_HANDLE_INVALID)
+        return obj
+
+    def _key(self, h: int, private: bool) -> KeyInfo:
+        obj = self._objects().get(h)
+        if obj is None:
+            raise P11Error(C.CKR_KEY_HANDLE_INVALID)
+        if obj[1] != private:
+            raise P11Error(C.CKR_KEY_FUNCTION_NOT_PERMITTED)
+        return obj[0]
+
+    # --- general and slot/token -------------------------------------------------------
+
+    def C_Initialize(self, handshake: bytes | None, reserved_present: int, reserved: bytes | None):
+        if handshake != HANDSHAKE:
+            raise P11Error(C.CKR_GENERAL_ERROR)
+        if self.initialized:
+            raise P11Error(C.CKR_CRYPTOKI_ALREADY_INITIALIZED)
+        self.initialized = True
+        return []
+
+    def C_Finalize(self):
+        self.sessions.clear()
+        self.logged_in = False
+        self.initialized = False
+        return []
+
+    def C_GetInfo(self):
+        return [(2, 40), _pad("Cryptobat", 32), 0, _pad("Cryptobat DNSSEC token", 32), (0, 1)]
+
+    def C_GetSlotList(self, token_present: int, buf: Buffer):
+        if buf.capacity is None or buf.capacity < 1:
+            return [OutArray(None, 1)]
+        return [OutArray([SLOT_ID])]
+
+    def C_GetSlotInfo(self, slot: int):
+        self._slot(slot)
+        info = self._b(self.backend.info)
+        return [_pad("Cryptobat token slot", 64), _pad(info.get("manufacturer", "Cryptobat"), 32),
+                C.CKF_TOKEN_PRESENT, (0, 1), (0, 1)]
+
+    def C_GetTokenInfo(self, slot: int):
+        self._slot(slot)
+        info = self._b(self.backend.info)
+        flags = (C.CKF_LOGIN_REQUIRED | C.CKF_RNG | C.CKF_TOKEN_INITIALIZED
+                 | C.CKF_USER_PIN_INITIALIZED | C.CKF_CLOCK_ON_TOKEN)
+        utc = time.strftime("%Y%m%d%H%M%S00", time.gmtime(int(info["time"])))
+        rw = sum(1 for s in self.sessions.values() if s.rw)
+        na = C.CK_UNAVAILABLE_INFORMATION
+        return [_pad(info.get("label", "Cryptobat"), 32), _pad(info.get("manufacturer", "Cryptobat"), 32),
+                _pad(info.get("model", "Cryptobat"), 16), _pad(str(info.get("serial", "")), 16), flags,
+                C.CK_EFFECTIVELY_INFINITE, len(self.sessions), C.CK_EFFECTIVELY_INFINITE, rw,
+                255, 4, na, na, na, na, (0, 1), (0, 1), utc.encode()]
+
+    def C_GetMechanismList(self, slot: int, buf: Buffer):
+        self._slot(slot)
+        mechs = list(MECHANISMS)
+        if buf.capacity is None or buf.capacity < len(mechs):
+            return [OutArray(None, len(mechs))]
+        return [OutArray(mechs)]
+
+    def C_GetMechanismInfo(self, slot: int, mech: int):
+        self._slot(slot)
+        if mech not in MECHANISMS:
+            raise P11Error(C.CKR_MECHANISM_INVALID)
+        return list(MECHANISMS[mech])
+
+    def C_WaitForSlotEvent(self, flags: int):
+        raise P11Error(C.CKR_NO_EVENT if flags & C.CKF_DONT_BLOCK else C.CKR_FUNCTION_NOT_SUPPORTED)
+
+    # --- sessions and login -----------------------------------------------------------
+
+    def C_OpenSession(self, slot: int, flags: int):
+        self._slot(slot)
+        if not flags & C.CKF_SERIAL_SESSION:
+            raise P11Error(C.CKR_SESSION_PARALLEL_NOT_SUPPORTED)
+        h = self.next_session
+        self.next_session += 1
+        self.sessions[h] = Session(h, bool(flags & C.CKF_RW_SESSION))
+        return [h]
+
+    def C_CloseSession(self, h: int):
+        self._session(h)
+        del self.sessions[h]
+        if not self.sessions:
+            self.logged_in = False
+        return []
+
+    def C_CloseAllSessions(self, slot: int):
+        self._slot(slot)
+        self.sessions.clear()
+        self.logged_in = False
+        return []
+
+    def C_GetSessionInfo(self, h: int):
+        s = self._session(h)
+        state = (C.CKS_RW_USER_FUNCTIONS if s.rw else C.CKS_RO_USER_FUNCTIONS) if self.logged_in else (
+            C.CKS_RW_PUBLIC_SESSION if s.rw else C.CKS_RO_PUBLIC_SESSION)
+        return [SLOT_ID, state, C.CKF_SERIAL_SESSION | (C.CKF_RW_SESSION if s.rw else 0), 0]
+
+    def C_Login(self, h: int, user: int, pin: bytes | None):
+        self._session(h)
+        if user != C.CKU_USER:
+            raise P11Error(C.CKR_USER_TYPE_INVALID)  # officers never log in over PKCS#11
+        if self.logged_in:
+            raise P11Error(C.CKR_USER_ALREADY_LOGGED_IN)
+        if pin is None or not self._b(self.backend.check_pin, bytes(pin)):
+            raise P11Error(C.CKR_PIN_INCORRECT)
+        self.logged_in = True
+        return []
+
+    def C_Logout(self, h: int):
+        self._session(h)
+        if not self.logged_in:
+            raise P11Error(C.CKR_USER_NOT_LOGGED_IN)
+        self.logged_in = False
+        for s in self.sessions.values():
+            s.sign = s.find = None
+            s.bound.clear()
+        return []
+
+    # --- objects ------------------------------------------------------------------------
+
+    def attributes(self, key: KeyInfo, private: bool) -> tuple[dict[int, Any], frozenset[int]]:
+        """(public attribute values, sensitive attribute types) of one object."""
+        alg = key.algorithm
+        label = key.label.encode()
+        a: dict[int, Any] = {
+            C.CKA_CLASS: C.CKO_PRIVATE_KEY if private else C.CKO_PUBLIC_KEY,
+            C.CKA_ID: label, C.CKA_LABEL: label, C.CKA_TOKEN: True, C.CKA_PRIVATE: private,
+            C.CKA_MODIFIABLE: False, C.CKA_COPYABLE: False, C.CKA_DESTROYABLE: True,
+            C.CKA_LOCAL: True, C.CKA_DERIVE: False, C.CKA_SUBJECT: b"",
+        }
+        if private:
+            a.update({C.CKA_SIGN: True, C.CKA_DECRYPT: False, C.CKA_UNWRAP: False,
+                      C.CKA_SIGN_RECOVER: False, C.CKA_SENSITIVE: True, C.CKA_EXTRACTABLE: False,
+                      C.CKA_ALWAYS_SENSITIVE: True, C.CKA_NEVER_EXTRACTABLE: True,
+                      C.CKA_ALWAYS_AUTHENTICATE: False, C.CKA_WRAP_WITH_TRUSTED: False})
+        else:
+            a.update({C.CKA_VERIFY: True, C.CKA_ENCRYPT: False, C.CKA_WRAP: False,
+                      C.CKA_VERIFY_RECOVER: False, C.CKA_TRUSTED: False})
+        if alg in _RSA:
+            e, n = rsa_public(key.public_key)
+            a.update({C.CKA_KEY_TYPE: C.CKK_RSA, C.CKA_KEY_GEN_MECHANISM: C.CKM_RSA_PKCS_KEY_PAIR_GEN,
+                      C.CKA_MODULUS: n.to_bytes((n.bit_length() + 7) // 8, "big"),
+                      C.CKA_PUBLIC_EXPONENT: e.to_bytes((e.bit_length() + 7) // 8, "big"),
+                      C.CKA_MODULUS_BITS: n.bit_length()})
+            secret = (C.CKA_PRIVATE_EXPONENT, C.CKA_PRIME_1, C.CKA_PRIME_2, C.CKA_EXPONENT_1,
+                      C.CKA_EXPONENT_2, C.CKA_COEFFICIENT)
+        elif alg in CURVES:
+            params, _ = CURVES[alg]
+            point = (b"\x04" + key.public_key) if alg in (13, 14) else key.public_key
+            ed = alg in (15, 16)
+            a.update({C.CKA_KEY_TYPE: C.CKK_EC_EDWARDS if ed else C.CKK_EC,
+                      C.CKA_KEY_GEN_MECHANISM: C.CKM_EC_EDWARDS_KEY_PAIR_GEN if ed else C.CKM_EC_KEY_PAIR_GEN,
+                      C.CKA_EC_PARAMS: params, C.CKA_EC_POINT: _der_octets(point)})
+            secret = (C.CKA_VALUE,)
+        else:
+            secret = (C.CKA_VALUE,)
+        return a, frozenset(secret if private else ())
+
+    def C_FindObjectsInit(self, h: int, template: list[Attribute]):
+        s = self._session(h)
+        if s.find is not None:
+            raise P11Error(C.CKR_OPERATION_ACTIVE)
+        found = []
+        for handle, (key, private) in sorted(self._objects().items()):
+            attrs, _ = self.attributes(key, private)
+            if all(t.type in attrs and t.value is not None and _same(attrs[t.type], t.value)
+                   for t in template):
+                found.append(handle)
+        s.find = found
+        return []
+
+    def C_FindObjects(self, h: int, buf: Buffer):
+        s = self._session(h)
+        if s.find is None:
+            raise P11Error(C.CKR_OPERATION_NOT_INITIALIZED)
+        if buf.capacity is None:
+            return [OutArray(None, 0)]
+        out, s.find = s.find[:buf.capacity], s.find[buf.capacity:]
+        return [OutArray(out)]
+
+    def C_FindObjectsFinal(self, h: int):
+        s = self._session(h)
+        if s.find is None:
+            raise P11Error(C.CKR_OPERATION_NOT_INITIALIZED)
+        s.find = None
+        return []
+
+    def C_GetAttributeValue(self, h: int, obj: int, wanted: list[tuple[int, int]]):
+        self._session(h)
+        key, private = self._object(obj)
+        attrs, secret = self.attributes(key, private)
+        rv = C.CKR_OK
+        out = []
+        for atype, cap in wanted:
+            if atype in secret:
+                out.append(Attribute(atype, None))
+                rv = C.CKR_ATTRIBUTE_SENSITIVE
+            elif atype not in attrs:
+                out.append(Attribute(atype, None))
+                rv = C.CKR_ATTRIBUTE_TYPE_INVALID
+            else:
+                a = Attribute(atype, attrs[atype])
+                n = encoded_length(a)
+                if cap == 0:
+                    out.append(Attribute(atype, None, n, size_only=True))
+                elif cap < n:
+                    out.append(Attribute(atype, None))
+                    if rv == C.CKR_OK:
+                        rv = C.CKR_BUFFER_TOO_SMALL
+                else:
+                    out.append(a)
+        return [out, rv]
+
+    def C_DestroyObject(self, h: int, obj: int):
+        s = self._session(h)
+        if not self.logged_in:
+            raise P11Error(C.CKR_USER_NOT_LOGGED_IN)
+        if not s.rw:
+            raise P11Error(C.CKR_SESSION_READ_ONLY)
+        key, _ = self._object(obj)
+        try:
+            self._b(self.backend.delete_key, key.label)
+        except PermissionError:
+            raise P11Error(C.CKR_ACTION_PROHIBITED) from None
+        return []
+
+    def C_GenerateKeyPair(self, h: int, mech: Mechanism | None, pub: list[Attribute],
+                          priv: list[Attribute]):
+        s = self._session(h)
+        if not self.logged_in:
+            raise P11Error(C.CKR_USER_NOT_LOGGED_IN)
+        if not s.rw:
+            raise P11Error(C.CKR_SESSION_READ_ONLY)
+        if mech is None or mech.type not in (C.CKM_RSA_PKCS_KEY_PAIR_GEN, C.CKM_EC_KEY_PAIR_GEN,
+                                             C.CKM_EC_EDWARDS_KEY_PAIR_GEN):
+            raise P11Error(C.CKR_MECHANISM_INVALID)
+        tmpl = {a.type: a.value for a in pub + priv if a.value is not None}
+        label = tmpl.get(C.CKA_LABEL) or tmpl.get(C.CKA_ID)
+        if not isinstance(label, bytes) or not label:
+            raise P11Error(C.CKR_TEMPLATE_INCOMPLETE)
+        if mech.type == C.CKM_RSA_PKCS_KEY_PAIR_GEN:
+            alg = 8
+        else:
+            params = tmpl.get(C.CKA_EC_PARAMS)
+            if params is None:
+                raise P11Error(C.CKR_TEMPLATE_INCOMPLETE)
+            by_params = {p: a for a, (p, _) in CURVES.items()} | CURVE_ALIASES
+            alg = by_params.get(params, 0)
+            if (alg in (15, 16)) != (mech.type == C.CKM_EC_EDWARDS_KEY_PAIR_GEN) or not alg:
+                raise P11Error(C.CKR_ATTRIBUTE_VALUE_INVALID)
+        if not self._b(self.backend.keygen_allowed):
+            raise P11Error(C.CKR_FUNCTION_REJECTED)
+        try:
+            label_s = label.decode()
+        except UnicodeDecodeError:
+            raise P11Error(C.CKR_ATTRIBUTE_VALUE_INVALID) from None
+        try:
+            key = self._b(self.backend.generate_key, alg, "csk", "", label_s)
+        except PermissionError:
+            raise P11Error(C.CKR_FUNCTION_REJECTED) from None
+        except ValueError:
+            raise P11Error(C.CKR_TEMPLATE_INCONSISTENT) from None
+        self._objects()
+        base = self.handles[key.label]
+        return [base + 1, base]
+
+    # --- signing, verifying, digesting -----------------------------------------------------
+
+    def C_SignInit(self, h: int, mech: Mechanism | None, key_handle: int):
+        s = self._session(h)
+        if mech is None:
+            s.sign = None
+            return []
+        if s.sign is not None:
+            raise P11Error(C.CKR_OPERATION_ACTIVE)
+        if not self.logged_in:
+            raise P11Error(C.CKR_USER_NOT_LOGGED_IN)
+        allowed = FULL_SIGN.get(mech.type) or HASH_SIGN.get(mech.type)
+        if allowed is None:
+            raise P11Error(C.CKR_MECHANISM_INVALID)
+        if mech.param and not isinstance(mech.param, bytes):
+            raise P11Error(C.CKR_MECHANISM_PARAM_INVALID)
+        if mech.param:  # EdDSA context / prehash variants are not DNSSEC signatures
+            raise P11Error(C.CKR_MECHANISM_PARAM_INVALID)
+        key = self._key(key_handle, private=True)
+        if key.algorithm not in allowed:
+            raise P11Error(C.CKR_KEY_TYPE_INCONSISTENT)
+        s.sign = Op(mech.type, key)
+        return []
+
+    def C_Sign(self, h: int, data: bytes | None, buf: Buffer):
+        s = self._session(h)
+        op = s.sign
+        if op is None:
+            raise P11Error(C.CKR_OPERATION_NOT_INITIALIZED)
+        if op.updated:
+            raise P11Error(C.CKR_OPERATION_ACTIVE)
+        return [self._finish_sign(s, op, bytes(data or b""), buf)]
+
+    def C_SignUpdate(self, h: int, data: bytes | None):
+        s = self._session(h)
+        op = s.sign
+        if op is None:
+            raise P11Error(C.CKR_OPERATION_NOT_INITIALIZED)
+        if len(op.data) + len(data or b"") > MAX_DATA:
+            s.sign = None
+            raise P11Error(C.CKR_DATA_LEN_RANGE)
+        op.data += data or b""
+        op.updated = True
+        return []
+
+    def C_SignFinal(self, h: int, buf: Buffer):
+        s = self._session(h)
+        op = s.sign
+        if op is None:
+            raise P11Error(C.CKR_OPERATION_NOT_INITIALIZED)
+        return [self._finish_sign(s, op, bytes(op.data), buf)]
+
+    def _finish_sign(self, s: Session, op: Op, data: bytes, buf: Buffer) -> OutArray:
+        if op.result is None or op.result_for != data:
+            try:
+                op.result, op.result_for = self._sign(s, op, data), data
+            except P11Error:
+                s.sign = None
+                raise
+        out, done = fit(buf, op.result)
+        if done:
+            s.sign = None
+        return out
+
+    def _sign(self, s: Session, op: Op, data: bytes) -> bytes:
+        key = op.key
+        assert key is not None
+        if op.mech in FULL_SIGN:
+            res = self._b(self.backend.timed_sign, [(key.label, data)])[0]
+        elif op.mech == C.CKM_ECDSA:
+            bound = self._take_bound(s, key.label, data)
+            res = self._b(self.backend.sign_digest, key.label, data, "ecdsa", bound)
+        else:
+            digest = next((data[len(p):] for p in DIGEST_INFO.values()
+                           if data.startswith(p) and len(data) - len(p) == p[-1]), None)
+            bound = digest is not None and self._take_bound(s, key.label, digest)
+            res = self._b(self.backend.sign_digest, key.label, data, "rsa-pkcs", bound)
+        if not res.ok:
+            raise P11Error(C.CKR_FUNCTION_REJECTED)
+        return res.signature
+
+    @staticmethod
+    def _take_bound(s: Session, label: str, digest: bytes) -> bool:
+        """Consume a remembered bound digest: each checked hash authorises one signature."""
+        if (label, digest) in s.bound:
+            del s.bound[(label, digest)]
+            return True
+        return False
+
+    def C_VerifyInit(self, h: int, mech: Mechanism | None, key_handle: int):
+        s = self._session(h)
+        if mech is None:
+            s.verify = None
+            return []
+        if s.verify is not None:
+            raise P11Error(C.CKR_OPERATION_ACTIVE)
+        allowed = FULL_SIGN.get(mech.type) or HASH_SIGN.get(mech.type)
+        if allowed is None:
+            raise P11Error(C.CKR_MECHANISM_INVALID)
+        key = self._key(key_handle, private=False)
+        if key.algorithm not in allowed:
+            raise P11Error(C.CKR_KEY_TYPE_INCONSISTENT)
+        s.verify = Op(mech.type, key)
+        return []
+
+    def C_Verify(self, h: int, data: bytes | None, sig: bytes | None):
+        s = self._session(h)
+        op = s.verify
+        if op is None:
+            raise P11Error(C.CKR_OPERATION_NOT_INITIALIZED)
+        s.verify = None
+        assert op.key is not None
+        if not verify_signature(op.key, op.mech, bytes(data or b""), bytes(sig or b"")):
+            raise P11Error(C.CKR_SIGNATURE_INVALID)
+        return []
+
+    def C_DigestInit(self, h: int, mech: Mechanism | None):
+        s = self._session(h)
+        if mech is None:
+            s.digest = None
+            return []
+        if s.digest is not None:
+            raise P11Error(C.CKR_OPERATION_ACTIVE)
+        if mech.type not in DIGESTS:
+            raise P11Error(C.CKR_MECHANISM_INVALID)
+        s.digest = Op(mech.type, hasher=hashlib.new(DIGESTS[mech.type]))
+        return []
+
+    def C_Digest(self, h: int, data: bytes | None, buf: Buffer):
+        s = self._session(h)
+        op = s.digest
+        if op is None:
+            raise P11Error(C.CKR_OPERATION_NOT_INITIALIZED)
+        if op.updated:
+            raise P11Error(C.CKR_OPERATION_ACTIVE)
+        if op.result is None:
+            op.hasher.update(data or b"")
+            op.data = bytearray(data or b"")
+            op.result = self._digest_done(s, op)
+        out, done = fit(buf, op.result)
+        if done:
+            s.digest = None
+        return [out]
+
+    def C_DigestUpdate(self, h: int, data: bytes | None):
+        s = self._session(h)
+        op = s.digest
+        if op is None:
+            raise P11Error(C.CKR_OPERATION_NOT_INITIALIZED)
+        op.updated = True
+        op.hasher.update(data or b"")
+        if op.keep and len(op.data) + len(data or b"") <= MAX_DATA:
+            op.data += data or b""
+        else:
+            op.keep, op.data = False, bytearray()
+        return []
+
+    def C_DigestFinal(self, h: int, buf: Buffer):
+        s = self._session(h)
+        op = s.digest
+        if op is None:
+            raise P11Error(C.CKR_OPERATION_NOT_INITIALIZED)
+        if op.result is None:
+            op.result = self._digest_done(s, op)
+        out, done = fit(buf, op.result)
+        if done:
+            s.digest = None
+        return [out]
+
+    def _digest_done(self, s: Session, op: Op) -> bytes:
+        """Finish a digest and remember it as bound for every key whose policy accepts the input.
+
+        The input counts only if it is RRSIG signing data (RFC 4034 §3.1.8.1) naming a
+        key on this token by algorithm and key tag, and the token's policy check passes.
+        """
+        digest = op.hasher.digest()
+        data = bytes(op.data)
+        name = DIGESTS[op.mech]
+        if self.logged_in and op.keep and len(data) >= 18:
+            alg, tag = data[2], int.from_bytes(data[16:18], "big")
+            for key in self._b(self.backend.keys):
+                if key.algorithm == alg and key.keytag == tag and ALG_HASH.get(alg) == name:
+                    if self._b(self.backend.check_signing_data, key.label, data) is None:
+                        s.bound[(key.label, digest)] = None
+                        while len(s.bound) > MAX_BOUND:
+                            s.bound.popitem(last=False)
+        op.data = bytearray()
+        return digest
+
+    # --- randomness ------------------------------------------------------------------
+
+    def C_GenerateRandom(self, h: int, buf: Buffer):
+        self._session(h)
+        n = buf.capacity or 0
+        if n > MAX_RANDOM:
+            raise P11Error(C.CKR_ARGUMENTS_BAD)
+        return [OutArray(self._b(self.backend.random, n) if n else None, 0)]
+
+    def C_SeedRandom(self, h: int, seed: bytes | None):
+        self._session(h)
+        raise P11Error(C.CKR_RANDOM_SEED_NOT_SUPPORTED)  # clients must not steer the token RNG
+
+
+def _same(have: Any, want: Any) -> bool:
+    if isinstance(have, (bool, int)) and isinstance(want, int):
+        return int(have) == want
+    return have == want
+
+
+REFUSALS = {
+    "C_InitToken": C.CKR_FUNCTION_NOT_SUPPORTED,
+    "C_SetAttributeValue": C.CKR_ATTRIBUTE_READ_ONLY,
+    "C_CopyObject": C.CKR_ACTION_PROHIBITED,
+    "C_CreateObject": C.CKR_FUNCTION_NOT_SUPPORTED,
+}

@@ -1,0 +1,700 @@
+"""``cryptobat signzone``: dnssec-signzone's command line, signing through the token.
+
+The zone is read (:mod:`cryptobat.zonesign.reader`), completed with the DNSKEY
+RRset, an NSEC or NSEC3 chain and the new SOA serial, and every authoritative
+RRset becomes one RFC 4034 §3.1.8.1 signing input per key: the RRSIG RDATA
+without its signature, then the RRs in canonical form and order.  Those go to
+the token in large batches (``Client.timed_sign``) from a worker thread while
+the rest of the zone is prepared; the token checks each against its policy and
+a refusal ends the run with BIND's message and no output file.  Unless ``-P``,
+every signature is then verified against the DNSKEY (in threads, overlapping
+signing), a sample of RRsets is re-validated by dnspython from the presentation
+form, and the chain is checked; then the file is written to a temporary name,
+fsynced and renamed into place.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import calendar
+import hashlib
+import os
+import random
+import struct
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import dns.dnssec
+import dns.exception
+import dns.name
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+from cryptography.exceptions import InvalidSignature
+
+from .zonesign import keys as zkeys
+from .zonesign import reader
+from .zonesign.reader import (
+    AUTH, DELEGATION, DNAME, DNSKEY, NS, NSEC, NSEC3, NSEC3PARAM, OCCLUDED, RRSIG, SOA,
+    Node, RRset, ZoneError, key_text, key_wire,
+)
+
+PROG = "cryptobat signzone"
+DS, CDS, CDNSKEY = 43, 59, 60
+KEYSET_TYPES = frozenset((DNSKEY, CDS, CDNSKEY))  # signed by the KSKs
+BATCH = 8192  # signing inputs per timed_sign call
+VERIFY_CHUNK = 2048
+SAMPLE = 24  # RRsets re-validated with dns.dnssec.validate from the text form
+
+
+class Fatal(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- options
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Sign a zone with keys held by the Cryptobat token.")
+    p.add_argument("-o", dest="origin", help="zone origin (default: zone file name)")
+    p.add_argument("-f", dest="output", help="output file (default ZONEFILE.signed; - for stdout)")
+    p.add_argument("-s", dest="start", help="signature inception: YYYYMMDDHHMMSS, epoch, +N, now, now+N (default now-3600)")
+    p.add_argument("-e", dest="end", help="signature expiration: as -s, +N from start (default start+30 days)")
+    p.add_argument("-k", dest="ksk", action="append", default=[], help="key signing key file (repeatable)")
+    p.add_argument("-x", dest="ksk_only", action="store_true", help="sign the DNSKEY RRset with KSKs only")
+    p.add_argument("-S", dest="smart", action="store_true", help="smart signing: use the zone's keys in the token")
+    p.add_argument("-3", dest="salt", help="NSEC3 with this hex salt (- for none)")
+    p.add_argument("-H", dest="iterations", type=int, default=0, help="NSEC3 iterations (default 0)")
+    p.add_argument("-A", dest="optout", action="store_true", help="NSEC3 opt-out")
+    p.add_argument("-N", dest="serial", default="keep", choices=("keep", "increment", "unixtime", "date"))
+    p.add_argument("-j", dest="jitter", type=int, default=0, help="expiration jitter in seconds")
+    p.add_argument("-P", dest="noverify", action="store_true", help="skip post-sign verification")
+    p.add_argument("-v", dest="verbose", type=int, default=0, help="verbosity level")
+    p.add_argument("-t", dest="stats", action="store_true", help="print statistics")
+    p.add_argument("-n", dest="nthreads", type=int, help="ignored: the token parallelises signing itself")
+    p.add_argument("-a", dest="verify_all", action="store_true", help="ignored: signatures are always verified unless -P")
+    p.add_argument("--hsm", help="token to use, e.g. unix:/path/native.sock (default $CRYPTOBAT_HSM or the embedded token)")
+    p.add_argument("--home", help="home directory of the embedded token")
+    p.add_argument("zonefile")
+    p.add_argument("zsk", nargs="*", help="zone signing key files")
+    return p
+
+
+def parse_duration(s: str) -> int:
+    if s.isdigit():
+        return int(s)
+    import dns.ttl
+
+    try:
+        return dns.ttl.from_text(s)
+    except dns.exception.DNSException:
+        raise Fatal(f"invalid time offset {s!r}") from None
+
+
+def parse_time(s: str, base: int, now: int) -> int:
+    """BIND's time syntax: YYYYMMDDHHMMSS, epoch seconds, +N (from base), now, now+N."""
+    s = s.strip()
+    if s == "now":
+        return now
+    if s.startswith("now+"):
+        return now + parse_duration(s[4:])
+    if s.startswith("+"):
+        return base + parse_duration(s[1:])
+    if len(s) == 14 and s.isdigit():
+        try:
+            return calendar.timegm(time.strptime(s, "%Y%m%d%H%M%S"))
+        except ValueError:
+            raise Fatal(f"invalid time {s!r}") from None
+    if s.isdigit():
+        return int(s)
+    raise Fatal(f"invalid time {s!r}")
+
+
+def _newer(new: int, old: int) -> bool:
+    d = (new - old) & 0xFFFFFFFF
+    return 0 < d < 0x80000000
+
+
+def new_serial(old: int, method: str, now: int) -> int:
+    if method == "keep":
+        return old
+    if method == "increment":
+        new = (old + 1) & 0xFFFFFFFF
+    elif method == "unixtime":
+        new = now & 0xFFFFFFFF
+    else:
+        new = int(time.strftime("%Y%m%d", time.gmtime(now))) * 100
+    if not _newer(new, old):
+        new = (old + 1) & 0xFFFFFFFF
+    return new or 1
+
+
+# ---------------------------------------------------------------- zone completion
+
+
+def _bitmap(types) -> bytes:
+    windows: dict[int, bytearray] = {}
+    for t in types:
+        w = windows.setdefault(t >> 8, bytearray(32))
+        w[(t & 0xFF) >> 3] |= 0x80 >> (t & 7)
+    out = bytearray()
+    for win in sorted(windows):
+        bits = windows[win].rstrip(b"\0")
+        out += bytes((win, len(bits))) + bits
+    return bytes(out)
+
+
+class _TypeMaps:
+    """Type bitmap wire + text per distinct type set (few per zone)."""
+
+    def __init__(self):
+        self._c: dict[tuple, tuple[bytes, str]] = {}
+
+    def get(self, types) -> tuple[bytes, str]:
+        k = tuple(sorted(types))
+        r = self._c.get(k)
+        if r is None:
+            r = self._c[k] = (_bitmap(k), " ".join(dns.rdatatype.to_text(t) for t in k))
+        return r
+
+
+def classify(order: list[tuple], nodes: dict[tuple, Node], apex_key: tuple) -> None:
+    """Mark delegations (NS below the apex) and what they and DNAMEs occlude."""
+    cut = None
+    for key in order:
+        node = nodes[key]
+        if cut is not None and key[: len(cut)] == cut:
+            node.kind = OCCLUDED
+            continue
+        cut = None
+        if key != apex_key:
+            if NS in node.rrsets:
+                node.kind = DELEGATION
+                cut = key
+            elif DNAME in node.rrsets:
+                cut = key
+
+
+def _lower_text(node: Node) -> str:
+    return node.disp.lower() if "\\" not in node.disp else key_text(node.key)
+
+
+def _chain_types(node: Node) -> list[int]:
+    if node.kind == DELEGATION:
+        return [t for t in node.rrsets if t in (NS, DS)]
+    return list(node.rrsets)
+
+
+def add_nsec(zone: reader.Zone, order: list[tuple], ttl: int) -> int:
+    auth = [zone.nodes[k] for k in order if zone.nodes[k].kind != OCCLUDED]
+    maps = _TypeMaps()
+    for i, node in enumerate(auth):
+        nxt = auth[i + 1] if i + 1 < len(auth) else auth[0]
+        types = _chain_types(node)
+        types += (RRSIG, NSEC)
+        bw, bt = maps.get(types)
+        rrs = node.rrsets[NSEC] = RRset(ttl)
+        rrs.rdatas[key_wire(nxt.key) + bw] = f"{_lower_text(nxt)} {bt}"
+    return len(auth)
+
+
+def nsec3_hasher(salt: bytes, iterations: int):
+    sha1 = hashlib.sha1
+
+    def h(wire: bytes) -> bytes:
+        d = sha1(wire + salt).digest()
+        for _ in range(iterations):
+            d = sha1(d + salt).digest()
+        return d
+
+    return h
+
+
+def add_nsec3(zone: reader.Zone, order: list[tuple], ttl: int, salt: bytes, iterations: int, optout: bool) -> int:
+    nodes = zone.nodes
+    okey = zone.origin_key
+    flags = 1 if optout else 0
+    apex = zone.apex
+    p = apex.rrsets[NSEC3PARAM] = RRset(0)
+    p.rdatas[struct.pack("!BBHB", 1, 0, iterations, len(salt)) + salt] = f"1 0 {iterations} {salt.hex() or '-'}"
+    # names with an NSEC3: authoritative names and delegations (insecure ones
+    # not under opt-out), and the empty non-terminals above them
+    covered: dict[tuple, list[int]] = {}
+    for key in order:
+        node = nodes[key]
+        if node.kind == OCCLUDED:
+            continue
+        if node.kind == DELEGATION and optout and DS not in node.rrsets:
+            continue
+        types = _chain_types(node)
+        if node.kind != DELEGATION or DS in node.rrsets:
+            types.append(RRSIG)
+        covered[key] = types
+        for i in range(len(okey) + 1, len(key)):
+            anc = key[:i]
+            if anc not in nodes and anc not in covered:
+                covered[anc] = []
+    h = nsec3_hasher(salt, iterations)
+    hashed = sorted((h(key_wire(k)), types) for k, types in covered.items())
+    for i in range(1, len(hashed)):
+        if hashed[i][0] == hashed[i - 1][0]:
+            raise Fatal("NSEC3 hash collision; choose another salt")
+    maps = _TypeMaps()
+    pre = struct.pack("!BBHB", 1, flags, iterations, len(salt)) + salt + b"\x14"
+    ptext = f"1 {flags} {iterations} {salt.hex() or '-'} "
+    b32 = base64.b32hexencode
+    otext = zone.origin_text
+    for i, (d, types) in enumerate(hashed):
+        nd = hashed[i + 1][0] if i + 1 < len(hashed) else hashed[0][0]
+        label = b32(d).decode().lower()
+        key = okey + (label,)
+        if key in nodes:
+            raise Fatal(f"NSEC3 owner {label}.{otext} is already in the zone")
+        node = nodes[key] = Node(key, f"{label}.{otext}" if otext != "." else f"{label}.")
+        bw, bt = maps.get(types)
+        rrs = node.rrsets[NSEC3] = RRset(ttl)
+        rrs.rdatas[pre + nd + bw] = ptext + b32(nd).decode() + (" " + bt if bt else "")
+    return len(hashed)
+
+
+# ---------------------------------------------------------------- keys
+
+
+def select_keys(args, token_keys, origin: str) -> list[zkeys.SignKey]:
+    chosen: dict[str, zkeys.SignKey] = {}
+    try:
+        for path, sep in [(p, True) for p in args.ksk] + [(p, False) for p in args.zsk]:
+            info = zkeys.match(zkeys.read_keyfile(path), token_keys, origin)
+            if info.label not in chosen:
+                chosen[info.label] = zkeys.make_signkey(info, sep)
+        if args.smart or not chosen:
+            for info in token_keys:
+                if info.zone.lower() == origin and info.label not in chosen:
+                    chosen[info.label] = zkeys.make_signkey(info, info.role in ("ksk", "csk"))
+    except zkeys.KeyFileError as e:
+        raise Fatal(str(e)) from None
+    except (ValueError, dns.exception.DNSException) as e:
+        raise Fatal(f"unusable key: {e}") from None
+    if not chosen:
+        raise Fatal(f"no keys for zone {origin} in the token")
+    return list(chosen.values())
+
+
+def key_roles(keys: list[zkeys.SignKey], ksk_only: bool):
+    """(keys signing DNSKEY/CDS/CDNSKEY, keys signing everything else), per BIND's rules."""
+    algs = {k.info.algorithm for k in keys}
+    keyset, others = [], []
+    for alg in sorted(algs):
+        ksks = [k for k in keys if k.info.algorithm == alg and k.sep]
+        zsks = [k for k in keys if k.info.algorithm == alg and not k.sep]
+        keyset += ksks + (zsks if (not ksk_only or not ksks) else [])
+        others += zsks or ksks
+    return tuple(keyset), tuple(others)
+
+
+# ---------------------------------------------------------------- the run
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.last = total, enabled, 0.0
+
+    def update(self, done: int, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        t = time.monotonic()
+        if final or t - self.last > 0.2:
+            self.last = t
+            sys.stderr.write(f"\r{PROG}: {done}/{self.total} signatures ({100 * done // max(self.total, 1)}%)")
+            if final:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _fmt_time(t: int) -> str:
+    return time.strftime("%Y%m%d%H%M%S", time.gmtime(t))
+
+
+def main(argv: list[str] | None = None, client=None) -> int:
+    """Run the signer; ``client`` is the token to use (default: ``cryptobat.client.connect``)."""
+    args = _parser().parse_args(argv)
+    own = client is None
+    try:
+        if own:
+            from .client import connect
+
+            client = connect(args.hsm, args.home)
+        return _run(args, client)
+    except Fatal as e:
+        print(f"{PROG}: fatal: {e}", file=sys.stderr)
+        return 1
+    except ZoneError as e:
+        print(f"{PROG}: fatal: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if own and client is not None:
+            client.close()
+
+
+def _run(args, client) -> int:
+    t0 = time.monotonic()
+    verbose = args.verbose
+    try:
+        origin = dns.name.from_text(args.origin or os.path.basename(args.zonefile))
+    except dns.exception.DNSException as e:
+        raise Fatal(f"bad origin: {e}") from None
+    otext = origin.to_text().lower()
+    if args.salt is not None:
+        try:
+            salt = b"" if args.salt == "-" else bytes.fromhex(args.salt)
+        except ValueError:
+            raise Fatal(f"bad NSEC3 salt {args.salt!r}") from None
+        if len(salt) > 255 or not 0 <= args.iterations <= 65535:
+            raise Fatal("bad NSEC3 salt or iterations")
+    elif args.optout:
+        raise Fatal("-A requires -3")
+
+    token_keys = client.keys()
+    now = int(client.time())
+    keys = select_keys(args, token_keys, otext)
+    start = parse_time(args.start, now, now) if args.start else now - 3600
+    end = parse_time(args.end, start, now) if args.end else start + 30 * 86400
+    if end <= start:
+        raise Fatal("start time is not before end time")
+    if args.jitter < 0 or args.jitter >= end - start:
+        raise Fatal("jitter must be between 0 and the validity period")
+
+    zone = reader.read_zone(args.zonefile, origin)
+    nodes = zone.nodes
+    apex = zone.apex
+    soa_rrs = apex.rrsets[SOA]
+    (soa_wire, soa_text), = soa_rrs.rdatas.items()
+    soa = dns.rdata.from_text(dns.rdataclass.IN, SOA, soa_text, origin=origin, relativize=False)
+    serial = new_serial(soa.serial, args.serial, now)
+    if serial != soa.serial:
+        soa = soa.replace(serial=serial)
+        soa_rrs.rdatas = {soa.to_digestable(origin): soa.to_text()}
+    neg_ttl = min(soa_rrs.ttl, soa.minimum)  # RFC 9077
+
+    # DNSKEY RRset: the zone's own plus every signing key
+    dk = apex.rrsets.get(DNSKEY)
+    if dk is None:
+        dk = apex.rrsets[DNSKEY] = RRset(soa.minimum)
+    for k in keys:
+        rd = k.info.dnskey()
+        dk.rdatas.setdefault(rd.to_digestable(), rd.to_text())
+    keyset_keys, zone_keys = key_roles(keys, args.ksk_only)
+
+    order = sorted(nodes)
+    classify(order, nodes, zone.origin_key)
+    if args.salt is not None:
+        nchain = add_nsec3(zone, order, neg_ttl, salt, args.iterations, args.optout)
+        order = sorted(nodes)
+    else:
+        nchain = add_nsec(zone, order, neg_ttl)
+    t_prep = time.monotonic()
+
+    # ---- signing inputs, sent in batches while the rest is built
+    pack_hdr = struct.Struct("!HBBIIIH").pack
+    pack_tct = struct.Struct("!HHI").pack
+    inception = start & 0xFFFFFFFF
+    jitter = args.jitter
+    rand = random.SystemRandom().randrange
+    items: list[tuple[str, bytes]] = []
+    ikeys: list[zkeys.SignKey] = []
+    sigs: list[bytes] = []
+    nrrsets = 0
+    signer = ThreadPoolExecutor(1, thread_name_prefix="signzone-sign")
+    verifier = None if args.noverify else _verifier_pool(2 * len(order))
+    kindex = {id(k): i for i, k in enumerate(keys)}
+    kspecs = [(k.info.algorithm, k.info.flags, k.info.public_key) for k in keys]
+    pending = []  # (first item index, count, future)
+    vfuts = []
+    submitted = 0
+
+    def collect(block: bool) -> None:
+        while pending and (block or pending[0][2].done()):
+            i0, n, fut = pending.pop(0)
+            res = fut.result()
+            if len(res) != n:
+                raise Fatal(f"the token returned {len(res)} results for {n} signing requests")
+            for j, r in enumerate(res):
+                if r.signature is None:
+                    k = ikeys[i0 + j]
+                    raise Fatal(f"dnskey '{k.name}' failed to sign data: {r.reason or 'refused'}")
+            sigs.extend(r.signature for r in res)
+            if verifier is not None:
+                i1 = len(sigs)
+                for a in range(i0, i1, VERIFY_CHUNK):
+                    b = min(a + VERIFY_CHUNK, i1)
+                    idx = bytes([kindex[id(k)] for k in ikeys[a:b]])
+                    datas = [it[1] for it in items[a:b]]
+                    vfuts.append((a, verifier.submit(_verify_chunk, kspecs, idx, datas, sigs[a:b])))
+            progress.update(len(sigs))
+
+    progress = _Progress(0, False)
+    try:
+        for key in order:
+            node = nodes[key]
+            kind = node.kind
+            if kind == OCCLUDED:
+                continue
+            owire = key_wire(key)
+            labels = len(key) - (1 if key and key[-1] == "*" else 0)
+            rrsets = node.rrsets
+            if key == zone.origin_key:  # the key RRsets first, as dnssec-signzone does
+                rrsets = {t: rrsets[t] for t in sorted(rrsets, key=lambda t: (t not in KEYSET_TYPES, t))}
+            for rdtype, rrs in rrsets.items():
+                if kind == DELEGATION and rdtype != DS and rdtype != NSEC:
+                    continue
+                ks = keyset_keys if (rdtype in KEYSET_TYPES and key == zone.origin_key) else zone_keys
+                ttl = rrs.ttl
+                pre = owire + pack_tct(rdtype, 1, ttl)
+                rd = rrs.rdatas
+                if len(rd) == 1:
+                    for w in rd:
+                        blob = pre + len(w).to_bytes(2, "big") + w
+                else:
+                    blob = b"".join([pre + len(w).to_bytes(2, "big") + w for w in sorted(rd)])
+                exp = (end - rand(jitter + 1) if jitter else end) & 0xFFFFFFFF
+                rrs.sig0, rrs.keys, rrs.exp = len(items), ks, exp
+                nrrsets += 1
+                if verbose >= 3:
+                    print(f"{PROG}: {node.disp.rstrip('.') or '.'}/{dns.rdatatype.to_text(rdtype)}:", file=sys.stderr)
+                for k in ks:
+                    info = k.info
+                    items.append((info.label, pack_hdr(rdtype, info.algorithm, labels, ttl, exp, inception, info.keytag) + k.signer_wire + blob))
+                    ikeys.append(k)
+                    if verbose >= 3:
+                        print(f"{PROG}:  signing with dnskey {k.name}", file=sys.stderr)
+            if len(items) - submitted >= BATCH:
+                pending.append((submitted, len(items) - submitted, signer.submit(client.timed_sign, items[submitted:])))
+                submitted = len(items)
+                collect(False)
+        if submitted < len(items):
+            pending.append((submitted, len(items) - submitted, signer.submit(client.timed_sign, items[submitted:])))
+            submitted = len(items)
+        progress = _Progress(len(items), sys.stderr.isatty() and len(items) >= 20000)
+        collect(True)
+        progress.update(len(sigs), final=True)
+    except BaseException:
+        signer.shutdown(wait=True, cancel_futures=True)
+        if verifier is not None:
+            verifier.shutdown(wait=True, cancel_futures=True)
+        raise
+    signer.shutdown()
+    t_signed = time.monotonic()
+
+    # ---- output, written while the verifier threads finish
+    out = args.output or args.zonefile + ".signed"
+    render = _Renderer(zone, sigs, inception)
+    text = render.text()
+    tmp = None
+    try:
+        if out == "-":
+            data = text
+        else:
+            d = os.path.dirname(os.path.abspath(out))
+            fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=d)
+            with os.fdopen(fd, "wb") as f:
+                f.write(text.encode("latin-1"))
+                f.flush()
+                os.fsync(f.fileno())
+            umask = os.umask(0o22)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        verified = 0
+        if verifier is not None:
+            bad = []
+            for a, f in vfuts:
+                bad += [a + i for i in f.result()]
+            verifier.shutdown()
+            if bad:
+                i = bad[0]
+                k = ikeys[i]
+                raise Fatal(f"post-sign verification failed: {len(bad)} signatures do not verify, first by dnskey '{k.name}' (signature #{i})")
+            verified = len(sigs)
+            _check_sample(zone, origin, order, inception, render)
+            _report_keys(dk, keys, keyset_keys, zone_keys)
+        if out == "-":
+            sys.stdout.write(data)
+            sys.stdout.flush()
+        else:
+            os.replace(tmp, out)
+            tmp = None
+            try:
+                dfd = os.open(os.path.dirname(os.path.abspath(out)), os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            except OSError:
+                pass
+            print(out)
+    finally:
+        if tmp is not None:
+            os.unlink(tmp)
+    t_end = time.monotonic()
+    if args.stats:
+        sign_t = max(t_signed - t_prep, 1e-9)
+        print(f"RRsets signed:                    {nrrsets:10d}")
+        print(f"{'NSEC3' if args.salt is not None else 'NSEC'} records:{'':{22 if args.salt is None else 21}}{nchain:10d}")
+        print(f"Signatures generated:             {len(sigs):10d}")
+        print(f"Signatures retained:              {0:10d}")
+        print(f"Signatures dropped:               {zone.dropped:10d}")
+        print(f"Signatures successfully verified: {verified:10d}")
+        print(f"Signatures unsuccessfully verified: {0:8d}")
+        print(f"Signing time in seconds:          {sign_t:10.3f}")
+        print(f"Signatures per second:            {len(sigs) / sign_t:10.3f}")
+        print(f"Runtime in seconds:               {t_end - t0:10.3f}")
+    return 0
+
+
+_pubkeys: dict[tuple, object] = {}
+
+
+def _verify_chunk(specs: list[tuple[int, int, bytes]], idx: bytes, datas: list[bytes], sigs: list[bytes]) -> list[int]:
+    """Positions in the chunk whose signature does not verify; ``specs[idx[i]]`` is
+    (algorithm, flags, public key) of the DNSKEY that made ``sigs[i]`` over ``datas[i]``.
+    Runs in verifier processes (or threads for small zones)."""
+    pubs = []
+    for spec in specs:
+        pub = _pubkeys.get(spec)
+        if pub is None:
+            alg, flags, key = spec
+            dnskey = dns.rdata.from_wire(dns.rdataclass.IN, DNSKEY, struct.pack("!HBB", flags, 3, alg) + key, 0, 4 + len(key))
+            pub = _pubkeys[spec] = zkeys.public_key(dnskey)
+        pubs.append(pub.verify)
+    bad = []
+    for i, data in enumerate(datas):
+        try:
+            pubs[idx[i]](sigs[i], data)
+        except (InvalidSignature, ValueError):
+            bad.append(i)
+    return bad
+
+
+def _verifier_pool(nsigs_hint: int):
+    """Processes for big zones (no GIL contention with signing), threads for small ones."""
+    n = os.cpu_count() or 2
+    if nsigs_hint < 20000:
+        return ThreadPoolExecutor(n, thread_name_prefix="signzone-verify")
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ProcessPoolExecutor(n, mp_context=ctx)
+
+
+class _Renderer:
+    """Presentation form of nodes, their RRsets and RRSIGs."""
+
+    def __init__(self, zone: reader.Zone, sigs: list[bytes], inception: int):
+        self.zone, self.sigs = zone, sigs
+        self.incs = _fmt_time(inception)
+        self.exps: dict[int, str] = {}
+        self.tnames: dict[int, str] = {}
+
+    def tname(self, t: int) -> str:
+        tn = self.tnames.get(t)
+        if tn is None:
+            tn = self.tnames[t] = dns.rdatatype.to_text(t)
+        return tn
+
+    def rrsigs(self, node: Node, t: int, rrs: RRset) -> list[str]:
+        """RRSIG rdata texts of one RRset."""
+        es = self.exps.get(rrs.exp)
+        if es is None:
+            es = self.exps[rrs.exp] = _fmt_time(rrs.exp)
+        key = node.key
+        labels = len(key) - (1 if key and key[-1] == "*" else 0)
+        head = f"{self.tname(t)} "
+        mid = f" {labels} {rrs.ttl} {es} {self.incs} "
+        sigs, i0 = self.sigs, rrs.sig0
+        b64 = base64.b64encode
+        return [
+            f"{head}{k.info.algorithm}{mid}{k.info.keytag} {k.info.zone} {b64(sigs[i0 + j]).decode()}"
+            for j, k in enumerate(rrs.keys)
+        ]
+
+    def text(self) -> str:
+        """The whole zone, names in canonical order, SOA first."""
+        out: list[str] = []
+        app = out.append
+        nodes = self.zone.nodes
+        apex_key = self.zone.origin_key
+        for key in sorted(nodes):
+            node = nodes[key]
+            disp = node.disp
+            rrsets = node.rrsets
+            types = sorted(rrsets)
+            if key == apex_key and SOA in rrsets:
+                types.remove(SOA)
+                types.insert(0, SOA)
+            for t in types:
+                rrs = rrsets[t]
+                head = f"{disp}\t{rrs.ttl}\tIN\t{self.tname(t)}\t"
+                rd = rrs.rdatas
+                if len(rd) == 1:
+                    for v in rd.values():
+                        app(head + v + "\n")
+                else:
+                    for w in sorted(rd):
+                        app(head + rd[w] + "\n")
+                if rrs.sig0 >= 0:
+                    sh = f"{disp}\t{rrs.ttl}\tIN\tRRSIG\t"
+                    for r in self.rrsigs(node, t, rrs):
+                        app(sh + r + "\n")
+        return "".join(out)
+
+
+def _check_sample(zone: reader.Zone, origin: dns.name.Name, order, inception: int, render: _Renderer) -> None:
+    """Re-validate a sample of RRsets with dnspython from their presentation form.
+
+    The fast verifier checks the token's signatures over the signing inputs this
+    program built; this checks those inputs against an independent implementation
+    of RFC 4034 canonical form: all apex RRsets, the first names and a random sample.
+    """
+    nodes = zone.nodes
+    apex = zone.apex
+    dk = apex.rrsets[DNSKEY]
+    keyset = dns.rrset.from_text_list(origin, dk.ttl, "IN", "DNSKEY", list(dk.rdatas.values()))
+    signed = [k for k in order if nodes[k].kind != OCCLUDED]
+    rng = random.Random()
+    picks = signed[:8] + [rng.choice(signed) for _ in range(SAMPLE)]
+    for k in dict.fromkeys(picks):
+        node = nodes[k]
+        name = dns.name.from_text(node.disp)
+        for t, rrs in node.rrsets.items():
+            if rrs.sig0 < 0:
+                continue
+            rrset = dns.rrset.from_text_list(name, rrs.ttl, "IN", t, list(rrs.rdatas.values()))
+            rrsigs = dns.rrset.from_text_list(name, rrs.ttl, "IN", "RRSIG", render.rrsigs(node, t, rrs))
+            for sig in rrsigs:
+                try:
+                    dns.dnssec.validate_rrsig(rrset, sig, {origin: keyset}, now=inception + 1)
+                except dns.dnssec.ValidationFailure as e:
+                    raise Fatal(
+                        f"post-sign verification failed for {node.disp}/{dns.rdatatype.to_text(t)}: {e}"
+                    ) from None
+
+
+def _report_keys(dk: RRset, keys, keyset_keys, zone_keys) -> None:
+    algs = sorted({k.info.algorithm for k in keys})
+    names = [dns.dnssec.algorithm_to_text(a) for a in algs]
+    print(f"Verifying the zone using the following algorithms: {' '.join(names)}.", file=sys.stderr)
+    print("Zone fully signed:", file=sys.stderr)
+    present = [dns.rdata.from_wire(dns.rdataclass.IN, DNSKEY, w, 0, len(w)) for w in dk.rdatas]
+    for alg, name in zip(algs, names):
+        active_k = {k.info.keytag for k in keyset_keys if k.info.algorithm == alg and k.info.flags & 1}
+        active_z = {k.info.keytag for k in zone_keys if k.info.algorithm == alg and not k.info.flags & 1}
+        sep = [r for r in present if r.algorithm == alg and r.flags & 1]
+        zsk = [r for r in present if r.algorithm == alg and not r.flags & 1]
+        rk = sum(1 for r in sep if r.flags & 0x80)
+        rz = sum(1 for r in zsk if r.flags & 0x80)
+        print(f"Algorithm: {name}: KSKs: {len(active_k)} active, {len(sep) - len(active_k) - rk} stand-by, {rk} revoked", file=sys.stderr)
+        print(f"{'':{len(name) + 13}}ZSKs: {len(active_z)} active, {len(zsk) - len(active_z) - rz} stand-by, {rz} revoked", file=sys.stderr)

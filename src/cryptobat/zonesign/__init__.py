@@ -1,0 +1,1 @@
+"""Helpers of ``cryptobat signzone``: a fast master-file reader and key-file handling."""

@@ -1,0 +1,103 @@
+"""Shared helpers: tokens on temporary homes, officers who compute their TOTP codes, the CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dns.name
+import dns.rrset
+import pyotp
+import pytest
+
+from cryptobat import rrsig
+from cryptobat.console import Console
+from cryptobat.token import Token
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def secret_of(text: str) -> str:
+    return next(l.split()[1] for l in text.splitlines() if l.startswith("Secret:"))
+
+
+class Officers:
+    """Enrols officers on a console and logs them in the way their authenticator apps would."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.secrets: dict[str, str] = {}
+        self.used: dict[str, int] = {}
+
+    def add(self, name: str) -> str:
+        out = self.console.handle(f"coadd {name}")
+        assert out.startswith(f"Added CO: {name}\n"), out
+        self.secrets[name] = secret_of(out)
+        return out
+
+    def code(self, name: str, step_offset: int = 0) -> str:
+        """A fresh code: the current step, or the next one if this step was used already."""
+        step = self.console.token.now() // 30 + step_offset
+        if self.used.get(name, -1) >= step:
+            step = self.used[name] + 1
+        self.used[name] = step
+        return pyotp.TOTP(self.secrets[name]).at(step * 30)
+
+    def login(self, *names: str) -> None:
+        for n in names:
+            out = self.console.handle(f"cologin {n} {self.code(n)}")
+            assert out == f" CO {n} Ok\n", out
+
+
+@pytest.fixture
+def token(tmp_path):
+    t = Token.init(tmp_path / "token", quorum=2, workers=1)
+    yield t
+    t.close()
+
+
+@pytest.fixture
+def console(token):
+    return Console(token)
+
+
+@pytest.fixture
+def officers(console):
+    return Officers(console)
+
+
+@pytest.fixture
+def ready(token, console, officers):
+    """A token with two officers present, max validity 3600 s, an RSA KSK and ZSK and an ECDSA ZSK for testzone."""
+    officers.add("lamb")
+    officers.add("jakob")
+    officers.login("lamb", "jakob")
+    assert console.handle("setmaxval 3600") == " Maximum validity period set to +3600 seconds\n"
+    for cmd in ("keygen 8 ksk testzone ksk8", "keygen 8 zsk testzone zsk8", "keygen 13 zsk testzone zsk13"):
+        assert console.handle(cmd).startswith("ok: key generated"), cmd
+    return token
+
+
+def signing_data(key, rrset: dns.rrset.RRset, inception: int, expiration: int):
+    tpl = rrsig.template(rrset, key, inception, expiration)
+    return tpl, rrsig.signing_data(rrset, tpl)
+
+
+def validate(key, rrset, tpl, signature: bytes, now: int) -> None:
+    """Validate a token signature with dnspython against the key's DNSKEY (raises if invalid)."""
+    import dns.dnssec
+    zone = dns.name.from_text(key.zone)
+    dnskeys = dns.rrset.from_rdata(zone, 300, key.dnskey())
+    dns.dnssec.validate_rrsig(rrset, tpl.replace(signature=signature), {zone: dnskeys}, now=now)
+
+
+def cli(*args: str, home: Path | None = None, input: str | None = None, env: dict | None = None,
+        timeout: float = 60, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run the real ``cryptobat`` command."""
+    cmd = (prefix or []) + [sys.executable, "-m", "cryptobat"]
+    if home is not None:
+        cmd += ["--home", str(home)]
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run(cmd + list(args), input=input, capture_output=True, text=True, timeout=timeout, env=e)

@@ -1,0 +1,210 @@
+"""The trusted clock, the hash-chained audit log, and the integrity and crash safety of the store."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from cryptobat.console import Console
+from cryptobat.errors import IntegrityError, TokenBusy
+from cryptobat.token import Token
+from conftest import Officers, ROOT, cli
+from test_policy import payload
+
+
+def _ready_token(path, wall=None, mono=None):
+    kw = {"workers": 1}
+    if wall:
+        kw.update(wall=wall, mono=mono)
+    t = Token.init(path, quorum=1, **kw)
+    c = Console(t)
+    o = Officers(c)
+    o.add("solo")
+    o.login("solo")
+    assert c.handle("setmaxval 3600").startswith(" Maximum")
+    assert c.handle("keygen 13 zsk testzone z").startswith("ok:")
+    return t, c, o
+
+
+def test_clock_jump_enters_tamper_until_settime(tmp_path):
+    wall, mono = [1_800_000_000.0], [1000.0]
+    t, c, o = _ready_token(tmp_path / "t", lambda: wall[0], lambda: mono[0])
+    try:
+        k = t.key("z")
+        assert t.timed_sign([("z", payload(k, now=t.now()))])[0].ok
+        wall[0] += 7200  # the wall clock leaps two hours; the boot-time clock saw 10 s pass
+        mono[0] += 10
+        res = t.timed_sign([("z", payload(k, now=t.now()))])[0]
+        assert res.reason == "token clock tamper state: a quorum must run settime"
+        assert any('"event":"clock-tamper"' in e for e in t.audit_tail(5))
+        assert "TAMPER" in c.handle("status")
+        wall[0] += 31
+        mono[0] += 31
+        o.login("solo")
+        assert c.handle(f"settime {int(wall[0]) - 7200}").startswith(" Token time set")
+        now = t.now()
+        assert abs(now - (wall[0] - 7200)) <= 1
+        assert t.timed_sign([("z", payload(k, now=now))])[0].ok
+    finally:
+        t.close()
+
+
+def test_small_drift_is_tolerated(tmp_path):
+    wall, mono = [1_800_000_000.0], [1000.0]
+    t, c, o = _ready_token(tmp_path / "t", lambda: wall[0], lambda: mono[0])
+    try:
+        wall[0] += 100 + 5  # NTP slewing a few seconds over a long while
+        mono[0] += 100
+        assert not t.policy().clock_tampered
+        t.now()
+        assert not t.policy().clock_tampered
+    finally:
+        t.close()
+
+
+def test_clock_rollback_across_restart_with_faketime(tmp_path):
+    """A real process whose clock is set a day back (libfaketime) finds the stored high-water mark ahead."""
+    home = tmp_path / "t"
+    assert cli("init", "--quorum", "1", home=home).returncode == 0
+    r = cli("status", home=home, prefix=["faketime", "-f", "-1d"])
+    assert r.returncode == 0, r.stderr
+    assert "TAMPER" in r.stdout
+    r = cli("status", home=home)  # the tamper state persists with the right time back
+    assert "TAMPER" in r.stdout
+    assert '"event":"clock-tamper"' in cli("audit", "-n", "5", home=home).stdout
+
+
+def _entries(db):
+    return db.execute("SELECT seq, entry FROM audit ORDER BY seq").fetchall()
+
+
+def _audit_setup(tmp_path):
+    home = tmp_path / "t"
+    t, c, o = _ready_token(home)
+    t.close()
+    return home
+
+
+def test_audit_verify_ok(tmp_path):
+    home = _audit_setup(tmp_path)
+    r = cli("audit", "verify", home=home)
+    assert r.returncode == 0 and r.stdout.startswith("ok: audit log verified"), r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("how", ["edit", "reorder", "delete-middle"])
+def test_audit_tampering_is_detected(tmp_path, how):
+    home = _audit_setup(tmp_path)
+    db = sqlite3.connect(home / "state.db")
+    rows = _entries(db)
+    if how == "edit":
+        seq, entry = rows[2]
+        db.execute("UPDATE audit SET entry = ? WHERE seq = ?", (entry.replace('"solo"', '"mallory"'), seq))
+    elif how == "reorder":
+        (s1, e1), (s2, e2) = rows[1], rows[2]
+        h1, h2 = (db.execute("SELECT hash FROM audit WHERE seq=?", (s,)).fetchone()[0] for s in (s1, s2))
+        db.execute("UPDATE audit SET entry=?, hash=? WHERE seq=?", (e2, h2, s1))
+        db.execute("UPDATE audit SET entry=?, hash=? WHERE seq=?", (e1, h1, s2))
+    else:
+        db.execute("DELETE FROM audit WHERE seq = ?", (rows[2][0],))
+    db.commit()
+    db.close()
+    r = cli("audit", "verify", home=home)
+    assert r.returncode == 1 and r.stdout.startswith("fail: audit log: entry"), r.stdout + r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1
+
+
+def test_truncated_audit_tail_refuses_to_open(tmp_path):
+    home = _audit_setup(tmp_path)
+    db = sqlite3.connect(home / "state.db")
+    db.execute("DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit)")
+    db.commit()
+    db.close()
+    with pytest.raises(IntegrityError):
+        Token(home)
+    r = cli("status", home=home)
+    assert r.returncode == 1
+    assert r.stderr.strip() == "cryptobat: audit log does not match the state (entries edited or deleted)"
+
+
+def test_state_edited_on_disk_is_refused(tmp_path):
+    home = _audit_setup(tmp_path)
+    db = sqlite3.connect(home / "state.db")
+    doc = json.loads(db.execute("SELECT doc FROM state").fetchone()[0])
+    doc["max_validity"] = 10 * 365 * 86400  # an attacker lifting the policy
+    db.execute("UPDATE state SET doc = ?", (json.dumps(doc, sort_keys=True, separators=(",", ":")),))
+    db.commit()
+    db.close()
+    with pytest.raises(IntegrityError, match="edited outside Cryptobat"):
+        Token(home)
+    r = cli("status", home=home)
+    assert r.returncode == 1 and "integrity check failed" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_garbage_state_file_gives_one_line(tmp_path):
+    home = _audit_setup(tmp_path)
+    for p in home.glob("state.db*"):
+        p.unlink()
+    (home / "state.db").write_bytes(b"not a database" * 100)
+    r = cli("status", home=home)
+    assert r.returncode == 1 and r.stderr.startswith("cryptobat: state store is damaged") and len(r.stderr.splitlines()) == 1
+
+
+def test_second_process_cannot_open_the_store(tmp_path):
+    home = _audit_setup(tmp_path)
+    t = Token(home)
+    try:
+        with pytest.raises(TokenBusy):
+            Token(home)
+        r = cli("status", home=home)
+        assert r.returncode == 1 and "in use by process" in r.stderr
+    finally:
+        t.close()
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from cryptobat.token import Token
+    from test_policy import payload
+    t = Token(sys.argv[1], workers=1)
+    k = t.key("z")
+    i = 0
+    while True:
+        items = [("z", payload(k, now=t.now()))] * 64
+        t.timed_sign(items)            # 64 signatures: counted and audited in one commit
+        t.audit("tick", i=i)
+        i += 1
+        print(i, flush=True)
+""")
+
+
+def test_kill_9_during_writes_never_loses_or_mixes_state(tmp_path):
+    home = tmp_path / "t"
+    t, c, o = _ready_token(home)
+    t.close()
+    rng = random.Random(7)
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{ROOT / 'tests'}")
+    for round_ in range(8):
+        p = subprocess.Popen([sys.executable, "-c", WRITER, str(home)], stdout=subprocess.PIPE, text=True, env=env)
+        time.sleep(0.6 + rng.random() * 0.6)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        t = Token(home, workers=1)  # opens: integrity and audit head intact
+        try:
+            n, problem = t.audit_verify()
+            assert problem is None, problem
+            ticks = sum(1 for e in t.audit_tail(10**6) if '"event":"tick"' in e)
+            sig_entries = [json.loads(e) for e in t.audit_tail(10**6) if '"event":"sign"' in e]
+            assert t.counters()["signatures"] == sum(e["signatures"] for e in sig_entries)
+            assert t.counters()["signatures"] % 64 == 0
+            assert t.counters()["signatures"] // 64 in (ticks, ticks + 1)
+        finally:
+            t.close()
+    assert ticks > 8  # the writers really were killed in the middle of a stream of commits

@@ -1,0 +1,252 @@
+"""The sans-I/O server spoken to directly: p11-kit's fuzz corpus, mutations, protocol v0 and v2."""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cryptobat.p11rpc import constants as C
+from cryptobat.p11rpc.calls import BY_NAME, CALLS
+from cryptobat.p11rpc.codec import (Attribute, Mechanism, RpcError, encode_request,
+                                    parse_request, parse_response)
+from cryptobat.p11rpc.framing import HEADER, FrameDecoder, encode_frame
+from cryptobat.p11rpc.module import HANDSHAKE, SLOT_ID, verify_signature
+from cryptobat.p11rpc.server import Connection
+from test_p11rpc_backend import PIN, FakeToken, make_signing_data
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS_CANDIDATES = [REPO.parent / "shared" / "corpus" / "p11-kit-rpc",
+                     REPO / "shared" / "corpus" / "p11-kit-rpc",
+                     Path(__file__).resolve().parents[2] / "shared" / "corpus" / "p11-kit-rpc"]
+TOKEN = FakeToken()
+
+
+def corpus_dir() -> Path:
+    for c in CORPUS_CANDIDATES:
+        if c.is_dir():
+            return c
+    raise AssertionError(f"p11-kit RPC corpus not found in {CORPUS_CANDIDATES}")
+
+
+class RawClient:
+    """Speaks the wire protocol to a Connection, the way p11-kit-client does."""
+
+    def __init__(self, version: int = 0, token: FakeToken = TOKEN) -> None:
+        self.conn = Connection(token)
+        self.code = 0
+        self.frames = FrameDecoder()
+        assert self.conn.feed(bytes([version])) == bytes([version])
+        self.version = version
+
+    def raw(self, body: bytes) -> bytes:
+        self.code += 1
+        out = self.conn.feed(encode_frame(self.code, body, b"client"))
+        frames = self.frames.feed(out)
+        assert len(frames) == 1 and frames[0].code == self.code
+        return frames[0].body
+
+    def call(self, name: str, *args):
+        body = self.raw(encode_request(name, list(args), self.version))
+        return parse_response(body, BY_NAME[name], self.version)
+
+    def ok(self, name: str, *args):
+        rv, vals = self.call(name, *args)
+        assert rv == 0, hex(rv)
+        return vals
+
+    def start(self, login: bool = True) -> int:
+        self.ok("C_Initialize", HANDSHAKE, 0, None)
+        (h,) = self.ok("C_OpenSession", SLOT_ID, C.CKF_SERIAL_SESSION | C.CKF_RW_SESSION)
+        if login:
+            self.ok("C_Login", h, C.CKU_USER, PIN)
+        return h
+
+    def find(self, h: int, *template: Attribute) -> list[int]:
+        self.ok("C_FindObjectsInit", h, list(template))
+        (found,) = self.ok("C_FindObjects", h, 100)
+        self.ok("C_FindObjectsFinal", h)
+        return found.data
+
+
+def healthy(client: RawClient) -> None:
+    """The connection still answers well-formed calls (re-initializing after a C_Finalize)."""
+    rv, _ = client.call("C_GetTokenInfo", SLOT_ID)
+    if rv == C.CKR_CRYPTOKI_NOT_INITIALIZED:
+        client.ok("C_Initialize", HANDSHAKE, 0, None)
+    vals = client.ok("C_GetTokenInfo", SLOT_ID)
+    assert vals[0].rstrip() == b"cryptobat test"
+
+
+def corpus_files() -> list[Path]:
+    return sorted(p for p in corpus_dir().iterdir() if p.name.startswith("C_"))
+
+
+def test_corpus_present():
+    assert len(corpus_files()) > 100
+
+
+@pytest.mark.parametrize("version", [0, 2])
+def test_corpus_inputs_get_replies(version):
+    for path in corpus_files():
+        client = RawClient(version)
+        client.start()
+        body = client.raw(path.read_bytes())
+        cid = struct.unpack(">I", body[:4])[0]
+        if cid == 0:
+            rv, _ = parse_response(body, CALLS[0])
+            assert rv != 0
+        else:
+            call = CALLS[cid]
+            assert path.name.startswith(call.name)
+            parse_response(body, call, version)
+        assert not client.conn.closed
+        healthy(client)
+    fresh = RawClient(version)
+    fresh.start()
+    healthy(fresh)
+
+
+def valid_requests() -> list[bytes]:
+    k = TOKEN.infos["k13"]
+    data = make_signing_data(k, TOKEN.now + 3600, TOKEN.now)
+    return [
+        encode_request("C_GetInfo", []),
+        encode_request("C_GetSlotList", [1, 8]),
+        encode_request("C_Login", [1, C.CKU_USER, PIN]),
+        encode_request("C_FindObjectsInit", [1, [Attribute(C.CKA_LABEL, b"k13"), Attribute(C.CKA_SIGN, 1)]]),
+        encode_request("C_GetAttributeValue", [1, 2, [(C.CKA_LABEL, 0), (C.CKA_VALUE, 32)]]),
+        encode_request("C_SignInit", [1, Mechanism(C.CKM_ECDSA_SHA256, b""), 3]),
+        encode_request("C_Sign", [1, data, 64]),
+        encode_request("C_DigestInit", [1, Mechanism(C.CKM_SHA256, None)]),
+        encode_request("C_GenerateRandom", [1, 16]),
+    ]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(idx=st.integers(0, 8), cut=st.integers(0, 400), flips=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=6),
+       tail=st.binary(max_size=16))
+def test_mutated_requests(idx, cut, flips, tail):
+    body = bytearray(valid_requests()[idx])
+    for pos, val in flips:
+        if body:
+            body[pos % len(body)] = val
+    body = bytes(body[:cut]) + tail if cut < len(body) else bytes(body) + tail
+    client = RawClient()
+    client.start()
+    reply = client.raw(body)
+    assert len(reply) >= 8
+    assert not client.conn.closed
+    healthy(client)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, 2))
+def test_codec_raises_only_rpcerror(data, version):
+    try:
+        parse_request(data, version)
+    except RpcError:
+        pass
+
+
+def test_bad_frame_closes_but_big_length_does_not_allocate():
+    c = Connection(TOKEN)
+    c.feed(b"\x00")
+    assert c.feed(HEADER.pack(1, 0, 0xFFFFFFF0)) == b""
+    assert c.closed
+
+
+def test_version_negotiation():
+    c = Connection(TOKEN)
+    assert c.feed(b"\x07") == b"\x02"
+
+
+def test_v2_mechanisms_and_eddsa():
+    """Protocol 2 (p11-kit >= 0.25.6) encodes mechanisms differently; EdDSA works on the wire."""
+    client = RawClient(version=2)
+    h = client.start()
+    k = TOKEN.infos["k15"]
+    (priv,) = client.find(h, Attribute(C.CKA_CLASS, C.CKO_PRIVATE_KEY), Attribute(C.CKA_LABEL, b"k15"))
+    client.ok("C_SignInit", h, Mechanism(C.CKM_EDDSA, None), priv)
+    data = make_signing_data(k, TOKEN.now + 3600, TOKEN.now)
+    (size,) = client.ok("C_Sign", h, data, None)
+    assert size.data is None and size.length == 64
+    (sig,) = client.ok("C_Sign", h, data, 64)
+    assert verify_signature(k, C.CKM_EDDSA, data, sig.data)
+    k14 = TOKEN.infos["k14"]
+    (p14,) = client.find(h, Attribute(C.CKA_CLASS, C.CKO_PRIVATE_KEY), Attribute(C.CKA_ID, b"k14"))
+    client.ok("C_SignInit", h, Mechanism(C.CKM_ECDSA_SHA384), p14)
+    bad = make_signing_data(k14, TOKEN.now + 90 * 86400, TOKEN.now)
+    rv, _ = client.call("C_Sign", h, bad, 96)
+    assert rv == C.CKR_FUNCTION_REJECTED
+    rv, _ = client.call("C_Sign", h, bad, 96)
+    assert rv == C.CKR_OPERATION_NOT_INITIALIZED
+    client.ok("C_SignInit", h, Mechanism(C.CKM_ECDSA_SHA384), p14)
+    client.ok("C_SignInit", h, None, 0)  # v2 NULL mechanism cancels
+
+
+def test_objects_attributes_and_refusals():
+    client = RawClient()
+    h = client.start(login=False)
+    assert client.find(h, Attribute(C.CKA_CLASS, C.CKO_PRIVATE_KEY)) == []
+    rv, _ = client.call("C_Login", h, C.CKU_SO, PIN)
+    assert rv == C.CKR_USER_TYPE_INVALID
+    client.ok("C_Login", h, C.CKU_USER, PIN)
+    (priv,) = client.find(h, Attribute(C.CKA_CLASS, C.CKO_PRIVATE_KEY), Attribute(C.CKA_LABEL, b"k8"))
+    attrs, rv = client.ok("C_GetAttributeValue", h, priv, [(C.CKA_PRIVATE_EXPONENT, 512), (C.CKA_MODULUS, 0),
+                                                           (C.CKA_SIGN, 1), (C.CKA_KEY_TYPE, 8)])
+    assert rv == C.CKR_ATTRIBUTE_SENSITIVE
+    assert attrs[0].value is None and attrs[1].length == 256 and attrs[2].value == 1 and attrs[3].value == C.CKK_RSA
+    rv, _ = client.call("C_SetAttributeValue", h, priv, [Attribute(C.CKA_LABEL, b"x")])
+    assert rv == C.CKR_ATTRIBUTE_READ_ONLY
+    rv, _ = client.call("C_EncryptInit", h, Mechanism(C.CKM_RSA_PKCS, b""), priv)
+    assert rv == C.CKR_FUNCTION_NOT_SUPPORTED
+    rv, _ = client.call("C_SeedRandom", h, b"seed")
+    assert rv == C.CKR_RANDOM_SEED_NOT_SUPPORTED
+    (rnd,) = client.ok("C_GenerateRandom", h, 33)
+    assert len(rnd.data) == 33
+    info = client.ok("C_GetTokenInfo", SLOT_ID)
+    assert info[4] & C.CKF_CLOCK_ON_TOKEN and len(info[-1]) == 16
+
+
+def test_unbound_ecdsa_digest_refused_unless_compat():
+    client = RawClient()
+    h = client.start()
+    (p13,) = client.find(h, Attribute(C.CKA_CLASS, C.CKO_PRIVATE_KEY), Attribute(C.CKA_LABEL, b"k13"))
+    client.ok("C_SignInit", h, Mechanism(C.CKM_ECDSA, b""), p13)
+    rv, _ = client.call("C_Sign", h, bytes(32), 64)
+    assert rv == C.CKR_FUNCTION_REJECTED
+    (p14,) = client.find(h, Attribute(C.CKA_CLASS, C.CKO_PRIVATE_KEY), Attribute(C.CKA_LABEL, b"k14"))
+    client.ok("C_SignInit", h, Mechanism(C.CKM_ECDSA, b""), p14)
+    (sig,) = client.ok("C_Sign", h, bytes(48), 96)
+    assert len(sig.data) == 96
+    # multi-part digest binds too
+    k13 = TOKEN.infos["k13"]
+    data = make_signing_data(k13, TOKEN.now + 3600, TOKEN.now)
+    client.ok("C_DigestInit", h, Mechanism(C.CKM_SHA256, b""))
+    client.ok("C_DigestUpdate", h, data[:10])
+    client.ok("C_DigestUpdate", h, data[10:])
+    (dg,) = client.ok("C_DigestFinal", h, 32)
+    client.ok("C_SignInit", h, Mechanism(C.CKM_ECDSA, b""), p13)
+    (sig,) = client.ok("C_Sign", h, dg.data, 64)
+    assert verify_signature(k13, C.CKM_ECDSA, dg.data, sig.data)
+
+
+def test_keygen_and_destroy_need_quorum():
+    tok = FakeToken(algorithms=((13, False),))
+    client = RawClient(token=tok)
+    h = client.start()
+    pub_t = [Attribute(C.CKA_EC_PARAMS, bytes.fromhex("06082a8648ce3d030107")), Attribute(C.CKA_LABEL, b"new")]
+    pub, priv = client.ok("C_GenerateKeyPair", h, Mechanism(C.CKM_EC_KEY_PAIR_GEN, b""), pub_t, [])
+    assert tok.infos["new"].algorithm == 13 and priv + 1 == pub
+    tok.delete_allowed = False
+    rv, _ = client.call("C_DestroyObject", h, priv)
+    assert rv == C.CKR_ACTION_PROHIBITED
+    tok.delete_allowed = True
+    client.ok("C_DestroyObject", h, priv)
+    assert "new" not in tok.infos
+    tok.keygen = False
+    rv, _ = client.call("C_GenerateKeyPair", h, Mechanism(C.CKM_EC_KEY_PAIR_GEN, b""), pub_t, [])
+    assert rv == C.CKR_FUNCTION_REJECTED

@@ -1,0 +1,291 @@
+"""End-to-end ``cryptobat signzone`` runs, checked by BIND, ldns and Knot validators.
+
+The token is :class:`test_signzone_backend.SoftToken` (real keys, a maximum-validity
+policy).  A validator that is not installed fails the test: install them with
+``apt-get install -y bind9-utils ldnsutils knot-dnssecutils``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import dns.name
+import pytest
+
+from cryptobat import signzone
+from cryptobat.zonesign import reader
+from test_signzone_backend import SoftToken, write_keyfiles
+
+ZONE = """\
+$TTL 3600
+$ORIGIN example.org.
+@       IN SOA  ns1 hostmaster ( 2024010101 ; serial
+                7200 3600 1209600 300 )
+        NS      ns1
+        NS      ns2.example.net.
+        MX      10 mail
+        TXT     "v=spf1 mx -all" "second; string"
+        CAA     0 issue "letsencrypt.org"
+ns1     A       192.0.2.1
+        AAAA    2001:db8::1
+mail    A       192.0.2.25
+WWW     CNAME   ns1
+_sip._tcp SRV   10 60 5060 sip
+sip     A       192.0.2.5
+        NAPTR   100 10 "S" "SIP+D2T" "" _sip._tcp.example.org.
+        SSHFP   4 2 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
+_443._tcp.www TLSA 3 1 1 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
+host    300 IN  HINFO "PC" "Linux"
+        LOC     52 22 23.000 N 4 53 32.000 E -2.00m 0.00m 10000m 10m
+*.wild  A       192.0.2.80
+        TXT     "wildcard"
+a.b.c.ent A     192.0.2.90          ; b.c.ent, c.ent: empty non-terminals
+; a secure delegation (DS) with in-bailiwick glue
+secure  NS      ns.secure
+        DS      12345 13 2 0123456789ABCDEF0123456789ABCDEF0123456789ABCDEF0123456789ABCDEF
+ns.secure A     192.0.2.53
+; insecure delegations, one with glue, one below an empty non-terminal
+insecure NS     ns.insecure
+        NS      ns.example.net.
+ns.insecure A   192.0.2.54
+deep.optout.x NS ns.example.net.
+dname   DNAME   example.net.
+ptr     PTR     host.example.net.
+"""
+
+
+def _validators(path: str, origin: str, ksk_only: bool) -> None:
+    for tool in ("dnssec-verify", "ldns-verify-zone", "kzonecheck"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed (apt-get install -y bind9-utils ldnsutils knot-dnssecutils)")
+    runs = [
+        ["dnssec-verify", *(["-x"] if ksk_only else []), "-o", origin, path],
+        ["ldns-verify-zone", path],
+        ["kzonecheck", "-d", "on", "-o", origin, path],
+    ]
+    for cmd in runs:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
+
+
+def _setup(tmp_path, algs, zone_text=ZONE, origin="example.org.", max_validity=None):
+    tok = SoftToken(max_validity=max_validity)
+    zf = tmp_path / origin.rstrip(".")
+    zf.write_text(zone_text)
+    ksks, zsks = [], []
+    for alg in algs:
+        ksks.append(write_keyfiles(str(tmp_path), tok.add_key(origin, alg, "ksk")))
+        zsks.append(write_keyfiles(str(tmp_path), tok.add_key(origin, alg, "zsk")))
+    return tok, str(zf), ksks, zsks
+
+
+def _records(path: str) -> list[list[str]]:
+    return [line.split() for line in open(path)]
+
+
+MODES = {
+    "nsec": [],
+    "nsec3": ["-3", "a1b2c3", "-H", "1"],
+    "nsec3-optout": ["-3", "-", "-A"],
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("alg", [8, 13, 15])
+def test_sign_and_validate(tmp_path, alg, mode, capsys):
+    tok, zf, ksks, zsks = _setup(tmp_path, [alg])
+    argv = ["-x", "-N", "increment", "-j", "600", "-o", "example.org", "-k", ksks[0], *MODES[mode], zf, zsks[0]]
+    assert signzone.main(argv, client=tok) == 0
+    out = zf + ".signed"
+    assert capsys.readouterr().out.strip().endswith(out)
+    _validators(out, "example.org", ksk_only=True)
+
+    recs = _records(out)
+    by = {}
+    for r in recs:
+        by.setdefault((r[0].lower(), r[3]), []).append(r)
+    assert by[("example.org.", "SOA")][0][6] == "2024010102"  # -N increment
+    # glue and delegation NS unsigned, DS signed
+    sigs = {(r[0].lower(), r[4]) for r in recs if r[3] == "RRSIG"}
+    assert ("ns.secure.example.org.", "A") not in sigs and ("secure.example.org.", "NS") not in sigs
+    assert ("secure.example.org.", "DS") in sigs and ("insecure.example.org.", "NS") not in sigs
+    # wildcard RRSIG labels exclude the "*"
+    wild = [r for r in recs if r[0] == "*.wild.example.org." and r[3] == "RRSIG"]
+    assert wild and all(r[6] == "3" for r in wild)
+    # the DNSKEY RRset is signed by the KSK only (-x)
+    ksk_tag = ksks[0].rsplit("+", 1)[1].lstrip("0")
+    assert {r[10] for r in recs if r[3] == "RRSIG" and r[4] == "DNSKEY"} == {ksk_tag}
+    soa = by[("example.org.", "SOA")][0]
+    neg_ttl = str(min(int(soa[1]), int(soa[-1])))
+    if mode == "nsec":
+        nsec = [r for r in recs if r[3] == "NSEC"]
+        assert all(r[1] == neg_ttl for r in nsec)
+        owners = {r[0].lower() for r in nsec}
+        assert "c.ent.example.org." not in owners and "ns.secure.example.org." not in owners
+        assert by[("insecure.example.org.", "NSEC")][0][5:] == ["NS", "RRSIG", "NSEC"]
+    else:
+        n3 = [r for r in recs if r[3] == "NSEC3"]
+        assert all(r[1] == neg_ttl for r in n3)
+        assert all(r[5] == ("1" if mode == "nsec3-optout" else "0") for r in n3)
+        assert by[("example.org.", "NSEC3PARAM")][0][4:] == (["1", "0", "1", "a1b2c3"] if mode == "nsec3" else ["1", "0", "0", "-"])
+        # 15 authoritative names and delegations + 8 empty non-terminals (_tcp, _tcp.www,
+        # wild, ent, c.ent, b.c.ent, x, optout.x); opt-out leaves out the insecure
+        # delegations insecure and deep.optout.x and the ENTs only they need (x, optout.x)
+        empty = [r for r in n3 if not r[9:]]
+        if mode == "nsec3":
+            assert len(n3) == 23 and len(empty) == 8
+        else:
+            assert len(n3) == 19 and len(empty) == 6
+    tok.close()
+
+
+def test_multi_algorithm_csk_and_dnskey_by_all(tmp_path):
+    """Two algorithms, no -x: DNSKEY signed by KSK and ZSK; keys found by -S."""
+    tok, zf, _, _ = _setup(tmp_path, [13, 15])
+    assert signzone.main(["-S", "-o", "example.org", "-f", str(tmp_path / "out"), zf], client=tok) == 0
+    _validators(str(tmp_path / "out"), "example.org", ksk_only=False)
+    dnskey_sigs = [r for r in _records(str(tmp_path / "out")) if r[3] == "RRSIG" and r[4] == "DNSKEY"]
+    assert len(dnskey_sigs) == 4
+    tok.close()
+
+
+SEED_ZONE = """\
+$TTL 300
+testzone.       IN SOA  ns.testzone. admin.testzone. 1 3600 900 604800 300
+testzone.       IN NS   ns.testzone.
+ns.testzone.    IN A    192.0.2.1
+www.testzone.   IN A    192.0.2.80
+"""
+
+
+def test_seed_command_verbatim(tmp_path, monkeypatch, capsys):
+    """The slides' command line, keys with the slides' tags, token max validity 3600 s."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "testzone").write_text(SEED_ZONE)
+    tok = SoftToken(max_validity=3600)
+    write_keyfiles(str(tmp_path), tok.add_key("testzone.", 8, "ksk", keytag=35407))
+    write_keyfiles(str(tmp_path), tok.add_key("testzone.", 8, "zsk", keytag=58968))
+    cmd = "-s now -e +300 -v 5 -x -o testzone -k Ktestzone.+008+35407 testzone Ktestzone.+008+58968"
+    assert signzone.main(cmd.split(), client=tok) == 0
+    cap = capsys.readouterr()
+    assert "cryptobat signzone: testzone/DNSKEY:" in cap.err
+    assert "cryptobat signzone:  signing with dnskey testzone/RSASHA256/35407" in cap.err
+    assert "Zone fully signed:" in cap.err and cap.out.strip() == "testzone.signed"
+    _validators("testzone.signed", "testzone", ksk_only=True)
+    recs = _records("testzone.signed")
+    exp = {r[8] for r in recs if r[3] == "RRSIG"}
+    assert len(exp) == 1  # no jitter: -e +300 from -s now
+
+    # validity period too long: the token refuses, nothing is written
+    os.unlink("testzone.signed")
+    cmd = cmd.replace("+300", "+3700")
+    assert signzone.main(cmd.split(), client=tok) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "cryptobat signzone: fatal: dnskey 'testzone/RSASHA256/35407' failed to sign data: "
+        "RRSIG expiration time exceeds HSM policy"
+    )
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["testzone"] + [f"Ktestzone.+008+{t}.{s}" for t in ("35407", "58968") for s in ("key", "private")]
+    )
+    tok.close()
+
+
+def test_refusal_midway_leaves_previous_output(tmp_path, capsys):
+    """A refusal in a later batch: exit 1, the existing output file untouched, no temp files."""
+    n = 12000
+    lines = [f"h{i} A 10.0.{i >> 8 & 255}.{i & 255}" for i in range(n)]
+    text = "$TTL 300\n@ SOA ns hm 1 2 3 4 300\n@ NS ns\nns A 192.0.2.1\n" + "\n".join(lines) + "\n"
+    tok, zf, ksks, zsks = _setup(tmp_path, [13], zone_text=text, max_validity=7200)
+    out = tmp_path / "example.org.signed"
+    out.write_text("previous\n")
+
+    calls = []  # accept the first batch, then enforce a 60 s maximum
+    orig = tok.timed_sign
+
+    def timed_sign(items):
+        calls.append(len(items))
+        if len(calls) > 1:
+            tok.max_validity = 60
+        return orig(items)
+
+    tok.timed_sign = timed_sign
+    assert signzone.main(["-e", "now+3600", "-o", "example.org", "-k", ksks[0], zf, zsks[0]], client=tok) == 1
+    assert len(calls) >= 2
+    err = capsys.readouterr().err
+    assert "failed to sign data: RRSIG expiration time exceeds HSM policy" in err
+    assert out.read_text() == "previous\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    tok.close()
+
+
+def test_bad_zone_names_file_and_line(tmp_path, capsys):
+    bad = ZONE.replace("ns1     A       192.0.2.1", "ns1     A       192.0.2.300")
+    tok, zf, ksks, zsks = _setup(tmp_path, [13], zone_text=bad)
+    assert signzone.main(["-o", "example.org", "-k", ksks[0], zf, zsks[0]], client=tok) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    line = 1 + bad.splitlines().index("ns1     A       192.0.2.300")
+    assert len(err) == 1 and err[0].startswith(f"cryptobat signzone: fatal: {zf}:{line}: ")
+    assert not os.path.exists(zf + ".signed")
+    tok.close()
+
+
+def test_reader_matches_dnspython(tmp_path):
+    """The fast reader and dnspython's zone parser see the same RRsets, TTLs and wire forms."""
+    zf = tmp_path / "z"
+    zf.write_text(ZONE + "$INCLUDE inc\n")
+    (tmp_path / "inc").write_text("$ORIGIN sub.example.org.\nx 60 IN A 192.0.2.7\n\\@odd TXT \"a\\\"b\" ( c\n d )\n")
+    origin = dns.name.from_text("example.org.")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        fast = reader.read_zone(str(zf), origin)
+        ref = reader.from_dnspython(str(zf), origin)
+    finally:
+        os.chdir(cwd)
+
+    def view(z):
+        return {k: {t: (r.ttl, sorted(r.rdatas)) for t, r in n.rrsets.items()} for k, n in z.nodes.items()}
+
+    assert view(fast) == view(ref)
+    assert len(fast.nodes) == 19
+
+
+@pytest.mark.parametrize(
+    "s,base,now,want",
+    [("now", 5, 100, 100), ("now+60", 5, 100, 160), ("+300", 5, 100, 305), ("1700000000", 0, 0, 1700000000),
+     ("20240101000000", 0, 0, 1704067200), ("+1h", 0, 0, 3600)],
+)
+def test_time_syntax(s, base, now, want):
+    assert signzone.parse_time(s, base, now) == want
+
+
+def test_serial_methods():
+    assert signzone.new_serial(5, "keep", 1700000000) == 5
+    assert signzone.new_serial(0xFFFFFFFF, "increment", 0) == 1
+    assert signzone.new_serial(5, "unixtime", 1700000000) == 1700000000
+    assert signzone.new_serial(2023111315, "date", 1700000000) == 2023111400  # 2023-11-14 UTC
+    assert signzone.new_serial(2023111415, "date", 1700000000) == 2023111416
+    assert signzone.new_serial(2099010100, "date", 1700000000) == 2099010101
+
+
+def test_bad_signature_fails_post_sign_verification(tmp_path, capsys):
+    tok, zf, ksks, zsks = _setup(tmp_path, [13])
+    orig = tok.timed_sign
+
+    def timed_sign(items):
+        res = orig(items)
+        sig = bytearray(res[-1].signature)
+        sig[5] ^= 1
+        res[-1] = type(res[-1])(signature=bytes(sig))
+        return res
+
+    tok.timed_sign = timed_sign
+    assert signzone.main(["-o", "example.org", "-k", ksks[0], zf, zsks[0]], client=tok) == 1
+    assert "fatal: post-sign verification failed" in capsys.readouterr().err
+    assert not os.path.exists(zf + ".signed")
+    # -P skips the verification and writes the zone
+    assert signzone.main(["-P", "-o", "example.org", "-k", ksks[0], zf, zsks[0]], client=tok) == 0
+    assert os.path.exists(zf + ".signed")
+    tok.close()
