@@ -65,7 +65,7 @@ QUORUM_COMMANDS = [
     ("settime now", lambda t: '"event":"settime"' in t.audit_tail(1)[0]),
     ("coadd carol", lambda t: "carol" in t.state["officers"]),
     ("codel jakob", lambda t: "jakob" not in t.state["officers"]),
-    ("p11window 60", lambda t: t.state["p11_window_until"] > 0),
+    ("p11window 60 example.com", lambda t: t.state["p11_window_until"] > 0),
 ]
 
 

@@ -37,7 +37,7 @@ HELP = """\
  setpin                       set the PKCS#11 signer PIN (quorum; asks for it)
  settime EPOCH|YYYYMMDDHHMMSS|now   set token time, clears clock tamper (quorum)
  setcompat LABEL on|off       allow hash-only PKCS#11 signing for a key (quorum)
- p11window SECONDS            open PKCS#11 key generation/deletion for a while (quorum)
+ p11window SECONDS ZONE       open PKCS#11 key generation/deletion for ZONE's keys (quorum)
  keygen ALG ROLE ZONE [LABEL] generate a key: ALG 8|10|13|14|15|16 or mnemonic, ROLE ksk|zsk|csk (quorum)
  keyimport ROLE ZONE FILE [LABEL]  import a BIND .private or PEM key file (quorum)
  keydel LABEL                 delete a key (quorum)
@@ -251,9 +251,9 @@ class Console:
         return f" Compat (hash-only) signing {on} for {label}\n"
 
     def do_p11window(self, args: list[str]) -> str:
-        s, = _want(args, 1)
-        self.token.p11window(_int(s, "SECONDS"))
-        return f" PKCS#11 key management open for {s} seconds\n"
+        s, zone = _want(args, 2)
+        self.token.p11window(_int(s, "SECONDS"), zone)
+        return f" PKCS#11 key management open for {s} seconds (keys for {zone})\n"
 
     def do_keygen(self, args: list[str]) -> str:
         if len(args) not in (3, 4):

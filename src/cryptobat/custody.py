@@ -17,7 +17,9 @@ from typing import Protocol
 
 import dns.dnssec  # noqa: F401  (registers dnspython's DNSSEC algorithms)
 import dns.dnssecalgs
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import CryptobatError, IntegrityError
@@ -27,6 +29,10 @@ RSA_BITS = 2048
 
 class LoadedKey(Protocol):
     def sign(self, data: bytes) -> bytes: ...
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """Sign a bare hash (PKCS#11 hash-only mechanisms); DNSSEC signature format."""
+        ...
 
 
 class Custody(Protocol):
@@ -61,6 +67,18 @@ class _DnssecKey:
 
     def sign(self, data: bytes) -> bytes:
         return self._key.sign(data)
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        k = self._key.key
+        if isinstance(k, rsa.RSAPrivateKey):
+            h = hashes.SHA256() if len(digest) == 32 else hashes.SHA512()
+            return k.sign(digest, padding.PKCS1v15(), Prehashed(h))
+        if isinstance(k, ec.EllipticCurvePrivateKey):
+            h = hashes.SHA256() if len(digest) == 32 else hashes.SHA384()
+            r, s = decode_dss_signature(k.sign(digest, ec.ECDSA(Prehashed(h))))
+            n = (k.curve.key_size + 7) // 8
+            return r.to_bytes(n, "big") + s.to_bytes(n, "big")
+        raise CryptobatError("hash-only signing is not defined for this key type")
 
 
 class SoftwareCustody:

@@ -44,6 +44,7 @@ def _new_state(quorum: int, now: int) -> dict:
         "officers": {},
         "keys": {},
         "p11_window_until": 0,
+        "p11_window_zone": ".",
         "counters": {"signatures": 0, "refusals": 0, "compat_signatures": 0, "logins": 0, "login_failures": 0},
         "audit": {"seq": 0, "hash": Head().hash},
     }
@@ -77,6 +78,7 @@ class Token:
         self.presence = Presence(state["idle_timeout"])
         self.engine = Engine(self.custody, custody_factory, self.home, workers)
         self._pending = {"signatures": 0, "compat_signatures": 0, "batches": 0}
+        self.limiter = policy.RateLimiter()
         self._last_flush = mono()
         self._mono = mono
         self.started = mono()
@@ -252,11 +254,36 @@ class Token:
         self.key(label)
         self._gated("setcompat", {"label": label, "on": on}, lambda s: s["keys"][label].update(compat=on))
 
-    def p11window(self, seconds: int) -> None:
+    def p11window(self, seconds: int, zone: str) -> None:
+        """Open PKCS#11 key generation and deletion for ``seconds``; new keys belong to ``zone``."""
         if not 0 <= seconds <= 3600:
             raise CryptobatError("the PKCS#11 key management window is 0 to 3600 seconds")
+        zone = keystore.parse_zone(zone)
         until = self.now() + seconds
-        self._gated("p11window", {"seconds": seconds}, lambda s: s.update(p11_window_until=until))
+        self._gated("p11window", {"seconds": seconds, "zone": zone},
+                    lambda s: s.update(p11_window_until=until, p11_window_zone=zone))
+
+    def keygen_allowed(self) -> bool:
+        return self.state["p11_window_until"] > self.now()
+
+    def generate_key(self, algorithm: int, role: str, zone: str, label: str) -> KeyInfo:
+        """PKCS#11 C_GenerateKeyPair: only inside a window a quorum opened, for the window's zone."""
+        if not self.keygen_allowed():
+            raise PermissionError("no PKCS#11 key management window open")
+        if algorithm not in keystore.SUPPORTED:
+            raise CryptobatError(f"algorithm {algorithm} is not supported")
+        info, rec = self._generate(algorithm, keystore.parse_role(role),
+                                   zone or self.state["p11_window_zone"], label or None)
+        self._change("p11-keygen", {"label": info.label, "zone": info.zone, "algorithm": algorithm,
+                                    "role": info.role, "keytag": info.keytag},
+                     lambda s: s["keys"].__setitem__(info.label, rec))
+        return info
+
+    def delete_key(self, label: str) -> None:
+        if not self.keygen_allowed():
+            raise PermissionError("no PKCS#11 key management window open")
+        self.key(label)
+        self._change("p11-keydel", {"label": label}, lambda s: s["keys"].pop(label))
 
     # --- keys -----------------------------------------------------------------------
     def keys(self) -> list[KeyInfo]:
@@ -363,6 +390,23 @@ class Token:
             self.account([SignResult(reason=str(e))])
             return str(e)
         return None
+
+    def sign_digest(self, label: str, digest: bytes, mechanism: str, bound: bool) -> SignResult:
+        """Hash-only signing for PKCS#11 clients; see :func:`cryptobat.policy.check_digest`."""
+        job = self.sign_job([])
+        rec = self.state["keys"].get(label)
+        if rec is None:
+            return SignResult(reason=f"no key labelled {label!r}")
+        info = keystore.info_of(rec)
+        try:
+            raw = policy.check_digest(info, digest, mechanism, bound, job.policy, self.limiter, self._mono())
+        except CryptobatError as e:
+            result = SignResult(reason=str(e))
+        else:
+            key = SignKey(info, keystore.zone_wire(info.zone), bytes.fromhex(rec["blob"]))
+            result = SignResult(signature=self.engine.cache.get(label, key).sign_digest(raw))
+        self.account([result], compat=not bound)
+        return result
 
     def account(self, results: Sequence[SignResult], compat: bool = False) -> None:
         """Count signatures; audit refusals at once and successes at most once a second."""
