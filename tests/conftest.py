@@ -101,3 +101,23 @@ def cli(*args: str, home: Path | None = None, input: str | None = None, env: dic
     e = dict(os.environ)
     e.update(env or {})
     return subprocess.run(cmd + list(args), input=input, capture_output=True, text=True, timeout=timeout, env=e)
+
+
+class Clocked:
+    """A quorum-1 token whose wall and boot-time clocks the test moves by hand (the core takes them injected)."""
+
+    def __init__(self, path: Path, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+        self.token = Token.init(path, quorum=1, workers=1, wall=lambda: self.now, mono=lambda: self.now)
+        self.console = Console(self.token)
+        self.officers = Officers(self.console)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clocked(tmp_path):
+    c = Clocked(tmp_path / "clocked")
+    yield c
+    c.token.close()

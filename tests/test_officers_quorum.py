@@ -8,7 +8,6 @@ import pytest
 
 from cryptobat import officers as off
 from cryptobat.console import Console
-from cryptobat.token import Token
 from conftest import Officers
 
 # RFC 6238 Appendix B, SHA-1, seed "12345678901234567890"; our codes are the 6-digit truncation.
@@ -123,64 +122,46 @@ def test_replayed_code_is_refused(console, officers):
     assert "code replayed" in console.token.audit_tail(1)[0]
 
 
-def test_lockout_after_five_failures(tmp_path):
-    wall = [1_800_000_000.0]
-    t = Token.init(tmp_path / "t", quorum=1, workers=1, wall=lambda: wall[0], mono=lambda: wall[0])
-    try:
-        c = Console(t)
-        o = Officers(c)
-        o.add("lamb")
-        for _ in range(off.MAX_FAILURES):
-            assert c.handle("cologin lamb 000000") == " Failed\n"
-        assert c.handle(f"cologin lamb {o.code('lamb')}") == " Failed\n"  # right code, but locked
-        assert "locked out" in t.audit_tail(1)[0]
-        wall[0] += off.LOCKOUT + 1
-        assert c.handle(f"cologin lamb {o.code('lamb')}") == " CO lamb Ok\n"
-    finally:
-        t.close()
+def test_lockout_after_five_failures(clocked):
+    t, c, o = clocked.token, clocked.console, clocked.officers
+    o.add("lamb")
+    for _ in range(off.MAX_FAILURES):
+        assert c.handle("cologin lamb 000000") == " Failed\n"
+    assert c.handle(f"cologin lamb {o.code('lamb')}") == " Failed\n"  # right code, but locked
+    assert "locked out" in t.audit_tail(1)[0]
+    clocked.advance(off.LOCKOUT + 1)
+    assert c.handle(f"cologin lamb {o.code('lamb')}") == " CO lamb Ok\n"
 
 
-def test_presence_expires_after_idle_timeout(tmp_path):
-    wall = [1_800_000_000.0]
-    t = Token.init(tmp_path / "t", quorum=1, workers=1, wall=lambda: wall[0], mono=lambda: wall[0])
-    try:
-        c = Console(t)
-        o = Officers(c)
-        o.add("lamb")
-        o.login("lamb")
-        assert c.handle("colist") == " |lamb| present\n"
-        wall[0] += t.presence.idle_timeout + 1
-        assert c.handle("colist") == " |lamb| not present\n"
-        assert c.handle("setmaxval 60") == " Configuration disabled\n"
-    finally:
-        t.close()
+def test_presence_expires_after_idle_timeout(clocked):
+    c, o = clocked.console, clocked.officers
+    o.add("lamb")
+    o.login("lamb")
+    assert c.handle("colist") == " |lamb| present\n"
+    clocked.advance(clocked.token.presence.idle_timeout + 1)
+    assert c.handle("colist") == " |lamb| not present\n"
+    assert c.handle("setmaxval 60") == " Configuration disabled\n"
 
 
-def test_passphrase_second_factor(tmp_path):
-    wall = [1_800_000_000.0]
-    t = Token.init(tmp_path / "t", quorum=1, workers=1, wall=lambda: wall[0], mono=lambda: wall[0])
-    try:
-        console = Console(t)
-        officers = Officers(console)
-        officers.add("lamb")
-        officers.login("lamb")
-        assert console.handle("copass lamb") == ""
-        assert console.prompt == "New passphrase: " and console.secret_input
-        console.handle("correct horse battery")
-        assert console.prompt == "Repeat passphrase: "
-        assert console.handle("correct horse battery") == " Passphrase set for CO lamb\n"
-        console.handle("coreset")
-        wall[0] += 30
-        assert console.handle(f"cologin lamb {officers.code('lamb')}") == ""
-        assert console.prompt == "Passphrase: "
-        assert console.handle("wrong passphrase") == " Failed\n"
-        assert "bad passphrase" in t.audit_tail(1)[0]
-        wall[0] += 30
-        console.handle(f"cologin lamb {officers.code('lamb')}")
-        assert console.handle("correct horse battery") == " CO lamb Ok\n"
-        assert console.handle("copass jakob").startswith("fail:")
-    finally:
-        t.close()
+def test_passphrase_second_factor(clocked):
+    t, console, officers = clocked.token, clocked.console, clocked.officers
+    officers.add("lamb")
+    officers.login("lamb")
+    assert console.handle("copass lamb") == ""
+    assert console.prompt == "New passphrase: " and console.secret_input
+    console.handle("correct horse battery")
+    assert console.prompt == "Repeat passphrase: "
+    assert console.handle("correct horse battery") == " Passphrase set for CO lamb\n"
+    console.handle("coreset")
+    clocked.advance(30)
+    assert console.handle(f"cologin lamb {officers.code('lamb')}") == ""
+    assert console.prompt == "Passphrase: "
+    assert console.handle("wrong passphrase") == " Failed\n"
+    assert "bad passphrase" in t.audit_tail(1)[0]
+    clocked.advance(30)
+    console.handle(f"cologin lamb {officers.code('lamb')}")
+    assert console.handle("correct horse battery") == " CO lamb Ok\n"
+    assert console.handle("copass jakob").startswith("fail:")
 
 
 def test_no_secret_reaches_the_store_or_audit_in_clear(token, console, officers):
