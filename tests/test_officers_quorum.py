@@ -40,6 +40,22 @@ def test_enrolment_shows_secret_uri_and_qr(console, officers):
     assert "█" in out  # the QR code, drawn in the terminal
 
 
+def test_qr_code_file(console, officers, tmp_path):
+    for ext, magic in (("png", b"\x89PNG"), ("svg", b"<?xml")):
+        out = console.handle(f"coadd co{ext} --qr {tmp_path / ('qr.' + ext)}")
+        assert f"QR code written to {tmp_path / ('qr.' + ext)}" in out
+        assert (tmp_path / f"qr.{ext}").read_bytes().startswith(magic)
+
+
+def test_read_commands_are_audited_without_arguments(console, officers):
+    officers.add("lamb")
+    console.handle("colist")
+    console.handle("tpmloadkey nosuchkey")
+    console.handle("date")
+    tail = console.token.audit_tail(2)
+    assert '"command":"colist"' in tail[0] and '"command":"date"' in tail[1]
+
+
 def test_seed_first_session(console, officers):
     assert console.handle("colist") == ""
     officers.add("lamb")

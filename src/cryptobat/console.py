@@ -9,6 +9,7 @@ adapter can turn off echo; it is never logged.
 """
 from __future__ import annotations
 
+import calendar
 import io
 import os
 import secrets
@@ -65,7 +66,10 @@ def parse_time(text: str, now: int) -> int:
     if text == "now":
         return now
     if len(text) == 14 and text.isdigit():
-        return int(time.mktime(time.strptime(text, "%Y%m%d%H%M%S")) - time.timezone)
+        try:
+            return calendar.timegm(time.strptime(text, "%Y%m%d%H%M%S"))
+        except ValueError:
+            raise CryptobatError(f"bad time {text}") from None
     if text.isdigit():
         return int(text)
     raise CryptobatError("time is EPOCH, YYYYMMDDHHMMSS or now")
@@ -75,6 +79,11 @@ def qr_text(uri: str) -> str:
     buf = io.StringIO()
     segno.make(uri, error="m").terminal(out=buf, compact=True)
     return buf.getvalue()
+
+
+# Commands that change nothing: the token audits them here, by name only (arguments may be secret).
+_UNAUDITED_READS = frozenset({"help", "version", "date", "colist", "keylist", "status", "audit",
+                              "tpmloadkey", "tpmflush", "tpmreset"})
 
 
 class _Usage(Exception):
@@ -137,7 +146,10 @@ class Console:
         if fn is None:
             return f"fail: unknown command {cmd!r} (try help)\n"
         try:
-            return fn(args)
+            out = fn(args)
+            if cmd in _UNAUDITED_READS:
+                self.token.audit("command", command=cmd)
+            return out
         except _Usage:
             return f"fail: usage: {self._usage(cmd)}\n"
         except CryptobatError as e:
