@@ -1,165 +1,229 @@
-"""An in-test token implementing the p11rpc Backend protocol with real keys.
+"""Real tokens for the PKCS#11 tests: set up through the console, served in-process or by the daemon.
 
-It stands in for ``cryptobat.token.Token`` until the core exists: real signatures from
-``cryptography`` and a small RRSIG policy (algorithm, key tag, validity window), so the
-adapter is exercised against genuine accept/refuse decisions.
+``RealToken`` opens a token with ``Token.init`` and configures it the way officers
+would at the console (two officers, max validity, signer PIN, keys, one compat key);
+``backend()`` gives the p11rpc Backend the daemon itself uses
+(``p11serve.ServiceBackend(Service(token))``), so the sans-I/O tests exercise the
+real policy.  ``Daemon`` runs ``cryptobat serve`` on such a home and ``ConsoleSocket``
+drives its console socket.
 """
 from __future__ import annotations
 
+import glob
 import os
+import signal
+import socket
 import struct
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-import dns.dnssec
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa, utils
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+import pyotp
 
-from cryptobat.api import KeyInfo, SignResult
+from cryptobat.api import KeyInfo
+from cryptobat.console import Console
 from cryptobat.p11rpc.backend import Backend
+from cryptobat.p11serve import ServiceBackend
+from cryptobat.serve import Service
+from cryptobat.token import Token
 
 PIN = b"1234"
 MAX_VALIDITY = 30 * 86400
-_HASH = {8: hashes.SHA256, 10: hashes.SHA512, 13: hashes.SHA256, 14: hashes.SHA384}
-_PREHASH = {20: hashes.SHA1, 32: hashes.SHA256, 48: hashes.SHA384, 64: hashes.SHA512}
+KEYS = (("8", "k8"), ("13", "k13"), ("14", "k14"), ("15", "k15"))
+COMPAT = ("k14",)
 
 
-def _public_wire(alg: int, priv) -> bytes:
-    pub = priv.public_key()
-    if alg in (8, 10):
-        n = pub.public_numbers()
-        e = n.e.to_bytes((n.e.bit_length() + 7) // 8, "big")
-        return bytes([len(e)]) + e + n.n.to_bytes((n.n.bit_length() + 7) // 8, "big")
-    if alg in (13, 14):
-        return pub.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)[1:]
-    return pub.public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-
-def _new_private(alg: int):
-    if alg in (8, 10):
-        return rsa.generate_private_key(65537, 2048)
-    if alg == 13:
-        return ec.generate_private_key(ec.SECP256R1())
-    if alg == 14:
-        return ec.generate_private_key(ec.SECP384R1())
-    if alg == 15:
-        return ed25519.Ed25519PrivateKey.generate()
-    if alg == 16:
-        return ed448.Ed448PrivateKey.generate()
-    raise ValueError(alg)
-
-
-def make_signing_data(key: KeyInfo, expiration: int, inception: int, rrs: bytes = b"") -> bytes:
-    """RRSIG RDATA without signature (type A, owner/signer testzone.) followed by ``rrs``."""
-    signer = b"\x08testzone\x00"
-    rr = rrs or signer + struct.pack(">HHIH", 1, 1, 3600, 4) + bytes([192, 0, 2, 1])
-    return struct.pack(">HBBIIIH", 1, key.algorithm, 1, 3600, expiration, inception,
+def make_signing_data(key: KeyInfo, expiration: int, inception: int, rrs: bytes = b"",
+                      type_covered: int = 1) -> bytes:
+    """RRSIG RDATA without signature (owner/signer the key's zone) followed by ``rrs``."""
+    signer = b"".join(bytes([len(p)]) + p.encode() for p in key.zone.rstrip(".").split(".")) + b"\0"
+    rr = rrs or signer + struct.pack(">HHIH", type_covered, 1, 3600, 4) + bytes([192, 0, 2, 1])
+    return struct.pack(">HBBIIIH", type_covered, key.algorithm, 1, 3600, expiration, inception,
                        key.keytag) + signer + rr
 
 
-class FakeToken:
-    """Backend protocol implementation: policy is "RRSIG matches key and expires within 30 days"."""
+class OfficerCodes:
+    """TOTP codes as the officers' apps give them, never reusing a time step (the token refuses that)."""
 
-    def __init__(self, algorithms=((8, False), (13, False), (14, True), (15, False))) -> None:
-        self.now = int(time.time())
-        self.priv: dict[str, object] = {}
-        self.infos: dict[str, KeyInfo] = {}
-        self.keygen = True
-        self.delete_allowed = True
-        for i, (alg, compat) in enumerate(algorithms):
-            self.generate_key(alg, "zsk", "testzone.", f"k{alg}", compat=compat)
+    def __init__(self) -> None:
+        self.secrets: dict[str, str] = {}
+        self.used: dict[str, int] = {}
 
-    def info(self) -> dict:
-        return {"label": "cryptobat test", "serial": "0001", "manufacturer": "Cryptobat",
-                "model": "fake", "time": self.now}
-
-    def check_pin(self, pin: bytes) -> bool:
-        return pin == PIN
-
-    def keys(self) -> list[KeyInfo]:
-        return list(self.infos.values())
-
-    def check_signing_data(self, label: str, data: bytes) -> str | None:
-        key = self.infos.get(label)
-        if key is None:
-            return "no such key"
-        if len(data) < 18:
-            return "not RRSIG signing data"
-        _tc, alg, _labels, _ttl, exp, inc, tag = struct.unpack(">HBBIIIH", data[:18])
-        if alg != key.algorithm or tag != key.keytag:
-            return "RRSIG does not name this key"
-        if exp > self.now + MAX_VALIDITY:
-            return "expiration too far in the future"
-        if inc > exp:
-            return "inception after expiration"
-        return None
-
-    def _raw_sign(self, label: str, data: bytes) -> bytes:
-        key, priv = self.infos[label], self.priv[label]
-        if key.algorithm in (8, 10):
-            return priv.sign(data, padding.PKCS1v15(), _HASH[key.algorithm]())
-        if key.algorithm in (13, 14):
-            r, s = utils.decode_dss_signature(priv.sign(data, ec.ECDSA(_HASH[key.algorithm]())))
-            n = 32 if key.algorithm == 13 else 48
-            return r.to_bytes(n, "big") + s.to_bytes(n, "big")
-        return priv.sign(data)
-
-    def timed_sign(self, items):
-        out = []
-        for label, data in items:
-            reason = self.check_signing_data(label, data)
-            out.append(SignResult(reason=reason) if reason else SignResult(self._raw_sign(label, data)))
-        return out
-
-    def sign_digest(self, label: str, digest: bytes, mechanism: str, bound: bool) -> SignResult:
-        key = self.infos.get(label)
-        if key is None:
-            return SignResult(reason="no such key")
-        if not bound and not key.compat:
-            return SignResult(reason="unbound digest for a non-compat key")
-        priv = self.priv[label]
-        if mechanism == "ecdsa" and key.algorithm in (13, 14) and len(digest) in _PREHASH:
-            r, s = utils.decode_dss_signature(
-                priv.sign(digest, ec.ECDSA(utils.Prehashed(_PREHASH[len(digest)]()))))
-            n = 32 if key.algorithm == 13 else 48
-            return SignResult(r.to_bytes(n, "big") + s.to_bytes(n, "big"))
-        if mechanism == "rsa-pkcs" and key.algorithm in (8, 10):
-            h = _PREHASH.get(len(digest) - 19) or (hashes.SHA1 if len(digest) == 35 else None)
-            if h is None:
-                return SignResult(reason="bad DigestInfo")
-            size = h().digest_size
-            return SignResult(priv.sign(digest[-size:], padding.PKCS1v15(), utils.Prehashed(h())))
-        return SignResult(reason="mechanism does not fit key")
-
-    def keygen_allowed(self) -> bool:
-        return self.keygen
-
-    def generate_key(self, algorithm: int, role: str, zone: str, label: str, compat: bool = False) -> KeyInfo:
-        if label in self.infos:
-            raise ValueError("label exists")
-        priv = _new_private(algorithm)
-        pub = _public_wire(algorithm, priv)
-        flags = 257 if role in ("ksk", "csk") else 256
-        tmp = KeyInfo(label, zone or "testzone.", algorithm, role, 0, flags, pub, compat)
-        info = KeyInfo(label, tmp.zone, algorithm, role, dns.dnssec.key_id(tmp.dnskey()), flags, pub, compat)
-        self.priv[label], self.infos[label] = priv, info
-        return info
-
-    def delete_key(self, label: str) -> None:
-        if not self.delete_allowed:
-            raise PermissionError("no quorum window")
-        self.infos.pop(label, None)
-        self.priv.pop(label, None)
-
-    def random(self, n: int) -> bytes:
-        return os.urandom(n)
+    def code(self, name: str) -> str:
+        while True:
+            now = int(time.time()) // 30
+            step = max(now, self.used.get(name, -1) + 1)
+            if step <= now + 1:
+                break
+            time.sleep(1)
+        self.used[name] = step
+        return pyotp.TOTP(self.secrets[name]).at(step * 30)
 
 
-def test_fake_token_satisfies_protocol():
-    tok = FakeToken()
-    assert isinstance(tok, Backend)
-    k = tok.infos["k13"]
-    good = make_signing_data(k, tok.now + 86400, tok.now - 3600)
-    assert tok.check_signing_data("k13", good) is None
-    assert tok.check_signing_data("k13", make_signing_data(k, tok.now + 90 * 86400, tok.now)) is not None
-    assert tok.timed_sign([("k13", good)])[0].ok
+def setup_home(home: Path, keys=KEYS, compat=COMPAT, quorum: int = 2) -> OfficerCodes:
+    """Initialise a token at ``home`` through its console; return the officers' code source."""
+    tok = Token.init(home, quorum=quorum, workers=1)
+    codes = OfficerCodes()
+    try:
+        con = Console(tok)
+        for name in ("lamb", "jakob")[:max(quorum, 1)]:
+            out = con.handle(f"coadd {name}")
+            codes.secrets[name] = next(l.split()[1] for l in out.splitlines() if l.startswith("Secret:"))
+        for name in codes.secrets:
+            assert con.handle(f"cologin {name} {codes.code(name)}") == f" CO {name} Ok\n"
+        assert "set" in con.handle(f"setmaxval {MAX_VALIDITY}")
+        assert con.handle(f"setpin {PIN.decode()}") == " Signer PIN set\n"
+        for alg, label in keys:
+            assert con.handle(f"keygen {alg} zsk testzone {label}").startswith("ok: key generated")
+        for label in compat:
+            assert "Compat" in con.handle(f"setcompat {label} on")
+    finally:
+        tok.close()
+    return codes
+
+
+class RealToken:
+    """A configured token opened in this process, as ``cryptobat p11-stdio`` opens it embedded."""
+
+    def __init__(self, home: Path | None = None, **kw) -> None:
+        self.home = Path(home or tempfile.mkdtemp(prefix="cbp11-")) / "token"
+        self.codes = setup_home(self.home, **kw)
+        self.token = Token(self.home)
+        self.service = Service(self.token)
+        self.console = Console(self.token)
+
+    def backend(self) -> ServiceBackend:
+        return ServiceBackend(self.service)
+
+    @property
+    def now(self) -> int:
+        return self.token.now()
+
+    @property
+    def label(self) -> str:
+        return self.token.info()["label"]
+
+    def key(self, label: str) -> KeyInfo:
+        return self.token.key(label)
+
+    def quorum(self, *lines: str) -> list[str]:
+        """Officers log in on the console and run ``lines`` (configuration under quorum)."""
+        for name in self.codes.secrets:
+            self.console.handle(f"cologin {name} {self.codes.code(name)}")
+        return [self.service.console_line(self.console, l) for l in lines]
+
+    def close(self) -> None:
+        self.token.close()
+
+
+def client_module() -> str:
+    """The stock p11-kit client module, wherever this system's p11-kit keeps its modules."""
+    cands = []
+    try:
+        d = subprocess.run(["pkg-config", "--variable=p11_module_path", "p11-kit-1"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+        if d:
+            cands.append(os.path.join(d, "p11-kit-client.so"))
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    cands += sorted(glob.glob("/usr/lib/*/pkcs11/p11-kit-client.so")) + sorted(glob.glob("/usr/lib*/pkcs11/p11-kit-client.so"))
+    cands += sorted(glob.glob("/usr/local/lib*/pkcs11/p11-kit-client.so"))
+    for c in cands:
+        if os.path.exists(c):
+            return c
+    raise AssertionError("p11-kit-client.so not found: apt-get install p11-kit-modules")
+
+
+class ConsoleSocket:
+    """The daemon's console socket, one command at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.connect(str(path))
+        self.s.settimeout(30)
+        self._until_prompt()
+
+    def _until_prompt(self) -> str:
+        out = b""
+        while not out.endswith(b"> "):
+            chunk = self.s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+        return out[:-2].decode() if out.endswith(b"> ") else out.decode()
+
+    def cmd(self, line: str) -> str:
+        self.s.sendall(line.encode() + b"\n")
+        return self._until_prompt()
+
+    def close(self) -> None:
+        self.s.close()
+
+
+class Daemon:
+    """`cryptobat serve` in a subprocess on a configured home, with PKCS#11 on HOME/pkcs11.sock."""
+
+    def __init__(self, home: Path, codes: OfficerCodes, *args: str) -> None:
+        self.home, self.codes = home, codes
+        self.p = subprocess.Popen([sys.executable, "-m", "cryptobat", "--home", str(home), "serve", *args],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        want = [home / "native.sock", home / "console.sock", home / "pkcs11.sock"]
+        deadline = time.time() + 20
+        while not all(p.exists() for p in want):
+            if time.time() > deadline or self.p.poll() is not None:
+                self.p.kill()
+                raise RuntimeError(f"daemon did not start: {self.p.stderr.read()}")
+            time.sleep(0.05)
+        self.p11 = home / "pkcs11.sock"
+        self.address = f"unix:path={self.p11}"
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def quorum(self, *lines: str) -> list[str]:
+        c = ConsoleSocket(self.home / "console.sock")
+        try:
+            for name in self.codes.secrets:
+                out = c.cmd(f"cologin {name} {self.codes.code(name)}")
+                assert "Ok" in out, out
+            return [c.cmd(l) for l in lines]
+        finally:
+            c.close()
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+
+
+def test_real_token_backend_satisfies_protocol(tmp_path):
+    rt = RealToken(tmp_path)
+    try:
+        b = rt.backend()
+        assert isinstance(b, Backend)
+        k = rt.key("k13")
+        good = make_signing_data(k, rt.now + 86400, rt.now - 3600)
+        assert b.check_signing_data("k13", good) is None
+        assert b.check_signing_data("k13", make_signing_data(k, rt.now + 90 * 86400, rt.now)) is not None
+        assert b.timed_sign([("k13", good)])[0].ok
+        assert b.check_pin(PIN) and not b.check_pin(b"nope")
+        assert not b.keygen_allowed()
+        assert rt.key("k14").compat and not k.compat
+    finally:
+        rt.close()

@@ -15,13 +15,27 @@ from cryptobat.p11rpc.codec import (Attribute, Mechanism, RpcError, encode_reque
 from cryptobat.p11rpc.framing import HEADER, FrameDecoder, encode_frame
 from cryptobat.p11rpc.module import HANDSHAKE, SLOT_ID, verify_signature
 from cryptobat.p11rpc.server import Connection
-from test_p11rpc_backend import PIN, FakeToken, make_signing_data
+from test_p11rpc_backend import PIN, RealToken, make_signing_data
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS_CANDIDATES = [REPO.parent / "shared" / "corpus" / "p11-kit-rpc",
                      REPO / "shared" / "corpus" / "p11-kit-rpc",
                      Path(__file__).resolve().parents[2] / "shared" / "corpus" / "p11-kit-rpc"]
-TOKEN = FakeToken()
+_TOKEN: list[RealToken] = []
+
+
+def token() -> RealToken:
+    """One real token for the module (keys k8, k13, k14 in compat mode, k15), made on first use."""
+    if not _TOKEN:
+        _TOKEN.append(RealToken())
+    return _TOKEN[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_token():
+    yield
+    while _TOKEN:
+        _TOKEN.pop().close()
 
 
 def corpus_dir() -> Path:
@@ -34,8 +48,8 @@ def corpus_dir() -> Path:
 class RawClient:
     """Speaks the wire protocol to a Connection, the way p11-kit-client does."""
 
-    def __init__(self, version: int = 0, token: FakeToken = TOKEN) -> None:
-        self.conn = Connection(token)
+    def __init__(self, version: int = 0, tok: RealToken | None = None) -> None:
+        self.conn = Connection((tok or token()).backend())
         self.code = 0
         self.frames = FrameDecoder()
         assert self.conn.feed(bytes([version])) == bytes([version])
@@ -77,7 +91,7 @@ def healthy(client: RawClient) -> None:
     if rv == C.CKR_CRYPTOKI_NOT_INITIALIZED:
         client.ok("C_Initialize", HANDSHAKE, 0, None)
     vals = client.ok("C_GetTokenInfo", SLOT_ID)
-    assert vals[0].rstrip() == b"cryptobat test"
+    assert vals[0].rstrip() == token().label.encode()
 
 
 def corpus_files() -> list[Path]:
@@ -110,8 +124,8 @@ def test_corpus_inputs_get_replies(version):
 
 
 def valid_requests() -> list[bytes]:
-    k = TOKEN.infos["k13"]
-    data = make_signing_data(k, TOKEN.now + 3600, TOKEN.now)
+    k = token().key("k13")
+    data = make_signing_data(k, token().now + 3600, token().now)
     return [
         encode_request("C_GetInfo", []),
         encode_request("C_GetSlotList", [1, 8]),
@@ -152,14 +166,14 @@ def test_codec_raises_only_rpcerror(data, version):
 
 
 def test_bad_frame_closes_but_big_length_does_not_allocate():
-    c = Connection(TOKEN)
+    c = Connection(token().backend())
     c.feed(b"\x00")
     assert c.feed(HEADER.pack(1, 0, 0xFFFFFFF0)) == b""
     assert c.closed
 
 
 def test_version_negotiation():
-    c = Connection(TOKEN)
+    c = Connection(token().backend())
     assert c.feed(b"\x07") == b"\x02"
 
 
@@ -167,7 +181,8 @@ def test_v2_mechanisms_and_eddsa():
     """Protocol 2 (p11-kit >= 0.25.6) encodes mechanisms differently; EdDSA works on the wire."""
     client = RawClient(version=2)
     h = client.start()
-    k = TOKEN.infos["k15"]
+    TOKEN = token()
+    k = TOKEN.key("k15")
     (priv,) = client.find(h, Attribute(C.CKA_CLASS, C.CKO_PRIVATE_KEY), Attribute(C.CKA_LABEL, b"k15"))
     client.ok("C_SignInit", h, Mechanism(C.CKM_EDDSA, None), priv)
     data = make_signing_data(k, TOKEN.now + 3600, TOKEN.now)
@@ -175,7 +190,7 @@ def test_v2_mechanisms_and_eddsa():
     assert size.data is None and size.length == 64
     (sig,) = client.ok("C_Sign", h, data, 64)
     assert verify_signature(k, C.CKM_EDDSA, data, sig.data)
-    k14 = TOKEN.infos["k14"]
+    k14 = TOKEN.key("k14")
     (p14,) = client.find(h, Attribute(C.CKA_CLASS, C.CKO_PRIVATE_KEY), Attribute(C.CKA_ID, b"k14"))
     client.ok("C_SignInit", h, Mechanism(C.CKM_ECDSA_SHA384), p14)
     bad = make_signing_data(k14, TOKEN.now + 90 * 86400, TOKEN.now)
@@ -223,7 +238,8 @@ def test_unbound_ecdsa_digest_refused_unless_compat():
     (sig,) = client.ok("C_Sign", h, bytes(48), 96)
     assert len(sig.data) == 96
     # multi-part digest binds too
-    k13 = TOKEN.infos["k13"]
+    TOKEN = token()
+    k13 = TOKEN.key("k13")
     data = make_signing_data(k13, TOKEN.now + 3600, TOKEN.now)
     client.ok("C_DigestInit", h, Mechanism(C.CKM_SHA256, b""))
     client.ok("C_DigestUpdate", h, data[:10])
@@ -234,19 +250,23 @@ def test_unbound_ecdsa_digest_refused_unless_compat():
     assert verify_signature(k13, C.CKM_ECDSA, dg.data, sig.data)
 
 
-def test_keygen_and_destroy_need_quorum():
-    tok = FakeToken(algorithms=((13, False),))
-    client = RawClient(token=tok)
-    h = client.start()
-    pub_t = [Attribute(C.CKA_EC_PARAMS, bytes.fromhex("06082a8648ce3d030107")), Attribute(C.CKA_LABEL, b"new")]
-    pub, priv = client.ok("C_GenerateKeyPair", h, Mechanism(C.CKM_EC_KEY_PAIR_GEN, b""), pub_t, [])
-    assert tok.infos["new"].algorithm == 13 and priv + 1 == pub
-    tok.delete_allowed = False
-    rv, _ = client.call("C_DestroyObject", h, priv)
-    assert rv == C.CKR_ACTION_PROHIBITED
-    tok.delete_allowed = True
-    client.ok("C_DestroyObject", h, priv)
-    assert "new" not in tok.infos
-    tok.keygen = False
-    rv, _ = client.call("C_GenerateKeyPair", h, Mechanism(C.CKM_EC_KEY_PAIR_GEN, b""), pub_t, [])
-    assert rv == C.CKR_FUNCTION_REJECTED
+def test_keygen_and_destroy_need_quorum(tmp_path):
+    tok = RealToken(tmp_path, keys=(("13", "k13"),), compat=())
+    try:
+        client = RawClient(tok=tok)
+        h = client.start()
+        pub_t = [Attribute(C.CKA_EC_PARAMS, bytes.fromhex("06082a8648ce3d030107")), Attribute(C.CKA_LABEL, b"new")]
+        rv, _ = client.call("C_GenerateKeyPair", h, Mechanism(C.CKM_EC_KEY_PAIR_GEN, b""), pub_t, [])
+        assert rv == C.CKR_FUNCTION_REJECTED  # no quorum window
+        assert "open" in tok.quorum("p11window 60 testzone.")[0]
+        pub, priv = client.ok("C_GenerateKeyPair", h, Mechanism(C.CKM_EC_KEY_PAIR_GEN, b""), pub_t, [])
+        new = tok.key("new")
+        assert new.algorithm == 13 and new.zone == "testzone." and priv + 1 == pub
+        tok.quorum("p11window 0 testzone.")
+        rv, _ = client.call("C_DestroyObject", h, priv)
+        assert rv == C.CKR_ACTION_PROHIBITED
+        tok.quorum("p11window 60 testzone.")
+        client.ok("C_DestroyObject", h, priv)
+        assert "new" not in {k.label for k in tok.token.keys()}
+    finally:
+        tok.close()

@@ -1,236 +1,186 @@
-"""A software key holder standing in for the token in signzone tests (and a benchmark).
+"""Real tokens for the signzone tests, and the token's fast RDATA checks against dnspython.
 
-:class:`SoftToken` implements the :class:`cryptobat.client.Client` protocol with
-real private keys (dnspython's ``dns.dnssecalgs`` over ``cryptography``).  It is
-a *test backend*, not the token: its only policy is a maximum validity (refuse
-an RRSIG whose expiration is beyond ``time() + max_validity``) and a check that
-the signing input names the key's algorithm and tag.  Signatures it makes are
-real, so the zones signzone writes can be checked by BIND, ldns and Knot.
-
-Benchmark:  ``python tests/test_signzone_backend.py --bench 100000 [-- signzone options]``
+:func:`make_token` creates a real :class:`cryptobat.token.Token` (quorum 1), enrols
+and logs in an officer with :class:`conftest.Officers`, sets the maximum validity,
+generates (``keygen``) or imports (``keyimport``, a BIND ``Private-key-format`` file)
+keys, closes the token and writes BIND key files with ``cryptobat keyfiles``.
+``cryptobat signzone`` then opens the token itself (``--home``) or talks to a daemon.
 """
 from __future__ import annotations
 
+import base64
+import math
 import os
+import random
 import struct
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import dns.dnssec
-import dns.dnssecalgs
-import dns.name
+import dns.exception
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import pytest
+from conftest import Officers
 
-from cryptobat.api import KeyInfo, SignResult
+from cryptobat import cli, rrsig
+from cryptobat.console import Console
+from cryptobat.errors import Refusal
+from cryptobat.token import Token
 
-ALGS = {8: "RSASHA256", 13: "ECDSAP256SHA256", 15: "ED25519"}
-
-
-class SoftToken:
-    """Client protocol over local keys; big batches are signed in worker processes."""
-
-    def __init__(self, max_validity: int | None = None, clock=None, processes: int | None = None):
-        self.max_validity = max_validity
-        self._clock = clock or (lambda: int(time.time()))
-        self._keys: dict[str, tuple[KeyInfo, object]] = {}
-        self._nproc = processes or os.cpu_count() or 2
-        self._pool = None
-
-    def add_key(self, zone: str, algorithm: int, role: str, label: str | None = None, keytag: int | None = None) -> KeyInfo:
-        cls = dns.dnssecalgs.get_algorithm_cls(algorithm)
-        if keytag is not None:
-            priv = _rsa_with_tag(cls, 257 if role in ("ksk", "csk") else 256, keytag)
-        else:
-            priv = cls.generate(2048) if algorithm in (5, 7, 8, 10) else cls.generate()
-        flags = 257 if role in ("ksk", "csk") else 256
-        dnskey = priv.public_key().to_dnskey(flags=flags)
-        zone = dns.name.from_text(zone).to_text().lower()
-        label = label or f"{zone.rstrip('.')}-{role}-{algorithm}-{len(self._keys)}"
-        info = KeyInfo(label, zone, algorithm, role, dns.dnssec.key_id(dnskey), flags, dnskey.key)
-        self._keys[label] = (info, priv)
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-        return info
-
-    # -- Client protocol
-    def keys(self) -> list[KeyInfo]:
-        return [k for k, _ in self._keys.values()]
-
-    def time(self) -> int:
-        return self._clock()
-
-    def timed_sign(self, items):
-        items = list(items)
-        now = self._clock()
-        if len(items) < 1024:
-            raw = _sign_chunk(items, now, self.max_validity, self._keys)
-        else:
-            if self._pool is None:
-                from concurrent.futures import ProcessPoolExecutor
-                import multiprocessing
-
-                ctx = multiprocessing.get_context("forkserver")
-                ctx.set_forkserver_preload([__name__])
-                keys = {lb: (info, _der(priv)) for lb, (info, priv) in self._keys.items()}
-                self._pool = ProcessPoolExecutor(self._nproc, mp_context=ctx, initializer=_load_keys, initargs=(keys,))
-            n = -(-len(items) // (2 * self._nproc))
-            futs = [self._pool.submit(_sign_chunk, items[a : a + n], now, self.max_validity) for a in range(0, len(items), n)]
-            raw = [r for f in futs for r in f.result()]
-        return [SignResult(signature=r) if isinstance(r, bytes) else SignResult(reason=r) for r in raw]
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+MONTH = 31 * 86400  # covers signzone's default validity (start - 1 h .. + 30 days)
 
 
-def _rsa_with_tag(cls, flags: int, keytag: int):
-    """An RSA key whose DNSKEY has the given key tag (found by varying the public exponent)."""
-    import math
+@dataclass
+class RealToken:
+    home: Path
+    officers: Officers
+    keys: dict[tuple[int, str], str] = field(default_factory=dict)  # (alg, role) -> K-file base path
 
+    def open_console(self, token: Token) -> Console:
+        """A console on ``token`` (e.g. the one an EmbeddedClient opened), officer logged in."""
+        self.officers.console = Console(token)
+        self.officers.login("lamb")
+        return self.officers.console
+
+
+def make_token(home: Path, zone: str, keydir: Path, *, algs=(13,), max_validity: int = MONTH,
+               imports: list[tuple[str, str]] = ()) -> RealToken:
+    """A real token for ``zone``: KSK+ZSK per algorithm (keygen) plus ``imports`` ((role, file));
+    key files for all of the zone's keys are written to ``keydir`` by ``cryptobat keyfiles``."""
+    tok = Token.init(home, quorum=1, workers=1)
+    try:
+        officers = Officers(Console(tok))
+        officers.add("lamb")
+        officers.login("lamb")
+        out = officers.console.handle(f"setmaxval {max_validity}")
+        assert out == f" Maximum validity period set to +{max_validity} seconds\n", out
+        for alg in algs:
+            for role in ("ksk", "zsk"):
+                out = officers.console.handle(f"keygen {alg} {role} {zone}")
+                assert out.startswith("ok: key generated"), out
+        for role, path in imports:
+            out = officers.console.handle(f"keyimport {role} {zone} {path}")
+            assert out.startswith("ok: key imported"), out
+        infos = tok.keys()
+    finally:
+        tok.close()
+    assert cli.main(["--home", str(home), "keyfiles", zone, str(keydir)]) == 0
+    rt = RealToken(home, officers)
+    for k in infos:
+        rt.keys[(k.algorithm, k.role)] = str(keydir / f"K{k.zone}+{k.algorithm:03d}+{k.keytag:05d}")
+    return rt
+
+
+# ---------------------------------------------------------------- BIND private keys with a given tag
+
+
+def _wsum(data: bytes, odd: bool) -> int:  # RFC 4034 Appendix B checksum terms
+    return sum(b << 8 if (i + odd) % 2 == 0 else b for i, b in enumerate(data))
+
+
+def rsa_private_file(path: Path, flags: int, keytag: int) -> Path:
+    """Write a BIND ``Private-key-format`` RSASHA256 key whose DNSKEY (``flags``) has ``keytag``
+    (found by varying the public exponent)."""
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     base = rsa.generate_private_key(65537, 2048).private_numbers()
     p, q = base.p, base.q
     lam = math.lcm(p - 1, q - 1)
     n = (p * q).to_bytes(256, "big")
-
-    def wsum(data: bytes, odd: bool) -> int:  # RFC 4034 Appendix B checksum terms
-        return sum(b << 8 if (i + odd) % 2 == 0 else b for i, b in enumerate(data))
-
-    nsum = (wsum(n, False), wsum(n, True))
+    nsum = (_wsum(n, False), _wsum(n, True))
     e = 65537
     while True:
         e += 2
         eb = e.to_bytes((e.bit_length() + 7) // 8, "big")
-        head = struct.pack("!HBB", flags, 3, cls.public_cls.algorithm) + bytes([len(eb)]) + eb
-        ac = wsum(head, False) + nsum[len(head) % 2]
+        head = struct.pack("!HBB", flags, 3, 8) + bytes([len(eb)]) + eb
+        ac = _wsum(head, False) + nsum[len(head) % 2]
         if (ac + (ac >> 16)) & 0xFFFF == keytag and math.gcd(e, lam) == 1:
             break
     d = pow(e, -1, lam)
-    nums = rsa.RSAPrivateNumbers(p, q, d, rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q), rsa.rsa_crt_iqmp(p, q), rsa.RSAPublicNumbers(e, p * q))
-    return cls(key=nums.private_key())
+
+    def b64(v: int) -> str:
+        return base64.b64encode(v.to_bytes((v.bit_length() + 7) // 8, "big")).decode()
+
+    fields = [("Modulus", p * q), ("PublicExponent", e), ("PrivateExponent", d), ("Prime1", p), ("Prime2", q),
+              ("Exponent1", d % (p - 1)), ("Exponent2", d % (q - 1)), ("Coefficient", pow(q, -1, p))]
+    path.write_text("Private-key-format: v1.3\nAlgorithm: 8 (RSASHA256)\n"
+                    + "".join(f"{k}: {b64(v)}\n" for k, v in fields))
+    return path
 
 
-def _der(priv) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return priv.key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+# ---------------------------------------------------------------- tests of the helpers
 
 
-_worker_keys: dict = {}
+def test_make_token_imports_keys_with_the_seed_tags(tmp_path):
+    ksk = rsa_private_file(tmp_path / "ksk.private", 257, 35407)
+    zsk = rsa_private_file(tmp_path / "zsk.private", 256, 58968)
+    rt = make_token(tmp_path / "home", "testzone", tmp_path / "keys", algs=(),
+                    imports=[("ksk", str(ksk)), ("zsk", str(zsk))])
+    assert rt.keys == {(8, "ksk"): str(tmp_path / "keys" / "Ktestzone.+008+35407"),
+                       (8, "zsk"): str(tmp_path / "keys" / "Ktestzone.+008+58968")}
+    text = Path(rt.keys[(8, "ksk")] + ".private").read_text()
+    assert "Label:" in text and "Modulus" not in text  # the key stays in the token
 
 
-def _load_keys(keys) -> None:
-    from cryptography.hazmat.primitives import serialization
-
-    for label, (info, der) in keys.items():
-        cls = dns.dnssecalgs.get_algorithm_cls(info.algorithm)
-        _worker_keys[label] = (info, cls(key=serialization.load_der_private_key(der, None)))
+# ---------------------------------------------------------------- the token's fast RDATA checks
 
 
-def _sign_chunk(items, now, max_validity, keys=None) -> list:
-    """Signature bytes, or the refusal reason, per (label, signing input)."""
-    keys = _worker_keys if keys is None else keys
-    out = []
-    for label, data in items:
-        entry = keys.get(label)
-        if entry is None:
-            out.append("no such key")
-            continue
-        info, priv = entry
-        _tc, alg, _labels, _ttl, exp, _inc, tag = struct.unpack_from("!HBBIIIH", data)
-        if alg != info.algorithm or tag != info.keytag:
-            out.append("RRSIG algorithm or key tag does not match the key")
-        elif max_validity is not None and exp > now + max_validity:
-            out.append("RRSIG expiration time exceeds HSM policy")
-        else:
-            out.append(priv.sign(data))
-    return out
+def _dnspython_verdict(rdtype: int, rdata: bytes) -> bool:
+    try:
+        rd = dns.rdata.from_wire(dns.rdataclass.IN, rdtype, rdata, 0, len(rdata))
+        return rd.to_digestable() == rdata
+    except (dns.exception.DNSException, ValueError, IndexError, struct.error):
+        return False
 
 
-def write_keyfiles(directory: str, info: KeyInfo, ttl: int | None = None) -> str:
-    """BIND key files for a token key; returns the K<zone>.+<alg>+<tag> base path."""
-    zone = info.zone.rstrip(".") or "."
-    base = os.path.join(directory, f"K{zone}.+{info.algorithm:03d}+{info.keytag:05d}")
-    rd = info.dnskey()
-    with open(base + ".key", "w") as f:
-        f.write(f"; This is a {'key' if info.flags & 1 else 'zone'}-signing key, keyid {info.keytag}, for {info.zone}\n")
-        f.write(f"{info.zone} {'' if ttl is None else str(ttl) + ' '}IN DNSKEY {rd.to_text()}\n")
-    with open(base + ".private", "w") as f:
-        f.write("Private-key-format: v1.3\n")
-        f.write(f"Algorithm: {info.algorithm} ({ALGS.get(info.algorithm, '?')})\n")
-        f.write("Engine: cryptobat\n")
-        f.write(f"Label: {info.label}\n")
-    return base
+def _fast_verdict(rdtype: int, rdata: bytes) -> bool:
+    try:
+        rrsig._check_rdata(rdtype, dns.rdataclass.IN, rdata)
+        return True
+    except Refusal:
+        return False
 
 
-# ---------------------------------------------------------------- tests of the backend itself
+def _mutations(rng: random.Random, good: bytes):
+    yield good
+    for _ in range(60):
+        b = bytearray(good)
+        op = rng.randrange(5)
+        if op == 0 and b:
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        elif op == 1 and b:
+            del b[rng.randrange(len(b)):]
+        elif op == 2:
+            b += bytes(rng.randrange(256) for _ in range(rng.randrange(1, 4)))
+        elif op == 3 and b:
+            b.insert(rng.randrange(len(b)), rng.randrange(256))
+        elif b:
+            i = rng.randrange(len(b))
+            b[i] = rng.choice([0, 1, 32, 33, 63, 64, 0xC0, 0xFF])
+        yield bytes(b)
 
 
-def _signing_input(info: KeyInfo, exp: int) -> bytes:
-    return struct.pack("!HBBIIIH", 1, info.algorithm, 1, 300, exp, exp - 600, info.keytag) + b"\x07example\x00"
+NSEC_TEXTS = ["h1.example.com. A RRSIG NSEC", "Next.Example. A NS SOA MX TXT AAAA RRSIG NSEC DNSKEY TYPE1234",
+              "x. NSEC", "\\000.a. TYPE65534", ". A", "a.b.c.d.e.f. CAA TYPE300 TYPE600 TYPE65000"]
+TXT_TEXTS = ['"record 0" "v=bench1"', '""', '"a" "" "b"', '"' + "x" * 255 + '" "y"', '"\\000\\255"']
 
 
-@pytest.mark.parametrize("alg", [8, 13, 15])
-def test_backend_signatures_verify(alg):
-    tok = SoftToken(processes=2)
-    info = tok.add_key("example.", alg, "zsk")
-    data = [("x", b"")] + [(info.label, _signing_input(info, tok.time() + 60 + i)) for i in range(1100)]
-    res = tok.timed_sign(data)
-    assert len(res) == 1101 and res[0].reason == "no such key"
-    pub = dns.dnssecalgs.get_algorithm_cls(alg).public_cls.from_dnskey(info.dnskey())
-    for (_, d), r in zip(data[1:], res[1:]):
-        pub.verify(r.signature, d)  # raises on a bad signature
-    tok.close()
-
-
-def test_backend_refuses_long_validity():
-    tok = SoftToken(max_validity=3600)
-    info = tok.add_key("example.", 13, "zsk")
-    ok, bad = tok.timed_sign([(info.label, _signing_input(info, tok.time() + 3600)), (info.label, _signing_input(info, tok.time() + 3700))])
-    assert ok.ok and not bad.ok and bad.reason == "RRSIG expiration time exceeds HSM policy"
-    tok.close()
-
-
-# ---------------------------------------------------------------- benchmark
-
-
-def make_zone(path: str, n: int, origin: str = "example.com.") -> None:
-    """n names, ~1.35 records each (A for all, AAAA for 35%)."""
-    with open(path, "w") as f:
-        f.write(f"$TTL 3600\n$ORIGIN {origin}\n@ IN SOA ns1 hostmaster 1 7200 3600 1209600 3600\n")
-        f.write("@ NS ns1\n@ NS ns2\nns1 A 192.0.2.1\nns2 A 192.0.2.2\n")
-        for i in range(n):
-            f.write(f"h{i} A 10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}\n")
-            if i % 20 < 7:
-                f.write(f"h{i} AAAA 2001:db8::{i >> 16:x}:{i & 0xFFFF:x}\n")
-
-
-def _bench(argv: list[str]) -> int:
-    import tempfile
-
-    from cryptobat import signzone
-
-    n = int(argv[0]) if argv else 100000
-    extra = argv[2:] if len(argv) > 1 and argv[1] == "--" else []
-    d = tempfile.mkdtemp(prefix="signzone-bench-")
-    zf = os.path.join(d, "example.com")
-    make_zone(zf, n)
-    tok = SoftToken()
-    ksk = write_keyfiles(d, tok.add_key("example.com.", 13, "ksk"))
-    zsk = write_keyfiles(d, tok.add_key("example.com.", 13, "zsk"))
-    t = time.perf_counter()
-    rc = signzone.main(["-t", "-o", "example.com", "-k", ksk, *extra, zf, zsk], client=tok)
-    print(f"wall time {time.perf_counter() - t:.2f} s for {n} names, rc={rc}, output {zf}.signed", file=sys.stderr)
-    tok.close()
-    return rc
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--bench":
-        sys.exit(_bench(sys.argv[2:]))
+@pytest.mark.parametrize("rdtype,texts", [(dns.rdatatype.NSEC, NSEC_TEXTS), (dns.rdatatype.TXT, TXT_TEXTS)])
+def test_fast_rdata_checks_agree_with_dnspython(rdtype, texts):
+    """The NSEC and TXT fast paths accept exactly what dnspython's parser + canonical check accepts."""
+    rng = random.Random(4034)
+    cases = [b"", b"\x00", b"\x00\x00", b"\x00\x00\x01\x00", b"\x00\x00\x01\x40", b"\x00\x01\x01\x40\x00\x01\x40",
+             b"\x01a\xc0\x00\x00\x01\x40", b"\x01a\x00\x00\x21" + b"\x01" * 33, b"\x01\x41\x00\x00\x01\x40",
+             b"\x3f" + b"a" * 63 + b"\x00", b"\x40" + b"a" * 64 + b"\x00",
+             (b"\x3f" + b"a" * 63) * 4 + b"\x00", (b"\x3f" + b"a" * 63) * 3 + b"\x3d" + b"a" * 61 + b"\x00",
+             (b"\x3f" + b"a" * 63) * 3 + b"\x3e" + b"a" * 62 + b"\x00"]
+    for t in texts:
+        good = dns.rdata.from_text(dns.rdataclass.IN, rdtype, t).to_digestable()
+        cases += list(_mutations(rng, good))
+    accepted = 0
+    for data in cases:
+        want = _dnspython_verdict(rdtype, data)
+        assert _fast_verdict(rdtype, data) == want, (dns.rdatatype.to_text(rdtype), data.hex())
+        accepted += want
+    assert 5 < accepted < len(cases) - 20  # both verdicts are exercised

@@ -1,7 +1,10 @@
-"""End-to-end ``cryptobat signzone`` runs, checked by BIND, ldns and Knot validators.
+"""End-to-end ``cryptobat signzone`` runs on real tokens, checked by BIND, ldns and Knot validators.
 
-The token is :class:`test_signzone_backend.SoftToken` (real keys, a maximum-validity
-policy).  A validator that is not installed fails the test: install them with
+Every token is a real :class:`cryptobat.token.Token` made by
+:func:`test_signzone_backend.make_token` (an officer enrols, logs in, sets the
+maximum validity and generates or imports the keys); signzone opens it with
+``--home``, through the ``cryptobat`` command, or talks to ``cryptobat serve``.
+A validator that is not installed fails the test: install them with
 ``apt-get install -y bind9-utils ldnsutils knot-dnssecutils``.
 """
 from __future__ import annotations
@@ -9,13 +12,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+import time
 
 import dns.name
 import pytest
 
+from test_signzone_backend import MONTH, make_token, rsa_private_file
+
 from cryptobat import signzone
+from cryptobat.client import connect
 from cryptobat.zonesign import reader
-from test_signzone_backend import SoftToken, write_keyfiles
 
 ZONE = """\
 $TTL 3600
@@ -69,15 +76,20 @@ def _validators(path: str, origin: str, ksk_only: bool) -> None:
         assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
 
 
-def _setup(tmp_path, algs, zone_text=ZONE, origin="example.org.", max_validity=None):
-    tok = SoftToken(max_validity=max_validity)
+def _setup(tmp_path, algs, zone_text=ZONE, origin="example.org.", max_validity=MONTH):
+    """A real token with a KSK and a ZSK per algorithm, their key files, the zone file."""
+    rt = make_token(tmp_path / "home", origin, tmp_path, algs=algs, max_validity=max_validity)
     zf = tmp_path / origin.rstrip(".")
     zf.write_text(zone_text)
-    ksks, zsks = [], []
-    for alg in algs:
-        ksks.append(write_keyfiles(str(tmp_path), tok.add_key(origin, alg, "ksk")))
-        zsks.append(write_keyfiles(str(tmp_path), tok.add_key(origin, alg, "zsk")))
-    return tok, str(zf), ksks, zsks
+    ksks = [rt.keys[(a, "ksk")] for a in algs]
+    zsks = [rt.keys[(a, "zsk")] for a in algs]
+    return rt, str(zf), ksks, zsks
+
+
+def _sign(rt, argv, client=None) -> int:
+    if client is not None:
+        return signzone.main(argv, client=client)
+    return signzone.main(["--home", str(rt.home), *argv])
 
 
 def _records(path: str) -> list[list[str]]:
@@ -94,9 +106,9 @@ MODES = {
 @pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("alg", [8, 13, 15])
 def test_sign_and_validate(tmp_path, alg, mode, capsys):
-    tok, zf, ksks, zsks = _setup(tmp_path, [alg])
+    rt, zf, ksks, zsks = _setup(tmp_path, [alg])
     argv = ["-x", "-N", "increment", "-j", "600", "-o", "example.org", "-k", ksks[0], *MODES[mode], zf, zsks[0]]
-    assert signzone.main(argv, client=tok) == 0
+    assert _sign(rt, argv) == 0
     out = zf + ".signed"
     assert capsys.readouterr().out.strip().endswith(out)
     _validators(out, "example.org", ksk_only=True)
@@ -137,17 +149,15 @@ def test_sign_and_validate(tmp_path, alg, mode, capsys):
             assert len(n3) == 23 and len(empty) == 8
         else:
             assert len(n3) == 19 and len(empty) == 6
-    tok.close()
 
 
 def test_multi_algorithm_csk_and_dnskey_by_all(tmp_path):
     """Two algorithms, no -x: DNSKEY signed by KSK and ZSK; keys found by -S."""
-    tok, zf, _, _ = _setup(tmp_path, [13, 15])
-    assert signzone.main(["-S", "-o", "example.org", "-f", str(tmp_path / "out"), zf], client=tok) == 0
+    rt, zf, _, _ = _setup(tmp_path, [13, 15])
+    assert _sign(rt, ["-S", "-o", "example.org", "-f", str(tmp_path / "out"), zf]) == 0
     _validators(str(tmp_path / "out"), "example.org", ksk_only=False)
     dnskey_sigs = [r for r in _records(str(tmp_path / "out")) if r[3] == "RRSIG" and r[4] == "DNSKEY"]
     assert len(dnskey_sigs) == 4
-    tok.close()
 
 
 SEED_ZONE = """\
@@ -159,37 +169,85 @@ www.testzone.   IN A    192.0.2.80
 """
 
 
-def test_seed_command_verbatim(tmp_path, monkeypatch, capsys):
-    """The slides' command line, keys with the slides' tags, token max validity 3600 s."""
-    monkeypatch.chdir(tmp_path)
+def _cryptobat(*args, cwd, timeout=120) -> subprocess.CompletedProcess:
+    """The real ``cryptobat`` command."""
+    return subprocess.run([sys.executable, "-m", "cryptobat", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def seed_keys(tmp_path_factory):
+    """BIND private key files with the slides' tags: KSK 35407, ZSK 58968 (RSASHA256)."""
+    d = tmp_path_factory.mktemp("seedkeys")
+    return (str(rsa_private_file(d / "ksk.private", 257, 35407)), str(rsa_private_file(d / "zsk.private", 256, 58968)))
+
+
+SEED = "-s now -e +300 -v 5 -x -o testzone -k Ktestzone.+008+35407 testzone Ktestzone.+008+58968"
+
+
+def test_seed_command_verbatim(tmp_path, tmp_path_factory, seed_keys):
+    """The slides' session on a real token: the keys imported with the slides' tags, max validity
+    3600 s; the slides' command line through the real ``cryptobat`` command."""
+    home = tmp_path_factory.mktemp("seedtoken") / "home"
     (tmp_path / "testzone").write_text(SEED_ZONE)
-    tok = SoftToken(max_validity=3600)
-    write_keyfiles(str(tmp_path), tok.add_key("testzone.", 8, "ksk", keytag=35407))
-    write_keyfiles(str(tmp_path), tok.add_key("testzone.", 8, "zsk", keytag=58968))
-    cmd = "-s now -e +300 -v 5 -x -o testzone -k Ktestzone.+008+35407 testzone Ktestzone.+008+58968"
-    assert signzone.main(cmd.split(), client=tok) == 0
-    cap = capsys.readouterr()
-    assert "cryptobat signzone: testzone/DNSKEY:" in cap.err
-    assert "cryptobat signzone:  signing with dnskey testzone/RSASHA256/35407" in cap.err
-    assert "Zone fully signed:" in cap.err and cap.out.strip() == "testzone.signed"
-    _validators("testzone.signed", "testzone", ksk_only=True)
-    recs = _records("testzone.signed")
+    rt = make_token(home, "testzone", tmp_path, algs=(), max_validity=3600,
+                    imports=[("ksk", seed_keys[0]), ("zsk", seed_keys[1])])
+    assert sorted(rt.keys.values()) == [str(tmp_path / "Ktestzone.+008+35407"), str(tmp_path / "Ktestzone.+008+58968")]
+    r = _cryptobat("--home", str(home), "signzone", *SEED.split(), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "cryptobat signzone: testzone/DNSKEY:" in r.stderr
+    assert "cryptobat signzone:  signing with dnskey testzone/RSASHA256/35407" in r.stderr
+    assert "Zone fully signed:" in r.stderr and r.stdout.strip() == "testzone.signed"
+    _validators(str(tmp_path / "testzone.signed"), "testzone", ksk_only=True)
+    recs = _records(str(tmp_path / "testzone.signed"))
+    assert {r[10] for r in recs if r[3] == "RRSIG" and r[4] == "DNSKEY"} == {"35407"}
+    assert {r[10] for r in recs if r[3] == "RRSIG" and r[4] != "DNSKEY"} == {"58968"}
     exp = {r[8] for r in recs if r[3] == "RRSIG"}
-    assert len(exp) == 1  # no jitter: -e +300 from -s now
+    inc = {r[9] for r in recs if r[3] == "RRSIG"}
+    assert len(exp) == 1 and len(inc) == 1  # no jitter: -e +300 from -s now
+    assert signzone.parse_time(exp.pop(), 0, 0) - signzone.parse_time(inc.pop(), 0, 0) == 300
 
     # validity period too long: the token refuses, nothing is written
-    os.unlink("testzone.signed")
-    cmd = cmd.replace("+300", "+3700")
-    assert signzone.main(cmd.split(), client=tok) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (
+    os.unlink(tmp_path / "testzone.signed")
+    r = _cryptobat("--home", str(home), "signzone", *SEED.replace("+300", "+3700").split(), cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
         "cryptobat signzone: fatal: dnskey 'testzone/RSASHA256/35407' failed to sign data: "
         "RRSIG expiration time exceeds HSM policy"
     )
     assert sorted(os.listdir(tmp_path)) == sorted(
         ["testzone"] + [f"Ktestzone.+008+{t}.{s}" for t in ("35407", "58968") for s in ("key", "private")]
     )
-    tok.close()
+
+
+def test_signzone_through_the_daemon(tmp_path):
+    """``cryptobat serve`` holds the token; ``cryptobat signzone --hsm unix:...`` signs through it."""
+    rt, zf, ksks, zsks = _setup(tmp_path, [13], max_validity=7200)
+    sock = rt.home / "native.sock"
+    log = open(tmp_path / "serve.log", "w")
+    d = subprocess.Popen([sys.executable, "-m", "cryptobat", "--home", str(rt.home), "serve", "--no-pkcs11"],
+                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert d.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "the daemon did not create native.sock"
+            time.sleep(0.05)
+        args = ["signzone", "--hsm", f"unix:{sock}", "-e", "now+3600", "-o", "example.org", "-k", ksks[0], zf, zsks[0]]
+        r = _cryptobat(*args, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == zf + ".signed"
+        _validators(zf + ".signed", "example.org", ksk_only=False)
+        # the daemon's token enforces its policy too
+        os.unlink(zf + ".signed")
+        r = _cryptobat(*[a if a != "now+3600" else "now+7300" for a in args], cwd=tmp_path)
+        assert r.returncode == 1
+        assert r.stderr.strip().endswith("failed to sign data: RRSIG expiration time exceeds HSM policy")
+        assert not os.path.exists(zf + ".signed")
+    finally:
+        d.terminate()
+        d.wait(timeout=30)
+        log.close()
 
 
 def test_refusal_midway_leaves_previous_output(tmp_path, capsys):
@@ -197,38 +255,41 @@ def test_refusal_midway_leaves_previous_output(tmp_path, capsys):
     n = 12000
     lines = [f"h{i} A 10.0.{i >> 8 & 255}.{i & 255}" for i in range(n)]
     text = "$TTL 300\n@ SOA ns hm 1 2 3 4 300\n@ NS ns\nns A 192.0.2.1\n" + "\n".join(lines) + "\n"
-    tok, zf, ksks, zsks = _setup(tmp_path, [13], zone_text=text, max_validity=7200)
+    rt, zf, ksks, zsks = _setup(tmp_path, [13], zone_text=text, max_validity=7200)
     out = tmp_path / "example.org.signed"
     out.write_text("previous\n")
 
-    calls = []  # accept the first batch, then enforce a 60 s maximum
-    orig = tok.timed_sign
+    client = connect(home=rt.home)  # the real token, opened in this process
+    console = rt.open_console(client.token)
+    calls = []  # accept the first batch, then an officer sets a 60 s maximum
+    orig = client.timed_sign
 
     def timed_sign(items):
         calls.append(len(items))
-        if len(calls) > 1:
-            tok.max_validity = 60
+        if len(calls) == 2:
+            assert console.handle("setmaxval 60") == " Maximum validity period set to +60 seconds\n"
         return orig(items)
 
-    tok.timed_sign = timed_sign
-    assert signzone.main(["-e", "now+3600", "-o", "example.org", "-k", ksks[0], zf, zsks[0]], client=tok) == 1
+    client.timed_sign = timed_sign
+    try:
+        assert _sign(rt, ["-e", "now+3600", "-o", "example.org", "-k", ksks[0], zf, zsks[0]], client) == 1
+    finally:
+        client.close()
     assert len(calls) >= 2
     err = capsys.readouterr().err
     assert "failed to sign data: RRSIG expiration time exceeds HSM policy" in err
     assert out.read_text() == "previous\n"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
-    tok.close()
 
 
 def test_bad_zone_names_file_and_line(tmp_path, capsys):
     bad = ZONE.replace("ns1     A       192.0.2.1", "ns1     A       192.0.2.300")
-    tok, zf, ksks, zsks = _setup(tmp_path, [13], zone_text=bad)
-    assert signzone.main(["-o", "example.org", "-k", ksks[0], zf, zsks[0]], client=tok) == 1
+    rt, zf, ksks, zsks = _setup(tmp_path, [13], zone_text=bad)
+    assert _sign(rt, ["-o", "example.org", "-k", ksks[0], zf, zsks[0]]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     line = 1 + bad.splitlines().index("ns1     A       192.0.2.300")
     assert len(err) == 1 and err[0].startswith(f"cryptobat signzone: fatal: {zf}:{line}: ")
     assert not os.path.exists(zf + ".signed")
-    tok.close()
 
 
 def test_reader_matches_dnspython(tmp_path):
@@ -271,8 +332,10 @@ def test_serial_methods():
 
 
 def test_bad_signature_fails_post_sign_verification(tmp_path, capsys):
-    tok, zf, ksks, zsks = _setup(tmp_path, [13])
-    orig = tok.timed_sign
+    """A signature damaged between the token and the signer is caught before anything is written."""
+    rt, zf, ksks, zsks = _setup(tmp_path, [13])
+    client = connect(home=rt.home)
+    orig = client.timed_sign
 
     def timed_sign(items):
         res = orig(items)
@@ -281,11 +344,13 @@ def test_bad_signature_fails_post_sign_verification(tmp_path, capsys):
         res[-1] = type(res[-1])(signature=bytes(sig))
         return res
 
-    tok.timed_sign = timed_sign
-    assert signzone.main(["-o", "example.org", "-k", ksks[0], zf, zsks[0]], client=tok) == 1
-    assert "fatal: post-sign verification failed" in capsys.readouterr().err
-    assert not os.path.exists(zf + ".signed")
-    # -P skips the verification and writes the zone
-    assert signzone.main(["-P", "-o", "example.org", "-k", ksks[0], zf, zsks[0]], client=tok) == 0
-    assert os.path.exists(zf + ".signed")
-    tok.close()
+    client.timed_sign = timed_sign
+    try:
+        assert _sign(rt, ["-o", "example.org", "-k", ksks[0], zf, zsks[0]], client) == 1
+        assert "fatal: post-sign verification failed" in capsys.readouterr().err
+        assert not os.path.exists(zf + ".signed")
+        # -P skips the verification and writes the zone
+        assert _sign(rt, ["-P", "-o", "example.org", "-k", ksks[0], zf, zsks[0]], client) == 0
+        assert os.path.exists(zf + ".signed")
+    finally:
+        client.close()

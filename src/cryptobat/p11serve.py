@@ -32,7 +32,13 @@ class ServiceBackend:
         return self.s.call(self.t.info)
 
     def check_pin(self, pin: bytes) -> bool:
-        return self.s.call(self.t.check_pin, pin)
+        # not under the token lock (scrypt takes ~50 ms: a login must not stall signing), but one
+        # at a time: each scrypt needs 16 MiB, and twenty at once would bloat the daemon for good
+        with self.s.pin_lock:
+            ok = self.t.check_pin(pin)
+        if not ok:
+            self.s.call(lambda: self.t.audit("pin", ok=False))
+        return ok
 
     def keys(self) -> list[KeyInfo]:
         return self.s.call(self.t.keys)

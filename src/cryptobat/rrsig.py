@@ -27,6 +27,11 @@ _FIXED = {dns.rdatatype.A: 4, dns.rdatatype.AAAA: 16}
 _UNSIGNABLE = {dns.rdatatype.RRSIG, dns.rdatatype.OPT, dns.rdatatype.TKEY, dns.rdatatype.TSIG,
                dns.rdatatype.IXFR, dns.rdatatype.AXFR, dns.rdatatype.MAILA, dns.rdatatype.MAILB,
                dns.rdatatype.ANY, 0}
+# The same decisions as dns.rdatatype.is_metatype / dns.rdataclass.is_metaclass, as set lookups.
+_NEVER_SIGNED = frozenset(_UNSIGNABLE) | frozenset(t for t in range(65536) if dns.rdatatype.is_metatype(t))
+_META_CLASSES = frozenset(c for c in range(65536) if dns.rdataclass.is_metaclass(c))
+_NSEC = int(dns.rdatatype.NSEC)
+_TXT = int(dns.rdatatype.TXT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +89,62 @@ def is_subdomain(name: bytes, zone: bytes) -> bool:
     return pos == cut
 
 
+def _nsec_ok(rdata: bytes) -> bool:
+    """NSEC RDATA (RFC 4034 §4.1) accepted exactly as dnspython's parser + canonical check does:
+    an uncompressed next name (case kept, RFC 6840 §5.1) of at most 255 octets, then windows
+    in increasing order, each of 1..32 octets with a non-zero last octet, nothing trailing."""
+    end = len(rdata)
+    pos = 0
+    while True:
+        if pos >= end:
+            return False
+        n = rdata[pos]
+        if n == 0:
+            pos += 1
+            break
+        if n > 63:  # compression pointer or extended label type
+            return False
+        pos += n + 1
+    if pos > 255:
+        return False
+    last = -1
+    while pos < end:
+        if pos + 2 > end:
+            return False
+        window = rdata[pos]
+        n = rdata[pos + 1]
+        pos += 2
+        if window <= last or n == 0 or n > 32 or pos + n > end or rdata[pos + n - 1] == 0:
+            return False
+        last = window
+        pos += n
+    return True
+
+
+def _txt_ok(rdata: bytes) -> bool:
+    """TXT RDATA: one or more <character-string>s that exactly fill it (as dnspython accepts)."""
+    end = len(rdata)
+    if end == 0:
+        return False
+    pos = 0
+    while pos < end:
+        pos += rdata[pos] + 1
+    return pos == end
+
+
 def _check_rdata(rdtype: int, rdclass: int, rdata: bytes) -> None:
     fixed = _FIXED.get(rdtype)
     if fixed is not None:
         if len(rdata) != fixed:
             raise Refusal(f"malformed {dns.rdatatype.to_text(rdtype)} RDATA")
+        return
+    if rdtype == _NSEC:
+        if not _nsec_ok(rdata):
+            raise Refusal("malformed NSEC RDATA")
+        return
+    if rdtype == _TXT:
+        if not _txt_ok(rdata):
+            raise Refusal("malformed TXT RDATA")
         return
     try:
         rd = dns.rdata.from_wire(rdclass, rdtype, rdata, 0, len(rdata))
@@ -110,7 +166,7 @@ def parse(data: bytes) -> SigningData:
     if len(data) < _HEADER.size + 1:
         raise Refusal("signing data too short")
     tc, alg, labels, ottl, exp, inc, tag = _HEADER.unpack_from(data, 0)
-    if tc in _UNSIGNABLE or dns.rdatatype.is_metatype(tc):
+    if tc in _NEVER_SIGNED:
         raise Refusal(f"type {dns.rdatatype.to_text(tc)} is never signed")
     signer, _, pos = read_name(data, _HEADER.size)
     owner = None
@@ -137,7 +193,7 @@ def parse(data: bytes) -> SigningData:
             raise Refusal("RRs with different owner names")
         if rtype != tc:
             raise Refusal("RR type differs from type covered")
-        if rclass != rdclass or dns.rdataclass.is_metaclass(rclass):
+        if rclass != rdclass or rclass in _META_CLASSES:
             raise Refusal("RR class mismatch")
         if ttl != ottl:
             raise Refusal("RR TTL differs from original TTL")

@@ -32,6 +32,7 @@ class Service:
     def __init__(self, token: Token) -> None:
         self.token = token
         self.lock = threading.RLock()
+        self.pin_lock = threading.Lock()
 
     def console_line(self, console: Console, line: str) -> str:
         with self.lock:

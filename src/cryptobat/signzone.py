@@ -417,23 +417,29 @@ def _run(args, client) -> int:
 
     def collect(block: bool) -> None:
         while pending and (block or pending[0][2].done()):
-            i0, n, fut = pending.pop(0)
+            i0, batch, fut = pending.pop(0)
             res = fut.result()
+            n = len(batch)
             if len(res) != n:
                 raise Fatal(f"the token returned {len(res)} results for {n} signing requests")
             for j, r in enumerate(res):
                 if r.signature is None:
                     k = ikeys[i0 + j]
                     raise Fatal(f"dnskey '{k.name}' failed to sign data: {r.reason or 'refused'}")
-            sigs.extend(r.signature for r in res)
+            sigs.extend([r.signature for r in res])
             if verifier is not None:
-                i1 = len(sigs)
-                for a in range(i0, i1, VERIFY_CHUNK):
-                    b = min(a + VERIFY_CHUNK, i1)
-                    idx = bytes([kindex[id(k)] for k in ikeys[a:b]])
-                    datas = [it[1] for it in items[a:b]]
-                    vfuts.append((a, verifier.submit(_verify_chunk, kspecs, idx, datas, sigs[a:b])))
+                for a in range(0, n, VERIFY_CHUNK):
+                    b = min(a + VERIFY_CHUNK, n)
+                    idx = bytes([kindex[id(k)] for k in ikeys[i0 + a:i0 + b]])
+                    datas = [it[1] for it in batch[a:b]]
+                    vfuts.append((i0 + a, verifier.submit(_verify_chunk, kspecs, idx, datas, sigs[i0 + a:i0 + b])))
             progress.update(len(sigs))
+
+    def submit() -> None:
+        nonlocal items, submitted
+        pending.append((submitted, items, signer.submit(client.timed_sign, items)))
+        submitted += len(items)
+        items = []  # each batch is dropped once signed (and verified)
 
     progress = _Progress(0, False)
     try:
@@ -460,7 +466,7 @@ def _run(args, client) -> int:
                 else:
                     blob = b"".join([pre + len(w).to_bytes(2, "big") + w for w in sorted(rd)])
                 exp = (end - rand(jitter + 1) if jitter else end) & 0xFFFFFFFF
-                rrs.sig0, rrs.keys, rrs.exp = len(items), ks, exp
+                rrs.sig0, rrs.keys, rrs.exp = submitted + len(items), ks, exp
                 nrrsets += 1
                 if verbose >= 3:
                     print(f"{PROG}: {node.disp.rstrip('.') or '.'}/{dns.rdatatype.to_text(rdtype)}:", file=sys.stderr)
@@ -470,14 +476,12 @@ def _run(args, client) -> int:
                     ikeys.append(k)
                     if verbose >= 3:
                         print(f"{PROG}:  signing with dnskey {k.name}", file=sys.stderr)
-            if len(items) - submitted >= BATCH:
-                pending.append((submitted, len(items) - submitted, signer.submit(client.timed_sign, items[submitted:])))
-                submitted = len(items)
+            if len(items) >= BATCH:
+                submit()
                 collect(False)
-        if submitted < len(items):
-            pending.append((submitted, len(items) - submitted, signer.submit(client.timed_sign, items[submitted:])))
-            submitted = len(items)
-        progress = _Progress(len(items), sys.stderr.isatty() and len(items) >= 20000)
+        if items:
+            submit()
+        progress = _Progress(submitted, sys.stderr.isatty() and submitted >= 20000)
         collect(True)
         progress.update(len(sigs), final=True)
     except BaseException:
@@ -491,16 +495,16 @@ def _run(args, client) -> int:
     # ---- output, written while the verifier threads finish
     out = args.output or args.zonefile + ".signed"
     render = _Renderer(zone, sigs, inception)
-    text = render.text()
     tmp = None
     try:
         if out == "-":
-            data = text
+            data = "".join(render.chunks())
         else:
             d = os.path.dirname(os.path.abspath(out))
             fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=d)
             with os.fdopen(fd, "wb") as f:
-                f.write(text.encode("latin-1"))
+                for chunk in render.chunks():
+                    f.write(chunk.encode("latin-1"))
                 f.flush()
                 os.fsync(f.fileno())
             umask = os.umask(0o22)
@@ -622,7 +626,10 @@ class _Renderer:
         ]
 
     def text(self) -> str:
-        """The whole zone, names in canonical order, SOA first."""
+        return "".join(self.chunks())
+
+    def chunks(self, size: int = 4096):
+        """The whole zone, names in canonical order, SOA first, a few thousand lines at a time."""
         out: list[str] = []
         app = out.append
         nodes = self.zone.nodes
@@ -649,7 +656,10 @@ class _Renderer:
                     sh = f"{disp}\t{rrs.ttl}\tIN\tRRSIG\t"
                     for r in self.rrsigs(node, t, rrs):
                         app(sh + r + "\n")
-        return "".join(out)
+            if len(out) >= size:
+                yield "".join(out)
+                out.clear()
+        yield "".join(out)
 
 
 def _check_sample(zone: reader.Zone, origin: dns.name.Name, order, inception: int, render: _Renderer) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import hmac
 import os
 import time
 from pathlib import Path
@@ -79,6 +80,8 @@ class Token:
         self.engine = Engine(self.custody, custody_factory, self.home, workers)
         self._pending = {"signatures": 0, "compat_signatures": 0, "batches": 0}
         self.limiter = policy.RateLimiter()
+        self._pin_key = os.urandom(32)
+        self._pin_ok: tuple[str, bytes] | None = None
         self._last_flush = mono()
         self._mono = mono
         self.started = mono()
@@ -448,11 +451,19 @@ class Token:
 
     # --- signer PIN and other PKCS#11 needs ------------------------------------------
     def check_pin(self, pin: bytes | str) -> bool:
+        """The signer PIN. A PIN once verified is remembered (as a keyed hash) so that signers
+        logging in for every session do not pay scrypt each time; a wrong PIN always does."""
         rec = self.state["pin"]
         if rec is None:
             return False
         text = pin.decode(errors="replace") if isinstance(pin, bytes) else pin
-        return officers.check_passphrase(rec, text)
+        tag = (rec["hash"], hmac.new(self._pin_key, text.encode(), hashlib.sha256).digest())
+        if self._pin_ok is not None and hmac.compare_digest(self._pin_ok[1], tag[1]) and self._pin_ok[0] == tag[0]:
+            return True
+        ok = officers.check_passphrase(rec, text)
+        if ok:
+            self._pin_ok = tag
+        return ok
 
     def random(self, n: int) -> bytes:
         return os.urandom(n)

@@ -691,7 +691,7 @@ class Module:
         n = buf.capacity or 0
         if n > MAX_RANDOM:
             raise P11Error(C.CKR_ARGUMENTS_BAD)
-        return [OutArray(self._b(self.backend.random, n) if n else None, 0)]
+        return [OutArray(self._b(self.backend.random, n) if n else b"")]  # zero bytes is a valid request
 
     def C_SeedRandom(self, h: int, seed: bytes | None):
         self._session(h)

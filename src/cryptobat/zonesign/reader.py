@@ -27,7 +27,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.ttl
 
-A, NS, CNAME, SOA, PTR, MX, AAAA, DNAME = 1, 2, 5, 6, 12, 15, 28, 39
+A, NS, CNAME, SOA, PTR, MX, TXT, AAAA, DNAME = 1, 2, 5, 6, 12, 15, 16, 28, 39
 RRSIG, NSEC, DNSKEY, NSEC3, NSEC3PARAM = 46, 47, 48, 50, 51
 # Records the signer regenerates: dropped from the input.
 GENERATED = frozenset((RRSIG, NSEC, NSEC3, NSEC3PARAM))
@@ -332,7 +332,11 @@ class _Reader:
             except OSError:
                 raise ValueError(f"bad {'IPv4' if rdtype == A else 'IPv6'} address {s!r}") from None
             return w, _inet_ntop(_AF4 if rdtype == A else _AF6, w)
-        if rdtype in _NAME_ONLY and "\\" not in rest:
+        if rdtype == TXT:
+            r = _txt(rest)
+            if r is not None:
+                return r
+        elif rdtype in _NAME_ONLY and "\\" not in rest:
             parts = rest.split()
             if len(parts) == 1:
                 key, disp = self.names.get(parts[0], origin, okey, otext)
@@ -345,6 +349,25 @@ class _Reader:
                 return pref.to_bytes(2, "big") + key_wire(key), f"{pref} {disp}"
         rd = dns.rdata.from_text(dns.rdataclass.IN, rdtype, rest, origin=origin, relativize=False)
         return rd.to_digestable(origin), rd.to_text()
+
+
+def _txt(rest: str) -> tuple[bytes, str] | None:
+    """TXT made only of quoted, escape-free printable-ASCII strings; None: let dnspython parse it."""
+    s = rest.strip()
+    if len(s) < 2 or s[0] != '"' or s[-1] != '"' or "\\" in s or not s.isascii():
+        return None
+    parts = s.split('"')
+    strings = parts[1::2]
+    seps = parts[2:-1:2]
+    for sep in seps:
+        if not sep or sep.strip():
+            return None
+    wire = []
+    for x in strings:
+        if len(x) > 255 or not x.isprintable():
+            return None
+        wire.append(len(x).to_bytes(1, "big") + x.encode("ascii"))
+    return b"".join(wire), " ".join(['"' + x + '"' for x in strings])
 
 
 def read_zone(path: str, origin: dns.name.Name) -> Zone:
