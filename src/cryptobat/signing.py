@@ -79,9 +79,24 @@ def _worker_init(custody_factory, home: str) -> None:
     _worker_cache = KeyCache(custody_factory(Path(home)))
 
 
-def _worker_run(job: Job) -> list[SignResult]:
+def _worker_run(job: Job) -> tuple[list[bytes | None], dict[int, str]]:
+    """Results in a compact, fast-to-pickle form: the signatures (None where refused)
+    and the refusal reasons by position; :func:`_unpack` rebuilds the SignResults."""
     assert _worker_cache is not None
-    return run(_worker_cache, job)
+    res = run(_worker_cache, job)
+    return [r.signature for r in res], {i: r.reason for i, r in enumerate(res) if r.signature is None}
+
+
+def _unpack(part: tuple[list[bytes | None], dict[int, str]]) -> list[SignResult]:
+    sigs, reasons = part
+    out = [SignResult(s) for s in sigs]
+    for i, reason in reasons.items():
+        out[i] = SignResult(reason=reason)
+    return out
+
+
+def _worker_ready() -> bool:
+    return _worker_cache is not None
 
 
 class Engine:
@@ -108,12 +123,22 @@ class Engine:
         parts = [Job(job.policy, job.now, job.keys, job.items[i:i + chunk]) for i in range(0, n, chunk)]
         try:
             out: list[SignResult] = []
-            for res in self._get_pool().map(_worker_run, parts):
-                out.extend(res)
+            for part in self._get_pool().map(_worker_run, parts):
+                out.extend(_unpack(part))
             return out
         except Exception as e:  # a broken worker must not take the token down
             self.close()
             raise CryptobatError(f"signing worker failed: {e}") from None
+
+    def warm(self) -> None:
+        """Start the worker processes now (e.g. while a caller prepares its first batch)."""
+        if self.workers > 1:
+            try:
+                pool = self._get_pool()
+                for f in [pool.submit(_worker_ready) for _ in range(self.workers)]:
+                    f.result()
+            except Exception:  # the first real batch reports any failure
+                self.close()
 
     def close(self) -> None:
         if self._pool is not None:

@@ -23,7 +23,9 @@ import random
 import struct
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import dns.dnssec
@@ -47,6 +49,8 @@ DS, CDS, CDNSKEY = 43, 59, 60
 KEYSET_TYPES = frozenset((DNSKEY, CDS, CDNSKEY))  # signed by the KSKs
 BATCH = 8192  # signing inputs per timed_sign call
 VERIFY_CHUNK = 2048
+VERIFY_INFLIGHT = 48  # verification chunks queued before the signer waits for the verifiers
+MAX_INFLIGHT = 2  # signing batches at the token at once (one signing, one queued)
 SAMPLE = 24  # RRsets re-validated with dns.dnssec.validate from the text form
 
 
@@ -188,19 +192,6 @@ def _chain_types(node: Node) -> list[int]:
     return list(node.rrsets)
 
 
-def add_nsec(zone: reader.Zone, order: list[tuple], ttl: int) -> int:
-    auth = [zone.nodes[k] for k in order if zone.nodes[k].kind != OCCLUDED]
-    maps = _TypeMaps()
-    for i, node in enumerate(auth):
-        nxt = auth[i + 1] if i + 1 < len(auth) else auth[0]
-        types = _chain_types(node)
-        types += (RRSIG, NSEC)
-        bw, bt = maps.get(types)
-        rrs = node.rrsets[NSEC] = RRset(ttl)
-        rrs.rdatas[key_wire(nxt.key) + bw] = f"{_lower_text(nxt)} {bt}"
-    return len(auth)
-
-
 def nsec3_hasher(salt: bytes, iterations: int):
     sha1 = hashlib.sha1
 
@@ -219,7 +210,7 @@ def add_nsec3(zone: reader.Zone, order: list[tuple], ttl: int, salt: bytes, iter
     flags = 1 if optout else 0
     apex = zone.apex
     p = apex.rrsets[NSEC3PARAM] = RRset(0)
-    p.rdatas[struct.pack("!BBHB", 1, 0, iterations, len(salt)) + salt] = f"1 0 {iterations} {salt.hex() or '-'}"
+    p.add(struct.pack("!BBHB", 1, 0, iterations, len(salt)) + salt, f"1 0 {iterations} {salt.hex() or '-'}")
     # names with an NSEC3: authoritative names and delegations (insecure ones
     # not under opt-out), and the empty non-terminals above them
     covered: dict[tuple, list[int]] = {}
@@ -256,7 +247,7 @@ def add_nsec3(zone: reader.Zone, order: list[tuple], ttl: int, salt: bytes, iter
         node = nodes[key] = Node(key, f"{label}.{otext}" if otext != "." else f"{label}.")
         bw, bt = maps.get(types)
         rrs = node.rrsets[NSEC3] = RRset(ttl)
-        rrs.rdatas[pre + nd + bw] = ptext + b32(nd).decode() + (" " + bt if bt else "")
+        rrs.add(pre + nd + bw, ptext + b32(nd).decode() + (" " + bt if bt else ""))
     return len(hashed)
 
 
@@ -367,6 +358,40 @@ def _run(args, client) -> int:
     if args.jitter < 0 or args.jitter >= end - start:
         raise Fatal("jitter must be between 0 and the validity period")
 
+    # start the token's signing workers and the verifier processes while the zone is read
+    try:
+        size_hint = os.path.getsize(args.zonefile) // 12
+    except OSError:
+        size_hint = 0
+    verifier = None if args.noverify else _verifier_pool(size_hint)
+    warmer = threading.Thread(target=_warm, args=(client, verifier), daemon=True)
+    warmer.start()
+    try:
+        return _sign(args, client, verifier, warmer, origin, otext, keys, now, start, end, t0)
+    except BaseException:
+        warmer.join()
+        if verifier is not None:
+            verifier.shutdown(wait=True, cancel_futures=True)
+        raise
+
+
+def _warm(client, verifier) -> None:
+    engine = getattr(getattr(client, "token", None), "engine", None)
+    if engine is not None and hasattr(engine, "warm"):
+        engine.warm()
+    if verifier is not None:
+        try:
+            for f in [verifier.submit(int) for _ in range(os.cpu_count() or 2)]:
+                f.result()
+        except Exception:
+            pass
+
+
+def _sign(args, client, verifier, warmer, origin, otext, keys, now, start, end, t0) -> int:
+    verbose = args.verbose
+    salt = b""
+    if args.salt is not None:
+        salt = b"" if args.salt == "-" else bytes.fromhex(args.salt)
     zone = reader.read_zone(args.zonefile, origin)
     nodes = zone.nodes
     apex = zone.apex
@@ -385,146 +410,235 @@ def _run(args, client) -> int:
         dk = apex.rrsets[DNSKEY] = RRset(soa.minimum)
     for k in keys:
         rd = k.info.dnskey()
-        dk.rdatas.setdefault(rd.to_digestable(), rd.to_text())
+        dk.add(rd.to_digestable(), rd.to_text())
     keyset_keys, zone_keys = key_roles(keys, args.ksk_only)
 
     order = sorted(nodes)
     classify(order, nodes, zone.origin_key)
-    if args.salt is not None:
+    use_nsec = args.salt is None
+    if not use_nsec:
         nchain = add_nsec3(zone, order, neg_ttl, salt, args.iterations, args.optout)
         order = sorted(nodes)
-    else:
-        nchain = add_nsec(zone, order, neg_ttl)
+    auth = [k for k in order if nodes[k].kind != OCCLUDED]  # names with NSEC (the signed ones)
+    if use_nsec:
+        nchain = len(auth)
     t_prep = time.monotonic()
 
-    # ---- signing inputs, sent in batches while the rest is built
+    # ---- one pass in canonical order: build signing inputs a batch at a time, keep
+    # at most MAX_INFLIGHT batches at the token, and as each batch comes back render
+    # its names (records + RRSIGs) into the temporary output file and hand its
+    # signatures to the verifier processes; then drop it.
     pack_hdr = struct.Struct("!HBBIIIH").pack
     pack_tct = struct.Struct("!HHI").pack
     inception = start & 0xFFFFFFFF
+    incs = _fmt_time(inception)
     jitter = args.jitter
     rand = random.SystemRandom().randrange
-    items: list[tuple[str, bytes]] = []
-    ikeys: list[zkeys.SignKey] = []
-    sigs: list[bytes] = []
-    nrrsets = 0
-    signer = ThreadPoolExecutor(1, thread_name_prefix="signzone-sign")
-    verifier = None if args.noverify else _verifier_pool(2 * len(order))
+    b64 = base64.b64encode
+    okey = zone.origin_key
     kindex = {id(k): i for i, k in enumerate(keys)}
     kspecs = [(k.info.algorithm, k.info.flags, k.info.public_key) for k in keys]
-    pending = []  # (first item index, count, future)
-    vfuts = []
+    # per key: (label, header fields, signer wire, RRSIG text after the type, its index)
+    kmeta = {id(k): (k.info.label, k.info.algorithm, k.info.keytag, k.signer_wire, k.info.zone, kindex[id(k)])
+             for k in keys}
+    keyset_meta = [kmeta[id(k)] for k in keyset_keys]
+    zone_meta = [kmeta[id(k)] for k in zone_keys]
+    tnames: dict[int, str] = {}
+    exps: dict[int, str] = {}
+    maps = _TypeMaps()
+    rng = random.Random()
+    sample_keys = set(auth[:8] + [rng.choice(auth) for _ in range(SAMPLE)]) if (auth and not args.noverify) else set()
+    samples: list = []  # (disp, type, ttl, [texts], [(global index, rrsig text prefix)])
+    warmer.join()  # the worker pool exists before the first batch (no second pool from a race)
+    signer = ThreadPoolExecutor(1, thread_name_prefix="signzone-sign")
+    nrrsets = 0
+    nsigs = 0  # signatures received
     submitted = 0
+    inflight: deque = deque()  # (first index, items, key indexes, template, future)
+    vfuts: deque = deque()
+    bad: list[int] = []
+    bad_key: list = []
+    progress = _Progress(0, False)
 
-    def collect(block: bool) -> None:
-        while pending and (block or pending[0][2].done()):
-            i0, batch, fut = pending.pop(0)
-            res = fut.result()
-            n = len(batch)
-            if len(res) != n:
-                raise Fatal(f"the token returned {len(res)} results for {n} signing requests")
-            for j, r in enumerate(res):
-                if r.signature is None:
-                    k = ikeys[i0 + j]
-                    raise Fatal(f"dnskey '{k.name}' failed to sign data: {r.reason or 'refused'}")
-            sigs.extend([r.signature for r in res])
-            if verifier is not None:
-                for a in range(0, n, VERIFY_CHUNK):
-                    b = min(a + VERIFY_CHUNK, n)
-                    idx = bytes([kindex[id(k)] for k in ikeys[i0 + a:i0 + b]])
-                    datas = [it[1] for it in batch[a:b]]
-                    vfuts.append((i0 + a, verifier.submit(_verify_chunk, kspecs, idx, datas, sigs[i0 + a:i0 + b])))
-            progress.update(len(sigs))
+    out = args.output or args.zonefile + ".signed"
+    tmp = None
+    stdout_parts: list[bytes] = []
+    if out == "-":
+        write = stdout_parts.append
+        fobj = None
+    else:
+        d = os.path.dirname(os.path.abspath(out))
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=d)
+        fobj = os.fdopen(fd, "wb")
+        write = fobj.write
+
+    def vcollect(limit: int) -> None:
+        while len(vfuts) > limit:
+            a, kid, f = vfuts.popleft()
+            for i in f.result():
+                bad.append(a + i)
+                bad_key.append(keys[kid[i]])
+
+    def finish() -> None:
+        nonlocal nsigs
+        i0, batch, kid, tmpl, fut = inflight.popleft()
+        res = fut.result()
+        n = len(batch)
+        if len(res) != n:
+            raise Fatal(f"the token returned {len(res)} results for {n} signing requests")
+        sigs = [r.signature for r in res]
+        del res
+        for j, sg in enumerate(sigs):
+            if sg is None:
+                r = fut.result()[j]
+                raise Fatal(f"dnskey '{keys[kid[j]].name}' failed to sign data: {r.reason or 'refused'}")
+        text = "".join([x if type(x) is str else x[1] + b64(sigs[x[0]]).decode() + "\n" for x in tmpl])
+        write(text.encode("latin-1"))
+        del text
+        for sm in samples:
+            if sm[5] is batch:
+                sm[4][:] = [p + b64(sigs[j]).decode() for j, p in sm[4]]
+                sm[5] = None
+        if verifier is not None:
+            for a in range(0, n, VERIFY_CHUNK):
+                b = min(a + VERIFY_CHUNK, n)
+                vfuts.append((i0 + a, kid[a:b], verifier.submit(
+                    _verify_chunk, kspecs, kid[a:b], [it[1] for it in batch[a:b]], sigs[a:b])))
+            vcollect(VERIFY_INFLIGHT)
+        nsigs += n
+        progress.update(nsigs)
+
+    items: list[tuple[str, bytes]] = []
+    kid = bytearray()
+    tmpl: list = []
+    app = tmpl.append
 
     def submit() -> None:
-        nonlocal items, submitted
-        pending.append((submitted, items, signer.submit(client.timed_sign, items)))
+        nonlocal items, kid, tmpl, app, submitted
+        inflight.append((submitted, items, bytes(kid), tmpl, signer.submit(client.timed_sign, items)))
         submitted += len(items)
-        items = []  # each batch is dropped once signed (and verified)
+        items, kid, tmpl = [], bytearray(), []
+        app = tmpl.append
+        while len(inflight) > MAX_INFLIGHT or (inflight and inflight[0][4].done()):
+            finish()
 
-    progress = _Progress(0, False)
+    if sys.stderr.isatty() and len(auth) >= 10000:
+        total = len(auth) * len(zone_keys) + sum(
+            len(keyset_meta if (t in KEYSET_TYPES and k == okey) else zone_meta)
+            for k in auth for t in nodes[k].rrsets
+            if nodes[k].kind != DELEGATION or t == DS)
+        progress = _Progress(total, True)
     try:
+        ai = 0
+        nauth = len(auth)
+        carry_key, carry_wire = None, b""
         for key in order:
             node = nodes[key]
             kind = node.kind
-            if kind == OCCLUDED:
-                continue
-            owire = key_wire(key)
-            labels = len(key) - (1 if key and key[-1] == "*" else 0)
+            disp = node.disp
             rrsets = node.rrsets
-            if key == zone.origin_key:  # the key RRsets first, as dnssec-signzone does
-                rrsets = {t: rrsets[t] for t in sorted(rrsets, key=lambda t: (t not in KEYSET_TYPES, t))}
-            for rdtype, rrs in rrsets.items():
-                if kind == DELEGATION and rdtype != DS and rdtype != NSEC:
-                    continue
-                ks = keyset_keys if (rdtype in KEYSET_TYPES and key == zone.origin_key) else zone_keys
+            types = sorted(rrsets)
+            if kind == OCCLUDED:
+                owire = b""
+            else:
+                owire = carry_wire if key == carry_key else key_wire(key)
+                if use_nsec:
+                    ai += 1
+                    nkey = auth[ai] if ai < nauth else auth[0]
+                    nxt = nodes[nkey]
+                    nwire = key_wire(nkey)
+                    carry_key, carry_wire = nkey, nwire
+                    bw, bt = maps.get(_chain_types(node) + [RRSIG, NSEC])
+                    nsec = RRset(neg_ttl)
+                    nsec.rd = (nwire + bw, f"{_lower_text(nxt)} {bt}")
+                    types.append(NSEC)
+                    types.sort()
+            apex_parts = None
+            if key == okey:  # the key RRsets are signed first, as dnssec-signzone does; SOA is written first
+                apex_parts = {}
+                types.sort(key=lambda t: (t not in KEYSET_TYPES, t))
+            labels = len(key) - (1 if key and key[-1] == "*" else 0)
+            sampled = key in sample_keys
+            for t in types:
+                if apex_parts is not None:
+                    app = apex_parts.setdefault(t, []).append
+                rrs = nsec if t == NSEC and use_nsec and kind != OCCLUDED else rrsets[t]
                 ttl = rrs.ttl
-                pre = owire + pack_tct(rdtype, 1, ttl)
-                rd = rrs.rdatas
-                if len(rd) == 1:
-                    for w in rd:
-                        blob = pre + len(w).to_bytes(2, "big") + w
+                tn = tnames.get(t)
+                if tn is None:
+                    tn = tnames[t] = dns.rdatatype.to_text(t)
+                head = f"{disp}\t{ttl}\tIN\t{tn}\t"
+                rd = rrs.rd
+                if type(rd) is tuple:
+                    app(head + rd[1] + "\n")
+                    rl = None
                 else:
-                    blob = b"".join([pre + len(w).to_bytes(2, "big") + w for w in sorted(rd)])
+                    rl = sorted(rd.items())
+                    app("".join([head + x + "\n" for _, x in rl]))
+                if kind == OCCLUDED or (kind == DELEGATION and t != DS and t != NSEC):
+                    continue
+                # signed: the RRset in canonical form, then one RRSIG per key
+                pre = owire + pack_tct(t, 1, ttl)
+                if rl is None:
+                    w = rd[0]
+                    blob = pre + len(w).to_bytes(2, "big") + w
+                else:
+                    blob = b"".join([pre + len(w).to_bytes(2, "big") + w for w, _ in rl])
                 exp = (end - rand(jitter + 1) if jitter else end) & 0xFFFFFFFF
-                rrs.sig0, rrs.keys, rrs.exp = submitted + len(items), ks, exp
+                es = exps.get(exp)
+                if es is None:
+                    es = exps[exp] = _fmt_time(exp)
                 nrrsets += 1
                 if verbose >= 3:
-                    print(f"{PROG}: {node.disp.rstrip('.') or '.'}/{dns.rdatatype.to_text(rdtype)}:", file=sys.stderr)
-                for k in ks:
-                    info = k.info
-                    items.append((info.label, pack_hdr(rdtype, info.algorithm, labels, ttl, exp, inception, info.keytag) + k.signer_wire + blob))
-                    ikeys.append(k)
+                    print(f"{PROG}: {disp.rstrip('.') or '.'}/{tn}:", file=sys.stderr)
+                sh = f"{disp}\t{ttl}\tIN\tRRSIG\t"
+                mid = f" {labels} {ttl} {es} {incs} "
+                sm = None
+                if sampled:
+                    sm = [disp, t, ttl, [x for _, x in rl] if rl is not None else [rd[1]], [], items]
+                    samples.append(sm)
+                for label, alg, tag, swire, ztext, ki in (keyset_meta if (t in KEYSET_TYPES and key == okey) else zone_meta):
+                    j = len(items)
+                    items.append((label, pack_hdr(t, alg, labels, ttl, exp, inception, tag) + swire + blob))
+                    kid.append(ki)
+                    rtext = f"{tn} {alg}{mid}{tag} {ztext} "
+                    app((j, sh + rtext))
+                    if sm is not None:
+                        sm[4].append((j, rtext))
                     if verbose >= 3:
-                        print(f"{PROG}:  signing with dnskey {k.name}", file=sys.stderr)
+                        print(f"{PROG}:  signing with dnskey {keys[ki].name}", file=sys.stderr)
+            if apex_parts is not None:
+                app = tmpl.append
+                for t in sorted(apex_parts, key=lambda t: (t != SOA, t)):
+                    tmpl.extend(apex_parts[t])
             if len(items) >= BATCH:
                 submit()
-                collect(False)
-        if items:
+        if items or tmpl:
             submit()
-        progress = _Progress(submitted, sys.stderr.isatty() and submitted >= 20000)
-        collect(True)
-        progress.update(len(sigs), final=True)
-    except BaseException:
-        signer.shutdown(wait=True, cancel_futures=True)
-        if verifier is not None:
-            verifier.shutdown(wait=True, cancel_futures=True)
-        raise
-    signer.shutdown()
-    t_signed = time.monotonic()
-
-    # ---- output, written while the verifier threads finish
-    out = args.output or args.zonefile + ".signed"
-    render = _Renderer(zone, sigs, inception)
-    tmp = None
-    try:
-        if out == "-":
-            data = "".join(render.chunks())
-        else:
-            d = os.path.dirname(os.path.abspath(out))
-            fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=d)
-            with os.fdopen(fd, "wb") as f:
-                for chunk in render.chunks():
-                    f.write(chunk.encode("latin-1"))
-                f.flush()
-                os.fsync(f.fileno())
+        while inflight:
+            finish()
+        progress.update(nsigs, final=True)
+        signer.shutdown()
+        t_signed = time.monotonic()
+        if fobj is not None:
+            fobj.flush()
+            os.fsync(fobj.fileno())
+            fobj.close()
+            fobj = None
             umask = os.umask(0o22)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)
         verified = 0
         if verifier is not None:
-            bad = []
-            for a, f in vfuts:
-                bad += [a + i for i in f.result()]
+            vcollect(0)
             verifier.shutdown()
             if bad:
-                i = bad[0]
-                k = ikeys[i]
-                raise Fatal(f"post-sign verification failed: {len(bad)} signatures do not verify, first by dnskey '{k.name}' (signature #{i})")
-            verified = len(sigs)
-            _check_sample(zone, origin, order, inception, render)
+                raise Fatal(f"post-sign verification failed: {len(bad)} signatures do not verify, first by dnskey '{bad_key[0].name}' (signature #{bad[0]})")
+            verified = nsigs
+            _check_sample(origin, dk, samples, inception)
             _report_keys(dk, keys, keyset_keys, zone_keys)
         if out == "-":
-            sys.stdout.write(data)
+            sys.stdout.write(b"".join(stdout_parts).decode("latin-1"))
             sys.stdout.flush()
         else:
             os.replace(tmp, out)
@@ -538,7 +652,14 @@ def _run(args, client) -> int:
             except OSError:
                 pass
             print(out)
+    except BaseException:
+        signer.shutdown(wait=True, cancel_futures=True)
+        if verifier is not None:
+            verifier.shutdown(wait=True, cancel_futures=True)
+        raise
     finally:
+        if fobj is not None:
+            fobj.close()
         if tmp is not None:
             os.unlink(tmp)
     t_end = time.monotonic()
@@ -546,13 +667,13 @@ def _run(args, client) -> int:
         sign_t = max(t_signed - t_prep, 1e-9)
         print(f"RRsets signed:                    {nrrsets:10d}")
         print(f"{'NSEC3' if args.salt is not None else 'NSEC'} records:{'':{22 if args.salt is None else 21}}{nchain:10d}")
-        print(f"Signatures generated:             {len(sigs):10d}")
+        print(f"Signatures generated:             {nsigs:10d}")
         print(f"Signatures retained:              {0:10d}")
         print(f"Signatures dropped:               {zone.dropped:10d}")
         print(f"Signatures successfully verified: {verified:10d}")
         print(f"Signatures unsuccessfully verified: {0:8d}")
         print(f"Signing time in seconds:          {sign_t:10.3f}")
-        print(f"Signatures per second:            {len(sigs) / sign_t:10.3f}")
+        print(f"Signatures per second:            {nsigs / sign_t:10.3f}")
         print(f"Runtime in seconds:               {t_end - t0:10.3f}")
     return 0
 
@@ -594,103 +715,26 @@ def _verifier_pool(nsigs_hint: int):
     return ProcessPoolExecutor(n, mp_context=ctx)
 
 
-class _Renderer:
-    """Presentation form of nodes, their RRsets and RRSIGs."""
-
-    def __init__(self, zone: reader.Zone, sigs: list[bytes], inception: int):
-        self.zone, self.sigs = zone, sigs
-        self.incs = _fmt_time(inception)
-        self.exps: dict[int, str] = {}
-        self.tnames: dict[int, str] = {}
-
-    def tname(self, t: int) -> str:
-        tn = self.tnames.get(t)
-        if tn is None:
-            tn = self.tnames[t] = dns.rdatatype.to_text(t)
-        return tn
-
-    def rrsigs(self, node: Node, t: int, rrs: RRset) -> list[str]:
-        """RRSIG rdata texts of one RRset."""
-        es = self.exps.get(rrs.exp)
-        if es is None:
-            es = self.exps[rrs.exp] = _fmt_time(rrs.exp)
-        key = node.key
-        labels = len(key) - (1 if key and key[-1] == "*" else 0)
-        head = f"{self.tname(t)} "
-        mid = f" {labels} {rrs.ttl} {es} {self.incs} "
-        sigs, i0 = self.sigs, rrs.sig0
-        b64 = base64.b64encode
-        return [
-            f"{head}{k.info.algorithm}{mid}{k.info.keytag} {k.info.zone} {b64(sigs[i0 + j]).decode()}"
-            for j, k in enumerate(rrs.keys)
-        ]
-
-    def text(self) -> str:
-        return "".join(self.chunks())
-
-    def chunks(self, size: int = 4096):
-        """The whole zone, names in canonical order, SOA first, a few thousand lines at a time."""
-        out: list[str] = []
-        app = out.append
-        nodes = self.zone.nodes
-        apex_key = self.zone.origin_key
-        for key in sorted(nodes):
-            node = nodes[key]
-            disp = node.disp
-            rrsets = node.rrsets
-            types = sorted(rrsets)
-            if key == apex_key and SOA in rrsets:
-                types.remove(SOA)
-                types.insert(0, SOA)
-            for t in types:
-                rrs = rrsets[t]
-                head = f"{disp}\t{rrs.ttl}\tIN\t{self.tname(t)}\t"
-                rd = rrs.rdatas
-                if len(rd) == 1:
-                    for v in rd.values():
-                        app(head + v + "\n")
-                else:
-                    for w in sorted(rd):
-                        app(head + rd[w] + "\n")
-                if rrs.sig0 >= 0:
-                    sh = f"{disp}\t{rrs.ttl}\tIN\tRRSIG\t"
-                    for r in self.rrsigs(node, t, rrs):
-                        app(sh + r + "\n")
-            if len(out) >= size:
-                yield "".join(out)
-                out.clear()
-        yield "".join(out)
-
-
-def _check_sample(zone: reader.Zone, origin: dns.name.Name, order, inception: int, render: _Renderer) -> None:
+def _check_sample(origin: dns.name.Name, dk: RRset, samples: list, inception: int) -> None:
     """Re-validate a sample of RRsets with dnspython from their presentation form.
 
     The fast verifier checks the token's signatures over the signing inputs this
     program built; this checks those inputs against an independent implementation
-    of RFC 4034 canonical form: all apex RRsets, the first names and a random sample.
+    of RFC 4034 canonical form: all apex RRsets, the first names and a random sample
+    (``samples``: owner text, type, TTL, RDATA texts, RRSIG RDATA texts).
     """
-    nodes = zone.nodes
-    apex = zone.apex
-    dk = apex.rrsets[DNSKEY]
-    keyset = dns.rrset.from_text_list(origin, dk.ttl, "IN", "DNSKEY", list(dk.rdatas.values()))
-    signed = [k for k in order if nodes[k].kind != OCCLUDED]
-    rng = random.Random()
-    picks = signed[:8] + [rng.choice(signed) for _ in range(SAMPLE)]
-    for k in dict.fromkeys(picks):
-        node = nodes[k]
-        name = dns.name.from_text(node.disp)
-        for t, rrs in node.rrsets.items():
-            if rrs.sig0 < 0:
-                continue
-            rrset = dns.rrset.from_text_list(name, rrs.ttl, "IN", t, list(rrs.rdatas.values()))
-            rrsigs = dns.rrset.from_text_list(name, rrs.ttl, "IN", "RRSIG", render.rrsigs(node, t, rrs))
-            for sig in rrsigs:
-                try:
-                    dns.dnssec.validate_rrsig(rrset, sig, {origin: keyset}, now=inception + 1)
-                except dns.dnssec.ValidationFailure as e:
-                    raise Fatal(
-                        f"post-sign verification failed for {node.disp}/{dns.rdatatype.to_text(t)}: {e}"
-                    ) from None
+    keyset = dns.rrset.from_text_list(origin, dk.ttl, "IN", "DNSKEY", [x for _, x in dk.items()])
+    for disp, t, ttl, texts, rrsig_texts, _ in samples:
+        name = dns.name.from_text(disp)
+        rrset = dns.rrset.from_text_list(name, ttl, "IN", t, texts)
+        rrsigs = dns.rrset.from_text_list(name, ttl, "IN", "RRSIG", rrsig_texts)
+        for sig in rrsigs:
+            try:
+                dns.dnssec.validate_rrsig(rrset, sig, {origin: keyset}, now=inception + 1)
+            except dns.dnssec.ValidationFailure as e:
+                raise Fatal(
+                    f"post-sign verification failed for {disp}/{dns.rdatatype.to_text(t)}: {e}"
+                ) from None
 
 
 def _report_keys(dk: RRset, keys, keyset_keys, zone_keys) -> None:
@@ -698,7 +742,7 @@ def _report_keys(dk: RRset, keys, keyset_keys, zone_keys) -> None:
     names = [dns.dnssec.algorithm_to_text(a) for a in algs]
     print(f"Verifying the zone using the following algorithms: {' '.join(names)}.", file=sys.stderr)
     print("Zone fully signed:", file=sys.stderr)
-    present = [dns.rdata.from_wire(dns.rdataclass.IN, DNSKEY, w, 0, len(w)) for w in dk.rdatas]
+    present = [dns.rdata.from_wire(dns.rdataclass.IN, DNSKEY, w, 0, len(w)) for w, _ in dk.items()]
     for alg, name in zip(algs, names):
         active_k = {k.info.keytag for k in keyset_keys if k.info.algorithm == alg and k.info.flags & 1}
         active_z = {k.info.keytag for k in zone_keys if k.info.algorithm == alg and not k.info.flags & 1}

@@ -47,17 +47,52 @@ class _Generate(Exception):
 
 
 class RRset:
-    __slots__ = ("ttl", "rdatas", "line", "sig0", "keys", "exp")
+    """One RRset: its TTL and RRs, compactly (most RRsets hold a single RR).
+
+    ``rd`` is ``(wire, text)`` for one RR, else a dict canonical wire -> presentation text.
+    """
+
+    __slots__ = ("ttl", "rd", "line")
 
     def __init__(self, ttl: int, line: int = 0):
         self.ttl = ttl
-        self.rdatas: dict[bytes, str] = {}  # canonical wire -> presentation text
+        self.rd: tuple | dict | None = None
         self.line = line
-        # set by the signer: index of its first signature, the keys that sign it
-        # (one signature each, in order) and the expiration time used
-        self.sig0 = -1
-        self.keys: tuple = ()
-        self.exp = 0
+
+    def add(self, wire: bytes, text: str) -> None:
+        rd = self.rd
+        if rd is None:
+            self.rd = (wire, text)
+        elif type(rd) is tuple:
+            if rd[0] != wire:
+                self.rd = {rd[0]: rd[1], wire: text}
+        else:
+            rd.setdefault(wire, text)
+
+    def __len__(self) -> int:
+        rd = self.rd
+        return 0 if rd is None else 1 if type(rd) is tuple else len(rd)
+
+    @property
+    def rdatas(self) -> dict[bytes, str]:
+        """Canonical wire -> presentation text (a copy for a single RR)."""
+        rd = self.rd
+        if rd is None:
+            return {}
+        return {rd[0]: rd[1]} if type(rd) is tuple else rd
+
+    @rdatas.setter
+    def rdatas(self, d: dict[bytes, str]) -> None:
+        self.rd = None
+        for w, t in d.items():
+            self.add(w, t)
+
+    def items(self) -> list[tuple[bytes, str]]:
+        """(wire, text) pairs in canonical (wire) order."""
+        rd = self.rd
+        if rd is None:
+            return []
+        return [rd] if type(rd) is tuple else sorted(rd.items())
 
 
 AUTH, DELEGATION, OCCLUDED = 0, 1, 2
@@ -100,7 +135,7 @@ def name_key(name: dns.name.Name) -> tuple:
 
 def key_wire(key: tuple) -> bytes:
     """Canonical (lower-case, uncompressed) wire form of a name key."""
-    return b"".join(bytes((len(lb),)) + lb.encode("latin-1") for lb in reversed(key)) + b"\0"
+    return ("".join([chr(len(lb)) + lb for lb in reversed(key)]) + "\0").encode("latin-1")
 
 
 def key_text(key: tuple) -> str:
@@ -123,7 +158,8 @@ class _Names:
         if tok == "@":
             r = (okey, otext)
         elif "." not in tok and "\\" not in tok and tok.isascii() and 0 < len(tok) < 64 and len(otext) + len(tok) < 254:
-            r = (okey + (tok.lower(),), tok + "." + otext if otext != "." else tok + ".")
+            # cheap to build and usually unique (owner names): not cached
+            return (okey + (tok.lower(),), tok + "." + otext if otext != "." else tok + ".")
         elif tok.isascii() and "\\" not in tok:
             if tok.endswith("."):
                 labels = tok[:-1].split(".") if tok != "." else []
@@ -317,7 +353,7 @@ class _Reader:
                         rrs = owner.rrsets[rdtype] = RRset(ttl, lineno)
                     elif ttl < rrs.ttl:
                         rrs.ttl = ttl
-                    rrs.rdatas.setdefault(wire, rtext)
+                    rrs.add(wire, rtext)
                 except (ZoneError, _Generate):
                     raise
                 except (ValueError, dns.exception.DNSException, OSError, IndexError) as e:
@@ -403,7 +439,7 @@ def from_dnspython(path: str, origin: dns.name.Name) -> Zone:
                 continue
             rrs = n.rrsets[int(rds.rdtype)] = RRset(rds.ttl)
             for rd in rds:
-                rrs.rdatas.setdefault(rd.to_digestable(origin), rd.to_text())
+                rrs.add(rd.to_digestable(origin), rd.to_text())
     check(zone)
     return zone
 
@@ -415,7 +451,7 @@ def check(zone: Zone) -> None:
     if apex is None or SOA not in apex.rrsets:
         raise ZoneError(f"{f}: no SOA record at the zone apex {zone.origin_text}")
     soa = apex.rrsets[SOA]
-    if len(soa.rdatas) != 1:
+    if len(soa) != 1:
         raise ZoneError(f"{f}:{soa.line}: more than one SOA record at the apex")
     if NS not in apex.rrsets:
         raise ZoneError(f"{f}: no NS records at the zone apex {zone.origin_text}")
