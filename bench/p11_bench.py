@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds per row (default 5)")
     ap.add_argument("--clients", default="1,2,8,32", help="concurrent client processes per row")
+    ap.add_argument("--kinds", default="rsa,ec", help="rows to run: rsa, ec or both (default rsa,ec)")
+    ap.add_argument("--only", choices=("cryptobat", "softhsm"), help="measure one side only")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     a = ap.parse_args(argv)
     counts = [int(x) for x in a.clients.split(",")]
@@ -191,10 +193,16 @@ def main(argv: list[str] | None = None) -> int:
         targets = {"cryptobat": (f"unix:path={home / 'pkcs11.sock'}", {"rsa": "full", "ec": "bound"}),
                    "softhsm": (f"unix:path={sock}", {"rsa": "full", "ec": "hash"})}
         rows = []
+        kinds = a.kinds.split(",")
         for kind, name in (("rsa", "RSA-2048 SHA256-RSA-PKCS"), ("ec", "ECDSA P-256 (digest+ECDSA)")):
+            if kind not in kinds:
+                continue
             for n in counts:
                 row = {"mech": name, "clients": n}
                 for t, (addr, flows) in targets.items():
+                    if a.only and t != a.only:
+                        row[t] = {"rate": 0.0, "errors": 0, "failed_clients": 0, "first": None}
+                        continue
                     row[t] = run_row(module, addr, kind, flows[kind], data[kind], n, a.seconds)
                 rows.append(row)
                 c, s = row["cryptobat"], row["softhsm"]

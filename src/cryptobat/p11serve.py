@@ -27,6 +27,7 @@ class ServiceBackend:
     def __init__(self, service: Service) -> None:
         self.s = service
         self.t = service.token
+        self._keys: tuple[object, list[KeyInfo]] | None = None  # (token.state it was read from, keys)
 
     def info(self) -> dict:
         return self.s.call(self.t.info)
@@ -41,7 +42,20 @@ class ServiceBackend:
         return ok
 
     def keys(self) -> list[KeyInfo]:
-        return self.s.call(self.t.keys)
+        """The token's keys; the same list object while the token state is unchanged (do not modify).
+
+        Every token state change replaces ``token.state`` with a new dict (Token._change), so
+        comparing its identity is an exact invalidation test; the cached entry holds the old
+        state alive, so a new one can never reuse its id.
+        """
+        cached = self._keys
+        if cached is not None and cached[0] is self.t.state:
+            return cached[1]
+        with self.s.lock:
+            state = self.t.state
+            keys = self.t.keys()
+        self._keys = (state, keys)
+        return keys
 
     def timed_sign(self, items: list[tuple[str, bytes]]) -> list[SignResult]:
         return self.s.timed_sign(items)

@@ -82,6 +82,7 @@ class Token:
         self.limiter = policy.RateLimiter()
         self._pin_key = os.urandom(32)
         self._pin_ok: tuple[str, bytes] | None = None
+        self._sign_keys: dict[str, tuple[dict, SignKey]] = {}  # label -> (state record, SignKey of it)
         self._last_flush = mono()
         self._mono = mono
         self.started = mono()
@@ -357,15 +358,30 @@ class Token:
     def policy(self) -> policy.Policy:
         return policy.Policy(self.state["max_validity"], self.clock.tampered or self.state["clock"]["tampered"])
 
+    def _sign_key(self, label: str) -> SignKey | None:
+        """The SignKey of the current record for ``label``; rebuilt whenever the record object changes
+        (every state change deep-copies the records), so it is always derived from the current state."""
+        recs = self.state["keys"]
+        rec = recs.get(label)
+        if rec is None:
+            return None
+        cached = self._sign_keys.get(label)
+        if cached is None or cached[0] is not rec:
+            if len(self._sign_keys) > 2 * len(recs) + 16:
+                self._sign_keys.clear()
+            info = keystore.info_of(rec)
+            cached = self._sign_keys[label] = (rec, SignKey(info, keystore.zone_wire(info.zone),
+                                                            bytes.fromhex(rec["blob"])))
+        return cached[1]
+
     def sign_job(self, items: Sequence[tuple[str, bytes]]) -> Job:
         now = self.now()
         wanted = {label for label, _ in items}
         keys = {}
         for label in wanted:
-            rec = self.state["keys"].get(label)
-            if rec is not None:
-                info = keystore.info_of(rec)
-                keys[label] = SignKey(info, keystore.zone_wire(info.zone), bytes.fromhex(rec["blob"]))
+            key = self._sign_key(label)
+            if key is not None:
+                keys[label] = key
         return Job(self.policy(), now, keys, items)
 
     def timed_sign(self, items: Sequence[tuple[str, bytes]]) -> list[SignResult]:
@@ -397,16 +413,15 @@ class Token:
     def sign_digest(self, label: str, digest: bytes, mechanism: str, bound: bool) -> SignResult:
         """Hash-only signing for PKCS#11 clients; see :func:`cryptobat.policy.check_digest`."""
         job = self.sign_job([])
-        rec = self.state["keys"].get(label)
-        if rec is None:
+        key = self._sign_key(label)
+        if key is None:
             return SignResult(reason=f"no key labelled {label!r}")
-        info = keystore.info_of(rec)
+        info = key.info
         try:
             raw = policy.check_digest(info, digest, mechanism, bound, job.policy, self.limiter, self._mono())
         except CryptobatError as e:
             result = SignResult(reason=str(e))
         else:
-            key = SignKey(info, keystore.zone_wire(info.zone), bytes.fromhex(rec["blob"]))
             result = SignResult(signature=self.engine.cache.get(label, key).sign_digest(raw))
         self.account([result], compat=not bound)
         return result

@@ -76,30 +76,53 @@ def value_kind(attr_type: int, version: int) -> str:
     return "bytes"
 
 
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_unpack32 = _U32.unpack_from
+_unpack64 = _U64.unpack_from
+_pack32 = _U32.pack
+_pack64 = _U64.pack
+
+
 class Reader:
+    __slots__ = ("data", "pos", "end", "version")
+
     def __init__(self, data: bytes, version: int = 0) -> None:
-        self.data = memoryview(bytes(data))
+        self.data = bytes(data)  # no copy when already bytes; slices below are the only copies
         self.pos = 0
+        self.end = len(self.data)
         self.version = version
 
     def remaining(self) -> int:
-        return len(self.data) - self.pos
+        return self.end - self.pos
 
     def take(self, n: int) -> bytes:
-        if n < 0 or n > self.remaining():
+        p = self.pos
+        if n < 0 or p + n > self.end:
             raise RpcError("message too short")
-        b = bytes(self.data[self.pos:self.pos + n])
-        self.pos += n
-        return b
+        self.pos = p + n
+        return self.data[p:p + n]
 
     def byte(self) -> int:
-        return self.take(1)[0]
+        p = self.pos
+        if p >= self.end:
+            raise RpcError("message too short")
+        self.pos = p + 1
+        return self.data[p]
 
     def u32(self) -> int:
-        return struct.unpack(">I", self.take(4))[0]
+        p = self.pos
+        if p + 4 > self.end:
+            raise RpcError("message too short")
+        self.pos = p + 4
+        return _unpack32(self.data, p)[0]
 
     def u64(self) -> int:
-        return struct.unpack(">Q", self.take(8))[0]
+        p = self.pos
+        if p + 8 > self.end:
+            raise RpcError("message too short")
+        self.pos = p + 8
+        return _unpack64(self.data, p)[0]
 
     def raw_array(self) -> bytes | None:
         n = self.u32()
@@ -186,41 +209,42 @@ class Reader:
 
     def read(self, sig: str) -> list[Any]:
         """Decode arguments following a call signature string."""
-        out: list[Any] = []
-        i = 0
-        while i < len(sig):
-            c = sig[i]
-            if c in "af":
-                pair = sig[i:i + 2]
-                i += 2
-                if pair == "ay":
-                    out.append(self.byte_array())
-                elif pair == "aA":
-                    out.append(self.attributes())
-                elif pair in ("fy", "fu"):
-                    out.append(self.buffer())
-                elif pair == "fA":
-                    out.append(self.attribute_buffer())
-                else:
-                    raise RpcError(f"unsupported signature part {pair}")
-                continue
-            i += 1
-            if c == "y":
-                out.append(self.byte())
-            elif c == "u":
-                out.append(self.u64())
-            elif c in "zs":
-                out.append(self.raw_array() or b"")
-            elif c == "v":
-                out.append((self.byte(), self.byte()))
-            elif c == "M":
-                out.append(self.mechanism())
-            else:
-                raise RpcError(f"unsupported signature part {c}")
-        return out
+        plan = _READ_PLANS.get(sig)
+        if plan is None:
+            plan = _READ_PLANS[sig] = _read_plan(sig)
+        return [f(self) for f in plan]
+
+
+_READ_PARTS = {"ay": Reader.byte_array, "aA": Reader.attributes, "fy": Reader.buffer, "fu": Reader.buffer,
+               "fA": Reader.attribute_buffer, "y": Reader.byte, "u": Reader.u64,
+               "z": lambda r: r.raw_array() or b"", "s": lambda r: r.raw_array() or b"",
+               "v": lambda r: (r.byte(), r.byte()), "M": Reader.mechanism}
+_READ_PLANS: dict[str, tuple] = {}
+
+
+def _read_plan(sig: str) -> tuple:
+    """The decoding steps of a signature, or a plan that raises at the first unsupported part."""
+    plan: list = []
+    i = 0
+    while i < len(sig):
+        part = sig[i:i + 2] if sig[i] in "af" else sig[i]
+        i += len(part)
+        f = _READ_PARTS.get(part)
+        if f is None:
+            def bad(r: Reader, part: str = part) -> Any:
+                raise RpcError(f"unsupported signature part {part}")
+            plan.append(bad)
+            break
+        plan.append(f)
+    return tuple(plan)
+
+
+_BYTES = tuple(bytes([i]) for i in range(256))
 
 
 class Writer:
+    __slots__ = ("parts", "version")
+
     def __init__(self, version: int = 0) -> None:
         self.parts: list[bytes] = []
         self.version = version
@@ -229,13 +253,13 @@ class Writer:
         return b"".join(self.parts)
 
     def byte(self, v: int) -> None:
-        self.parts.append(bytes([v & 0xFF]))
+        self.parts.append(_BYTES[v & 0xFF])
 
     def u32(self, v: int) -> None:
-        self.parts.append(struct.pack(">I", v & 0xFFFFFFFF))
+        self.parts.append(_pack32(v & 0xFFFFFFFF))
 
     def u64(self, v: int) -> None:
-        self.parts.append(struct.pack(">Q", v & 0xFFFFFFFFFFFFFFFF))
+        self.parts.append(_pack64(v & 0xFFFFFFFFFFFFFFFF))
 
     def raw_array(self, b: bytes | None) -> None:
         if b is None:
@@ -371,6 +395,9 @@ class Request:
     args: list[Any] = field(default_factory=list)
 
 
+_REQUEST_SIGS = {c.id: c.request.encode() for c in CALLS}
+
+
 def parse_request(body: bytes, version: int = 0) -> Request:
     """Decode a request body; the signature must match the call table exactly."""
     r = Reader(body, version)
@@ -378,18 +405,26 @@ def parse_request(body: bytes, version: int = 0) -> Request:
     if call is None:
         raise RpcError("unknown call id")
     sig = r.raw_array()
-    if sig is None or sig != call.request.encode():
+    if sig is None or sig != _REQUEST_SIGS[call.id]:
         raise RpcError("signature mismatch")
     args = r.read(call.request)
-    if r.remaining():
+    if r.pos != r.end:
         raise RpcError("trailing bytes after arguments")
     return Request(call, args)
 
 
+_PREFIXES: dict[tuple[int, str], bytes] = {}
+
+
 def encode_message(call: Call, sig: str, values: list[Any], version: int = 0) -> bytes:
+    prefix = _PREFIXES.get((call.id, sig))
+    if prefix is None:
+        b = sig.encode()
+        prefix = _PREFIXES[(call.id, sig)] = _pack32(call.id) + _pack32(len(b)) + b
+    if not sig:
+        return prefix
     w = Writer(version)
-    w.u32(call.id)
-    w.raw_array(sig.encode())
+    w.parts.append(prefix)
     w.write(sig, values)
     return w.getvalue()
 
@@ -404,8 +439,11 @@ def encode_response(call: Call, values: list[Any], version: int = 0) -> bytes:
     return encode_message(call, call.response, values, version)
 
 
+_ERROR_PREFIX = _pack32(0) + _pack32(1) + b"u"
+
+
 def encode_error(ckr: int) -> bytes:
-    return encode_message(CALLS[0], "u", [ckr])
+    return _ERROR_PREFIX + _pack64(ckr & 0xFFFFFFFFFFFFFFFF)
 
 
 def parse_response(body: bytes, call: Call, version: int = 0) -> tuple[int, list[Any]]:

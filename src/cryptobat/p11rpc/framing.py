@@ -31,6 +31,8 @@ def negotiate(offered: int) -> int:
 
 
 def encode_frame(code: int, body: bytes, options: bytes = b"") -> bytes:
+    if not options:
+        return HEADER.pack(code, 0, len(body)) + body
     return HEADER.pack(code, len(options), len(body)) + options + body
 
 
@@ -41,6 +43,11 @@ class FrameDecoder:
         self.buf = bytearray()
 
     def feed(self, data: bytes) -> list[Frame]:
+        if not self.buf and len(data) >= HEADER.size:  # the usual case: exactly one whole frame
+            code, olen, blen = HEADER.unpack_from(data)
+            if code and olen <= MAX_OPTIONS and blen <= MAX_BODY and len(data) == HEADER.size + olen + blen:
+                data = bytes(data)
+                return [Frame(code, data[HEADER.size:HEADER.size + olen], data[HEADER.size + olen:])]
         self.buf += data
         frames: list[Frame] = []
         while len(self.buf) >= HEADER.size:

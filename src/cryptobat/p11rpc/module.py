@@ -177,6 +177,8 @@ class Module:
     def __init__(self, backend: Backend, locked: Callable[[Callable[[], Any]], Any] | None = None):
         self.backend = backend
         self.locked = locked or (lambda f: f())
+        self._direct = locked is None
+        self._seen: tuple[Any, bool, dict[int, tuple[KeyInfo, bool]]] | None = None  # keys(), login, objects
         self.initialized = False
         self.logged_in = False
         self.sessions: dict[int, Session] = {}
@@ -198,6 +200,8 @@ class Module:
         return fn(*args)
 
     def _b(self, fn: Callable[..., Any], *a: Any) -> Any:
+        if self._direct:
+            return fn(*a)
         return self.locked(lambda: fn(*a))
 
     def _session(self, h: int) -> Session:
@@ -211,9 +215,17 @@ class Module:
             raise P11Error(C.CKR_SLOT_ID_INVALID)
 
     def _objects(self) -> dict[int, tuple[KeyInfo, bool]]:
-        """handle -> (key, is_private) for every object this client may currently see."""
+        """handle -> (key, is_private) for every object this client may currently see.
+
+        A backend may return the very same list while its keys are unchanged (ServiceBackend
+        caches it); the object map is then reused.  Callers must not modify the result.
+        """
+        keys = self._b(self.backend.keys)
+        seen = self._seen
+        if seen is not None and seen[0] is keys and seen[1] == self.logged_in:
+            return seen[2]
         out: dict[int, tuple[KeyInfo, bool]] = {}
-        for k in self._b(self.backend.keys):
+        for k in keys:
             base = self.handles.get(k.label)
             if base is None:
                 base = self.handles[k.label] = self.next_handle
@@ -221,6 +233,7 @@ class Module:
             out[base + 1] = (k, False)
             if self.logged_in:
                 out[base] = (k, True)
+        self._seen = (keys, self.logged_in, out)
         return out
 
     def _object(self, h: int) -> tuple[KeyInfo, bool]:

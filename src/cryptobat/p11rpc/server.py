@@ -11,12 +11,19 @@ import logging
 from typing import Any, Callable
 
 from . import constants as C
+from .calls import CALLS
 from .backend import Backend
 from .codec import RpcError, encode_error, encode_response, parse_request
 from .framing import FrameDecoder, encode_frame, negotiate
 from .module import Module, P11Error
 
 log = logging.getLogger(__name__)
+
+# Calls that may take long (scrypt, key generation, store writes, big random requests):
+# socket front ends run these off their event loop.
+SLOW_CALLS = frozenset(c.id for c in CALLS if c.name in (
+    "C_Login", "C_LoginUser", "C_InitToken", "C_InitToken2", "C_InitPIN", "C_SetPIN", "C_GenerateKey",
+    "C_GenerateKeyPair", "C_DestroyObject", "C_GenerateRandom", "C_CreateObject", "C_CopyObject"))
 
 
 class Connection:
@@ -43,6 +50,9 @@ class Connection:
             log.warning("closing p11rpc connection: %s", e)
             self.closed = True
             return bytes(out)
+        if len(frames) == 1 and not out:
+            f = frames[0]
+            return encode_frame(f.code, self.handle(f.body))
         for f in frames:
             out += encode_frame(f.code, self.handle(f.body))
         return bytes(out)
@@ -62,6 +72,21 @@ class Connection:
         except Exception:  # a backend failure must not take the connection down
             log.exception("p11rpc %s failed", req.call.name)
             return encode_error(C.CKR_GENERAL_ERROR)
+
+    def slow(self, data: bytes) -> bool:
+        """Whether the first call starting in ``self.frames`` buffer + ``data`` is in SLOW_CALLS."""
+        if self.closed:
+            return False
+        buf = self.frames.buf
+        head = bytes(buf[:4112]) + bytes(data[:4113]) if buf else data
+        if self.version is None:
+            head = head[1:]
+        if len(head) < 16:
+            return False
+        olen = int.from_bytes(head[4:8], "big")
+        if len(head) < 16 + olen:
+            return False
+        return int.from_bytes(head[12 + olen:16 + olen], "big") in SLOW_CALLS
 
     def close(self) -> None:
         self.closed = True
