@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 c, s = row["cryptobat"], row["softhsm"]
                 print(f"  {name:<28} {n:>3} clients: cryptobat {c['rate']:8.1f}/s  softhsm {s['rate']:8.1f}/s",
                       file=sys.stderr, flush=True)
-        print(f"\n| mechanism | clients | cryptobat sig/s | SoftHSMv2 sig/s | ratio | failures (cryptobat / softhsm) |")
+        print("\n| mechanism | clients | cryptobat sig/s | SoftHSMv2 sig/s | ratio | failures (cryptobat / softhsm) |")
         print("|---|---:|---:|---:|---:|---|")
         for r in rows:
             c, s = r["cryptobat"], r["softhsm"]

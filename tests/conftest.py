@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dns.name
@@ -121,3 +123,45 @@ def clocked(tmp_path):
     c = Clocked(tmp_path / "clocked")
     yield c
     c.token.close()
+
+
+class Daemon:
+    """`cryptobat serve` in a subprocess, up once its sockets (and the pty link, with --pty) exist."""
+
+    def __init__(self, home: Path, *args: str) -> None:
+        self.home = home
+        self.p = subprocess.Popen([sys.executable, "-m", "cryptobat", "--home", str(home), "serve", *args],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        want = [home / "native.sock", home / "console.sock"]
+        want += [] if "--no-pkcs11" in args else [home / "pkcs11.sock"]
+        want += [home / "console.pty"] if "--pty" in args else []
+        deadline = time.time() + 20
+        while not all(p.exists() for p in want):
+            if time.time() > deadline or self.p.poll() is not None:
+                self.p.kill()
+                raise RuntimeError(f"daemon did not start: {self.p.stderr.read()}")
+            time.sleep(0.05)
+        self.p11 = home / "pkcs11.sock"
+        self.address = f"unix:path={self.p11}"
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()

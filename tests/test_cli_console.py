@@ -3,19 +3,16 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
 import tty
-from pathlib import Path
 
 import pexpect
 import pyotp
 import pytest
 
 from cryptobat.client import SocketClient, connect
-from conftest import cli
+from conftest import Daemon, cli
 from test_policy import payload
 
 CODE_STEP = 30
@@ -122,27 +119,6 @@ def test_passphrase_prompt_does_not_echo(tmp_path):
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
-
-
-class Daemon:
-    """`cryptobat serve` in a subprocess, up once its sockets (and pty link) exist."""
-
-    def __init__(self, home: Path, *args: str) -> None:
-        self.home = home
-        self.p = subprocess.Popen([sys.executable, "-m", "cryptobat", "--home", str(home), "serve", *args],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        want = [home / "native.sock", home / "console.sock"] + ([home / "console.pty"] if "--pty" in args else [])
-        deadline = time.time() + 20
-        while not all(p.exists() for p in want):
-            if time.time() > deadline or self.p.poll() is not None:
-                self.p.kill()
-                raise RuntimeError(f"daemon did not start: {self.p.stderr.read()}")
-            time.sleep(0.05)
-        time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.p.send_signal(signal.SIGTERM)
-        self.p.wait(timeout=20)
 
 
 @pytest.fixture

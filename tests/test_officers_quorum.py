@@ -1,14 +1,11 @@
 """Officers, two factors, replay, lockout, presence and the quorum every change needs."""
 from __future__ import annotations
 
-import sqlite3
 
 import pyotp
 import pytest
 
 from cryptobat import officers as off
-from cryptobat.console import Console
-from conftest import Officers
 
 # RFC 6238 Appendix B, SHA-1, seed "12345678901234567890"; our codes are the 6-digit truncation.
 RFC6238_SHA1 = [(59, "94287082"), (1111111109, "07081804"), (1111111111, "14050471"),

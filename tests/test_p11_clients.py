@@ -29,9 +29,9 @@ from cryptobat.p11rpc import constants as C
 from cryptobat.p11rpc.calls import BY_NAME
 from cryptobat.p11rpc.codec import encode_request, parse_response
 from cryptobat.p11rpc.framing import HEADER, FrameDecoder, encode_frame
-from cryptobat.p11rpc.module import HANDSHAKE, SLOT_ID, verify_signature
+from cryptobat.p11rpc.module import HANDSHAKE, SLOT_ID
 from conftest import cli, signing_data, validate
-from test_p11rpc_backend import PIN, Daemon, client_module, make_signing_data, setup_home
+from test_p11rpc_backend import PIN, Daemon, client_module, setup_home
 from test_p11rpc_server import corpus_files, valid_requests
 
 KEYS = (("8", "k8"), ("13", "k13"), ("13", "c13"), ("14", "k14"), ("15", "k15"))

@@ -9,13 +9,13 @@ drives its console socket.
 """
 from __future__ import annotations
 
+import conftest
+
 import glob
 import os
-import signal
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -162,35 +162,12 @@ class ConsoleSocket:
         self.s.close()
 
 
-class Daemon:
-    """`cryptobat serve` in a subprocess on a configured home, with PKCS#11 on HOME/pkcs11.sock."""
+class Daemon(conftest.Daemon):
+    """The daemon on a home set up by :func:`setup_home`, whose officers can form a quorum."""
 
     def __init__(self, home: Path, codes: OfficerCodes, *args: str) -> None:
-        self.home, self.codes = home, codes
-        self.p = subprocess.Popen([sys.executable, "-m", "cryptobat", "--home", str(home), "serve", *args],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        want = [home / "native.sock", home / "console.sock", home / "pkcs11.sock"]
-        deadline = time.time() + 20
-        while not all(p.exists() for p in want):
-            if time.time() > deadline or self.p.poll() is not None:
-                self.p.kill()
-                raise RuntimeError(f"daemon did not start: {self.p.stderr.read()}")
-            time.sleep(0.05)
-        self.p11 = home / "pkcs11.sock"
-        self.address = f"unix:path={self.p11}"
-
-    @property
-    def pid(self) -> int:
-        return self.p.pid
-
-    def alive(self) -> bool:
-        return self.p.poll() is None
-
-    def rss_kb(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
+        self.codes = codes
+        super().__init__(home, *args)
 
     def quorum(self, *lines: str) -> list[str]:
         c = ConsoleSocket(self.home / "console.sock")
@@ -201,15 +178,6 @@ class Daemon:
             return [c.cmd(l) for l in lines]
         finally:
             c.close()
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
 
 
 def test_real_token_backend_satisfies_protocol(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import math
-import os
 import random
 import struct
 from dataclasses import dataclass, field

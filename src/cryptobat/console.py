@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import calendar
 import io
-import os
 import secrets
 import shlex
 import time

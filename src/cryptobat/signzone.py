@@ -40,7 +40,7 @@ from cryptography.exceptions import InvalidSignature
 from .zonesign import keys as zkeys
 from .zonesign import reader
 from .zonesign.reader import (
-    AUTH, DELEGATION, DNAME, DNSKEY, NS, NSEC, NSEC3, NSEC3PARAM, OCCLUDED, RRSIG, SOA,
+    DELEGATION, DNAME, DNSKEY, NS, NSEC, NSEC3, NSEC3PARAM, OCCLUDED, RRSIG, SOA,
     Node, RRset, ZoneError, key_text, key_wire,
 )
 
@@ -332,7 +332,6 @@ def main(argv: list[str] | None = None, client=None) -> int:
 
 def _run(args, client) -> int:
     t0 = time.monotonic()
-    verbose = args.verbose
     try:
         origin = dns.name.from_text(args.origin or os.path.basename(args.zonefile))
     except dns.exception.DNSException as e:
