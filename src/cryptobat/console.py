@@ -9,7 +9,6 @@ adapter can turn off echo; it is never logged.
 """
 from __future__ import annotations
 
-import calendar
 import io
 import secrets
 import shlex
@@ -20,6 +19,7 @@ import segno
 
 from . import __version__, keystore
 from .errors import CryptobatError
+from .timespec import parse_time
 from .token import Token, code_hash
 
 HELP = """\
@@ -59,19 +59,6 @@ def format_date(now: int) -> str:
 
 def hexdump(data: bytes) -> str:
     return "".join(" " + " ".join(f"{b:02X}" for b in data[i:i + 16]) + "\n" for i in range(0, len(data), 16))
-
-
-def parse_time(text: str, now: int) -> int:
-    if text == "now":
-        return now
-    if len(text) == 14 and text.isdigit():
-        try:
-            return calendar.timegm(time.strptime(text, "%Y%m%d%H%M%S"))
-        except ValueError:
-            raise CryptobatError(f"bad time {text}") from None
-    if text.isdigit():
-        return int(text)
-    raise CryptobatError("time is EPOCH, YYYYMMDDHHMMSS or now")
 
 
 def qr_text(uri: str) -> str:
@@ -250,7 +237,8 @@ class Console:
 
     def do_settime(self, args: list[str]) -> str:
         t, = _want(args, 1)
-        when = parse_time(t, int(time.time()))
+        now = int(time.time())
+        when = parse_time(t, now, now)
         self.token.settime(when)
         return f" Token time set\n{format_date(self.token.now())}"
 

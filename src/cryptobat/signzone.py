@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import calendar
 import hashlib
 import os
 import random
@@ -37,6 +36,9 @@ import dns.rdatatype
 import dns.rrset
 from cryptography.exceptions import InvalidSignature
 
+from .errors import CryptobatError
+from .policy import serial_gt
+from .timespec import parse_time
 from .zonesign import keys as zkeys
 from .zonesign import reader
 from .zonesign.reader import (
@@ -54,8 +56,8 @@ MAX_INFLIGHT = 2  # signing batches at the token at once (one signing, one queue
 SAMPLE = 24  # RRsets re-validated with dns.dnssec.validate from the text form
 
 
-class Fatal(Exception):
-    pass
+class Fatal(CryptobatError):
+    """Ends the run with one ``fatal:`` line."""
 
 
 # ---------------------------------------------------------------- options
@@ -87,41 +89,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_duration(s: str) -> int:
-    if s.isdigit():
-        return int(s)
-    import dns.ttl
-
-    try:
-        return dns.ttl.from_text(s)
-    except dns.exception.DNSException:
-        raise Fatal(f"invalid time offset {s!r}") from None
-
-
-def parse_time(s: str, base: int, now: int) -> int:
-    """BIND's time syntax: YYYYMMDDHHMMSS, epoch seconds, +N (from base), now, now+N."""
-    s = s.strip()
-    if s == "now":
-        return now
-    if s.startswith("now+"):
-        return now + parse_duration(s[4:])
-    if s.startswith("+"):
-        return base + parse_duration(s[1:])
-    if len(s) == 14 and s.isdigit():
-        try:
-            return calendar.timegm(time.strptime(s, "%Y%m%d%H%M%S"))
-        except ValueError:
-            raise Fatal(f"invalid time {s!r}") from None
-    if s.isdigit():
-        return int(s)
-    raise Fatal(f"invalid time {s!r}")
-
-
-def _newer(new: int, old: int) -> bool:
-    d = (new - old) & 0xFFFFFFFF
-    return 0 < d < 0x80000000
-
-
 def new_serial(old: int, method: str, now: int) -> int:
     if method == "keep":
         return old
@@ -131,7 +98,7 @@ def new_serial(old: int, method: str, now: int) -> int:
         new = now & 0xFFFFFFFF
     else:
         new = int(time.strftime("%Y%m%d", time.gmtime(now))) * 100
-    if not _newer(new, old):
+    if not serial_gt(new, old):
         new = (old + 1) & 0xFFFFFFFF
     return new or 1
 
@@ -319,10 +286,7 @@ def main(argv: list[str] | None = None, client=None) -> int:
 
             client = connect(args.hsm, args.home)
         return _run(args, client)
-    except Fatal as e:
-        print(f"{PROG}: fatal: {e}", file=sys.stderr)
-        return 1
-    except ZoneError as e:
+    except (CryptobatError, ZoneError) as e:
         print(f"{PROG}: fatal: {e}", file=sys.stderr)
         return 1
     finally:
