@@ -206,7 +206,8 @@ def test_kill_9_during_writes_never_loses_or_mixes_state(tmp_path):
             sig_entries = [json.loads(e) for e in t.audit_tail(10**6) if '"event":"sign"' in e]
             assert t.counters()["signatures"] == sum(e["signatures"] for e in sig_entries)
             assert t.counters()["signatures"] % 64 == 0
-            assert t.counters()["signatures"] // 64 in (ticks, ticks + 1)
+            # each killed writer may have committed its last batch but not the tick after it
+            assert ticks <= t.counters()["signatures"] // 64 <= ticks + round_ + 1
         finally:
             t.close()
     assert ticks >= 16  # every writer got into its stream of commits before it was killed
