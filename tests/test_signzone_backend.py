@@ -83,19 +83,12 @@ def rsa_private_file(path: Path, flags: int, keytag: int) -> Path:
     (found by varying the public exponent)."""
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    base = rsa.generate_private_key(65537, 2048).private_numbers()
-    p, q = base.p, base.q
-    lam = math.lcm(p - 1, q - 1)
-    n = (p * q).to_bytes(256, "big")
-    nsum = (_wsum(n, False), _wsum(n, True))
-    e = 65537
-    while True:
-        e += 2
-        eb = e.to_bytes((e.bit_length() + 7) // 8, "big")
-        head = struct.pack("!HBB", flags, 3, 8) + bytes([len(eb)]) + eb
-        ac = _wsum(head, False) + nsum[len(head) % 2]
-        if (ac + (ac >> 16)) & 0xFFFF == keytag and math.gcd(e, lam) == 1:
+    for _ in range(20):  # a fresh modulus if no exponent of this one fits
+        e, p, q, lam = _exponent_for(rsa.generate_private_key(65537, 2048).private_numbers(), flags, keytag)
+        if e:
             break
+    else:
+        raise AssertionError(f"no exponent gives key tag {keytag}")
     d = pow(e, -1, lam)
 
     def b64(v: int) -> str:
@@ -106,6 +99,29 @@ def rsa_private_file(path: Path, flags: int, keytag: int) -> Path:
     path.write_text("Private-key-format: v1.3\nAlgorithm: 8 (RSASHA256)\n"
                     + "".join(f"{k}: {b64(v)}\n" for k, v in fields))
     return path
+
+
+def _exponent_for(base, flags: int, keytag: int):
+    p, q = base.p, base.q
+    lam = math.lcm(p - 1, q - 1)
+    n = (p * q).to_bytes(256, "big")
+    nsum = (_wsum(n, False), _wsum(n, True))
+
+    def tag(e: int) -> int:
+        eb = e.to_bytes(3, "big")
+        head = struct.pack("!HBB", flags, 3, 8) + bytes([len(eb)]) + eb
+        ac = _wsum(head, False) + nsum[len(head) % 2]
+        return (ac + (ac >> 16)) & 0xFFFF
+
+    # a 3-byte exponent h.m.l: the key tag moves by one per unit of l, so solve for l
+    # (odd, for RSA) for each (h, m) instead of trying exponents one by one
+    for hm in range(0x0100, 0x10000):
+        e0 = hm << 8
+        low = (keytag - tag(e0)) & 0xFFFF
+        e = e0 | low
+        if low < 256 and low % 2 == 1 and e > 65537 and tag(e) == keytag and math.gcd(e, lam) == 1:
+            return e, p, q, lam
+    return None, p, q, lam
 
 
 # ---------------------------------------------------------------- tests of the helpers
