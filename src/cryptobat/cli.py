@@ -67,9 +67,10 @@ def _attach(path: Path, commands: list[str] | None = None) -> int:
 
 
 def _serving(home: Path) -> Path | None:
-    from .client import _serving as probe
+    """The console socket of a daemon serving ``home``, if one does."""
+    from .client import serving
     p = home / "console.sock"
-    return p if probe(p) else None
+    return p if serving(p) else None
 
 
 def cmd_init(a) -> int:
@@ -245,10 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         # signzone takes dnssec-signzone's own options, so hand it the rest untouched
         if "signzone" in argv:
             i = argv.index("signzone")
-            pre = build_parser().parse_args(argv[:i] + ["status"]) if i else None
+            pre = argparse.ArgumentParser(add_help=False)
+            pre.add_argument("--home")
+            home = pre.parse_known_args(argv[:i])[0].home
             rest = argv[i + 1:]
-            if pre is not None and pre.home and "--home" not in rest:
-                rest = ["--home", pre.home] + rest
+            if home and "--home" not in rest:
+                rest = ["--home", home] + rest
             return cmd_signzone(rest)
         a = build_parser().parse_args(argv)
         return a.fn(a)

@@ -91,7 +91,8 @@ class SocketClient:
         self.sock.close()
 
 
-def _serving(path: Path) -> bool:
+def serving(path: Path) -> bool:
+    """True if a daemon answers on the Unix socket ``path`` (a stale socket file does not count)."""
     if not path.exists():
         return False
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -111,6 +112,6 @@ def connect(hsm: str | None = None, home: str | Path | None = None) -> Client:
             raise CryptobatError(f"unsupported HSM address {hsm!r} (use unix:PATH)")
         return SocketClient(hsm[5:])
     h = resolve_home(home)
-    if _serving(h / "native.sock"):
+    if serving(h / "native.sock"):
         return SocketClient(str(h / "native.sock"))
     return EmbeddedClient(h)

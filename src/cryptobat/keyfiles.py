@@ -42,17 +42,3 @@ def write(keys: list[KeyInfo], directory: Path) -> list[Path]:
             written.append(p)
     return written
 
-
-def read_label(path: Path) -> str | None:
-    """The token label named by a key file pair (``K...`` with or without suffix)."""
-    base = str(path)
-    for suffix in (".key", ".private"):
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-    try:
-        for line in Path(base + ".private").read_text().splitlines():
-            if line.startswith("Label:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        return None
-    return None

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from .api import KeyInfo, SignResult
-from .client import _serving
+from .client import serving
 from .p11rpc.unix import serve_stdio as _serve_stdio
 from .p11rpc.unix import serve_unix
 from .serve import Service
@@ -125,7 +125,7 @@ def _relay(path: Path) -> int:
 def serve_stdio(home: Path) -> int:
     """One PKCS#11 client on stdin/stdout: through the daemon if one serves ``home``, else embedded."""
     sock = home / "pkcs11.sock"
-    if _serving(sock):
+    if serving(sock):
         return _relay(sock)
     from .token import Token
     token = Token(home)

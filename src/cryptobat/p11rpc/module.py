@@ -21,6 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa, utils
 
+from .. import policy
 from ..api import KeyInfo
 from . import constants as C
 from .backend import Backend
@@ -38,12 +39,6 @@ FULL_SIGN = {C.CKM_SHA256_RSA_PKCS: (8,), C.CKM_SHA512_RSA_PKCS: (10,), C.CKM_EC
 HASH_SIGN = {C.CKM_RSA_PKCS: _RSA, C.CKM_ECDSA: (13, 14)}
 DIGESTS = {C.CKM_SHA_1: "sha1", C.CKM_SHA256: "sha256", C.CKM_SHA384: "sha384", C.CKM_SHA512: "sha512"}
 ALG_HASH = {5: "sha1", 7: "sha1", 8: "sha256", 10: "sha512", 13: "sha256", 14: "sha384"}
-DIGEST_INFO = {
-    "sha1": bytes.fromhex("3021300906052b0e03021a05000414"),
-    "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
-    "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
-    "sha512": bytes.fromhex("3051300d060960864801650304020305000440"),
-}
 CURVES = {  # DNSSEC algorithm -> (CKA_EC_PARAMS, point length)
     13: (bytes.fromhex("06082a8648ce3d030107"), 64),
     14: (bytes.fromhex("06052b81040022"), 96),
@@ -581,7 +576,7 @@ class Module:
             bound = self._take_bound(s, key.label, data)
             res = self._b(self.backend.sign_digest, key.label, data, "ecdsa", bound)
         else:
-            digest = next((data[len(p):] for p in DIGEST_INFO.values()
+            digest = next((data[len(p):] for p in policy.DIGEST_INFO.values()
                            if data.startswith(p) and len(data) - len(p) == p[-1]), None)
             bound = digest is not None and self._take_bound(s, key.label, digest)
             res = self._b(self.backend.sign_digest, key.label, data, "rsa-pkcs", bound)
