@@ -13,6 +13,28 @@ from dataclasses import dataclass
 from typing import Iterable
 
 GENESIS = "0" * 64
+MAX_TEXT = 200  # characters of any one string field: entries are never sized by a client
+MAX_ITEMS = 32  # entries of any one list or mapping field
+
+
+def bounded(value):
+    """``value`` with every string, list and mapping cut to a bounded size, recursively.
+
+    Labels, officer names, reasons and commands can come from a client; cut here, once,
+    an audit entry cannot be used to fill the disk.
+    """
+    if isinstance(value, str):
+        return value if len(value) <= MAX_TEXT else value[:MAX_TEXT] + f"...(+{len(value) - MAX_TEXT})"
+    if isinstance(value, dict):
+        items = list(value.items())
+        out = {bounded(str(k)): bounded(v) for k, v in items[:MAX_ITEMS]}
+        if len(items) > MAX_ITEMS:
+            out["..."] = len(items) - MAX_ITEMS
+        return out
+    if isinstance(value, (list, tuple)):
+        out = [bounded(v) for v in value[:MAX_ITEMS]]
+        return out + [f"...(+{len(value) - MAX_ITEMS})"] if len(value) > MAX_ITEMS else out
+    return value
 
 
 def canonical(entry: dict) -> bytes:
@@ -44,11 +66,11 @@ class Chain:
         return seq, canonical(entry).decode(), h
 
 
-def verify(rows: Iterable[tuple[int, str, str]], head: Head) -> tuple[int, str | None]:
-    """Walk stored (seq, entry, hash) rows; return (entries checked, first problem or None)."""
-    prev = GENESIS
-    expected = 1
-    n = 0
+def verify(rows: Iterable[tuple[int, str, str]], head: Head, start: Head = Head()) -> tuple[int, str | None]:
+    """Walk stored (seq, entry, hash) rows after ``start``; return (entries checked, first problem or None)."""
+    prev = start.hash
+    expected = start.seq + 1
+    n = start.seq
     for seq, text, h in rows:
         try:
             entry = json.loads(text)

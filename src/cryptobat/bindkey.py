@@ -8,6 +8,8 @@ come from ``cryptography``.
 from __future__ import annotations
 
 import base64
+import os
+import stat
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
@@ -75,3 +77,30 @@ def algorithm_of(key) -> int:
     if isinstance(key, ed448.Ed448PrivateKey):
         return 16
     return 0
+
+
+def read_file(path: str, limit: int) -> str:
+    """The text of a key file an officer named: a regular file of at most ``limit`` bytes.
+
+    Opened without blocking (a FIFO or device must not hang the token) and without
+    following a final symlink; errors name only the file and the problem, never its bytes.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY)
+    except OSError as e:
+        raise CryptobatError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CryptobatError(f"cannot read {path}: not a regular file")
+        if st.st_size > limit:
+            raise CryptobatError(f"cannot read {path}: larger than {limit} bytes")
+        data = os.read(fd, limit + 1)
+    except OSError as e:
+        raise CryptobatError(f"cannot read {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise CryptobatError(f"cannot read {path}: not a text key file") from None

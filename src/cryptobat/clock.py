@@ -5,7 +5,9 @@ Token time is the system's wall clock plus an offset a quorum may set with
 state, and while the token runs, wall time must keep pace with the boot-time
 clock (which also counts suspend); a disagreement beyond the tolerance means
 someone moved the clock, so the token enters the tamper state and refuses to
-sign until a quorum sets the time again. Time sources are injected, so the
+sign until a quorum sets the time again. Across a restart the boot-time clock
+says nothing, so the high-water mark (persisted while running) bounds the
+jump instead: a clock found more than an allowed gap past it is distrusted. Time sources are injected, so the
 core has no hidden I/O.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 DEFAULT_TOLERANCE = 30
+DEFAULT_GAP = 86400  # how far past the last trusted time the clock may be found at start
 HWM_STEP = 60  # persist the high-water mark when it has advanced this far
 
 
@@ -31,21 +34,28 @@ class Reading:
 
 class TrustedClock:
     def __init__(self, offset: int, hwm: int, tampered: bool, tolerance: int = DEFAULT_TOLERANCE,
-                 wall: Callable[[], float] = time.time, mono: Callable[[], float] = _boottime) -> None:
+                 wall: Callable[[], float] = time.time, mono: Callable[[], float] = _boottime,
+                 gap: int = DEFAULT_GAP) -> None:
         self.offset = offset
         self.hwm = hwm
         self.tampered = tampered
         self.tolerance = tolerance
         self._wall = wall
         self._mono = mono
+        self.gap = gap
         self._ref: tuple[float, float] | None = None
 
     def read(self) -> Reading:
         t = self._wall() + self.offset
         m = self._mono()
         tamper = None
-        if self._ref is None:
+        first = self._ref is None
+        if first:
             self._ref = (t, m)
+        if not self.tampered and first and t > self.hwm + self.gap:
+            tamper = (f"clock is {int(t - self.hwm)} s past the last trusted time "
+                      f"(allowed {self.gap} s across a restart)")
+            self.tampered = True
         if not self.tampered:
             expected = self._ref[0] + (m - self._ref[1])
             if t < self.hwm - self.tolerance:

@@ -9,6 +9,7 @@ adapter can turn off echo; it is never logged.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import secrets
 import shlex
@@ -18,7 +19,8 @@ from typing import Callable
 import segno
 
 from . import __version__, keystore
-from .errors import CryptobatError
+from .errors import ConfigurationDisabled, CryptobatError
+from .quorum import Approval
 from .timespec import parse_time
 from .token import Token, code_hash
 
@@ -26,22 +28,31 @@ HELP = """\
  version                      firmware version and code hash
  date                         token time (UTC fields, then epoch seconds)
  status                       the token at a glance
- colist                       officers and whether each is present
+ colist                       officers and whether each is present on this session
  coadd NAME [--qr FILE]       enrol an officer (TOTP secret, URI, QR); quorum once M are enrolled
  codel NAME                   remove an officer (quorum)
- cologin NAME CODE            log in with a TOTP code (then the passphrase, if set)
- copass NAME                  set the passphrase of a logged-in officer
- coreset                      log every officer out
+ cologin NAME CODE            log in on this session with a TOTP code (then the passphrase, if set)
+ copass NAME                  change your own passphrase (logged in; asks for the old one)
+ coreset                      log every officer of this session out
+ pending                      operations waiting for approvals from officers on other sessions
+ approve ID                   approve a pending operation as the officers logged in here
+ cancel ID                    drop a pending operation
  setmaxval SECONDS            maximum RRSIG validity from token time (quorum)
  setquorum M                  officers needed for a change (quorum)
- setpin                       set the PKCS#11 signer PIN (quorum; asks for it)
+ setpin                       set the PKCS#11 and native signer PIN (quorum; asks for it)
  settime EPOCH|YYYYMMDDHHMMSS|now   set token time, clears clock tamper (quorum)
+ setclockgap SECONDS          clock jump allowed across a restart before tamper (quorum)
  setcompat LABEL on|off       allow hash-only PKCS#11 signing for a key (quorum)
  p11window SECONDS ZONE       open PKCS#11 key generation/deletion for ZONE's keys (quorum)
+ keyallow ZONE DNSKEY-RDATA   let ZONE's KSK sign DNSKEY/CDS/CDNSKEY sets with this key (quorum)
+ keydisallow ZONE KEYTAG      withdraw a keyallow (quorum)
+ cdsdelete SECONDS ZONE       allow the RFC 8078 delete CDS/CDNSKEY for ZONE for a while (quorum)
+ signerpeers uid:N|gid:N ...|none   Unix users/groups that sign without the PIN (quorum)
  keygen ALG ROLE ZONE [LABEL] generate a key: ALG 8|10|13|14|15|16 or mnemonic, ROLE ksk|zsk|csk (quorum)
  keyimport ROLE ZONE FILE [LABEL]  import a BIND .private or PEM key file (quorum)
  keydel LABEL                 delete a key (quorum)
  keylist                      keys with key tag, DNSKEY and DS
+ signerlogin                  give the signer PIN on this session, for console signing (asks for it)
  tpmloadkey LABEL             load a key for signing: ok: key loaded handle=XXXXXXXX
  tpmtimedsign HANDLE HEXDATA  sign RRSIG signing data (RFC 4034 3.1.8.1) under policy
  tpmflush HANDLE              unload a key
@@ -68,8 +79,9 @@ def qr_text(uri: str) -> str:
 
 
 # Commands that change nothing: the token audits them here, by name only (arguments may be secret).
-_UNAUDITED_READS = frozenset({"help", "version", "date", "colist", "keylist", "status", "audit",
+_UNAUDITED_READS = frozenset({"help", "version", "date", "colist", "keylist", "status", "audit", "pending",
                               "tpmloadkey", "tpmflush", "tpmreset"})
+MAX_LINE = 64 * 1024  # a console line longer than this is refused before it is parsed
 
 
 class _Usage(Exception):
@@ -83,22 +95,28 @@ def _want(args: list[str], n: int) -> list[str]:
 
 
 def _int(text: str, what: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise CryptobatError(f"{what} must be a number") from None
+    if not (text.isascii() and text.isdigit()) or len(text) > 12:
+        raise CryptobatError(f"{what} must be a number")
+    return int(text)
 
 
 class Console:
-    """One console session on a token: its own key handles and pending secret prompt."""
+    """One console session on a token: its officers, key handles and pending secret prompt.
+
+    ``transport`` names where the session is (``local``, ``pty``, ``serial``, ``socket``):
+    officers logged in here count for commands typed here only. ``lock``, if given, is held
+    while a command runs (never while a line is parsed), so adapters share the token safely.
+    """
 
     PROMPT = "> "
 
-    def __init__(self, token: Token) -> None:
+    def __init__(self, token: Token, transport: str = "local", lock=None) -> None:
         self.token = token
+        self.session = token.open_session(transport)
         self.handles: dict[str, str] = {}
         self._pending: Callable[[str], str] | None = None
         self._pending_prompt = ""
+        self._lock = lock or contextlib.nullcontext()
         self.closed = False
 
     @property
@@ -113,14 +131,21 @@ class Console:
         self._pending, self._pending_prompt = then, prompt
         return ""
 
+    def close(self) -> None:
+        """The session ends: its officers are logged out."""
+        self.session.reset()
+        self.handles.clear()
+        self.closed = True
+
     def handle(self, line: str) -> str:
         """Process one line; return the text to print (may be empty)."""
+        if len(line) > MAX_LINE:
+            self._pending = None
+            return "fail: line too long\n"
         if self._pending is not None:
             then, self._pending = self._pending, None
-            try:
-                return then(line.rstrip("\r\n"))
-            except CryptobatError as e:
-                return f"fail: {e}\n"
+            with self._lock:
+                return self._run(lambda: then(line.rstrip("\r\n")), None)
         try:
             words = shlex.split(line)
         except ValueError:
@@ -129,17 +154,23 @@ class Console:
             return ""
         cmd, args = words[0].lower(), words[1:]
         fn = getattr(self, "do_" + cmd, None)
-        if fn is None:
-            return f"fail: unknown command {cmd!r} (try help)\n"
+        if fn is None or not cmd.isascii():
+            return f"fail: unknown command {cmd[:32]!r} (try help)\n"
+        with self._lock:
+            return self._run(lambda: fn(args), cmd)
+
+    def _run(self, fn: Callable[[], str], cmd: str | None) -> str:
         try:
-            out = fn(args)
+            out = fn()
             if cmd in _UNAUDITED_READS:
-                self.token.audit("command", command=cmd)
+                self.token.audit("command", command=cmd, session=self.session.id)
             return out
         except _Usage:
-            return f"fail: usage: {self._usage(cmd)}\n"
+            return f"fail: usage: {self._usage(cmd or '')}\n"
+        except ConfigurationDisabled as e:
+            return f" {e}\n"
         except CryptobatError as e:
-            return f" {e}\n" if str(e) == "Configuration disabled" else f"fail: {e}\n"
+            return f"fail: {e}\n"
         except Exception as e:  # the console must keep serving whatever happens
             return f"fail: internal error: {type(e).__name__}\n"
 
@@ -149,6 +180,30 @@ class Console:
             if line.strip().startswith(cmd + " ") or line.strip() == cmd:
                 return line.strip().split("  ")[0]
         return cmd
+
+    def _now(self) -> int:
+        return self.token.now()
+
+    def _quorum(self, text: str, run: Callable[[Approval], str]) -> str:
+        """Run a quorum command with the officers of this session, or hold it for approvals.
+
+        With nobody logged in here (or fewer than M officers enrolled) the answer is the
+        original's `` Configuration disabled``; otherwise the same line and the id other
+        officers approve it by.
+        """
+        now = self._now()
+        by = self.session.approval(now)
+        try:
+            out = run(by)
+        except ConfigurationDisabled:
+            if not by.approvers or len(self.token.state["officers"]) < self.token.state["quorum"]:
+                raise  # nobody here, or not enough officers enrolled to ever approve it
+            op = self.token.hold(self.session, text, run)
+            m = self.token.state["quorum"]
+            return (f" Configuration disabled\n pending {op.id}: {text} ({len(op.approvals)} of {m} approvals);"
+                    f" other officers may: approve {op.id}\n")
+        self.session.refresh(by.names(), now)
+        return out
 
     # --- the original device's commands ----------------------------------------
     def do_help(self, args: list[str]) -> str:
@@ -160,10 +215,10 @@ class Console:
                 f"rst:{self.token.custody.name}\nuptime:{up}s serial:{self.token.state['serial']}\n")
 
     def do_date(self, args: list[str]) -> str:
-        return format_date(self.token.now())
+        return format_date(self._now())
 
     def do_colist(self, args: list[str]) -> str:
-        return "".join(f" |{n}| {'present' if p else 'not present'}\n" for n, p in self.token.colist())
+        return "".join(f" |{n}| {'present' if p else 'not present'}\n" for n, p in self.token.colist(self.session))
 
     def do_coadd(self, args: list[str]) -> str:
         if not args:
@@ -173,20 +228,25 @@ class Console:
             qr_file = args[2]
         elif len(args) != 1:
             raise _Usage
-        secret, uri = self.token.coadd(name)
-        out = f"Added CO: {name}\nSecret: {secret}\n{uri}\n{qr_text(uri)}"
-        if qr_file:
-            try:
-                segno.make(uri, error="m").save(qr_file, scale=6)
-                out += f"QR code written to {qr_file}\n"
-            except (OSError, ValueError) as e:
-                out += f"fail: QR code not written: {e}\n"
-        return out
+
+        def run(by: Approval) -> str:
+            secret, uri = self.token.coadd(name, self.session, by)
+            out = f"Added CO: {name}\nSecret: {secret}\n{uri}\n{qr_text(uri)}"
+            if qr_file:
+                try:
+                    segno.make(uri, error="m").save(qr_file, scale=6)
+                    out += f"QR code written to {qr_file}\n"
+                except (OSError, ValueError) as e:
+                    out += f"fail: QR code not written: {e}\n"
+            return out
+
+        if len(self.token.state["officers"]) < self.token.state["quorum"]:
+            return run(Approval())
+        return self._quorum(f"coadd {name}", run)
 
     def do_codel(self, args: list[str]) -> str:
         name, = _want(args, 1)
-        self.token.codel(name)
-        return f" Removed CO: {name}\n"
+        return self._quorum(f"codel {name}", lambda by: (self.token.codel(name, by), f" Removed CO: {name}\n")[1])
 
     def do_cologin(self, args: list[str]) -> str:
         name, code = _want(args, 2)
@@ -195,91 +255,162 @@ class Console:
         return self._login(name, code, None)
 
     def _login(self, name: str, code: str, passphrase: str | None) -> str:
-        return f" CO {name} Ok\n" if self.token.cologin(name, code, passphrase) else " Failed\n"
+        ok = self.token.cologin(name, code, passphrase, self.session)
+        return f" CO {name} Ok\n" if ok else " Failed\n"
 
     def do_copass(self, args: list[str]) -> str:
         name, = _want(args, 1)
-        if name not in self.token.present():
-            raise CryptobatError(f"CO {name} must be logged in to set a passphrase")
+        if name not in self.token.present(self.session):
+            raise CryptobatError(f"CO {name} must be logged in on this session to set a passphrase")
 
-        def first(p1: str) -> str:
-            return self._ask("Repeat passphrase: ", lambda p2: second(p1, p2))
+        def new(old: str | None) -> str:
+            return self._ask("New passphrase: ", lambda p1: self._ask("Repeat passphrase: ",
+                                                                      lambda p2: second(old, p1, p2)))
 
-        def second(p1: str, p2: str) -> str:
+        def second(old: str | None, p1: str, p2: str) -> str:
             if p1 != p2:
                 return "fail: passphrases differ\n"
-            self.token.copass(name, p1)
+            self.token.copass(name, old, p1, self.session)
             return f" Passphrase set for CO {name}\n"
 
-        return self._ask("New passphrase: ", first)
+        if self.token.has_passphrase(name):
+            return self._ask("Old passphrase: ", new)
+        return new(None)
 
     def do_coreset(self, args: list[str]) -> str:
-        self.token.coreset()
+        self.token.coreset(self.session)
         return ""
+
+    def do_pending(self, args: list[str]) -> str:
+        now, m = self._now(), self.token.state["quorum"]
+        return "".join(f" {op.id}  {op.text}  ({len(op.approvals)} of {m}: "
+                       f"{', '.join(f'{n}@{s}' for n, s in sorted(op.approvals.items()))})  "
+                       f"expires in {op.expires - now} s\n" for op in self.token.pending())
+
+    def do_approve(self, args: list[str]) -> str:
+        i, = _want(args, 1)
+        op, out = self.token.approve(self.session, _int(i, "ID"))
+        if out is None:
+            return (f" Approved {op.id}: {op.text} ({len(op.approvals)} of {self.token.state['quorum']} "
+                    f"approvals)\n")
+        return f" Approved {op.id}: {op.text}; running it\n{out}"
+
+    def do_cancel(self, args: list[str]) -> str:
+        i, = _want(args, 1)
+        self.token.cancel(self.session, _int(i, "ID"))
+        return f" Cancelled {i}\n"
 
     def do_setmaxval(self, args: list[str]) -> str:
         s, = _want(args, 1)
         seconds = _int(s.lstrip("+"), "SECONDS")
-        self.token.setmaxval(seconds)
-        return f" Maximum validity period set to +{seconds} seconds\n"
+        return self._quorum(f"setmaxval {seconds}", lambda by: (
+            self.token.setmaxval(seconds, by), f" Maximum validity period set to +{seconds} seconds\n")[1])
 
     def do_setquorum(self, args: list[str]) -> str:
         m, = _want(args, 1)
-        self.token.setquorum(_int(m, "M"))
-        return f" Quorum set to {m} officers\n"
+        n = _int(m, "M")
+        return self._quorum(f"setquorum {n}", lambda by: (self.token.setquorum(n, by),
+                                                          f" Quorum set to {n} officers\n")[1])
 
     def do_setpin(self, args: list[str]) -> str:
+        def run(pin: str) -> str:
+            self.token.check_new_pin(pin)
+            return self._quorum("setpin", lambda by: (self.token.setpin(pin, by), " Signer PIN set\n")[1])
+
         if args:
-            self.token.setpin(args[0])
-            return " Signer PIN set\n"
-        self.token._require("setpin")
-        return self._ask("New PIN: ", lambda pin: (self.token.setpin(pin), " Signer PIN set\n")[1])
+            return run(args[0])
+        if not self.token.present(self.session):
+            raise ConfigurationDisabled()
+        return self._ask("New PIN: ", run)
 
     def do_settime(self, args: list[str]) -> str:
         t, = _want(args, 1)
         now = int(time.time())
         when = parse_time(t, now, now)
-        self.token.settime(when)
-        return f" Token time set\n{format_date(self.token.now())}"
+        return self._quorum(f"settime {when}", lambda by: (
+            self.token.settime(when, by), f" Token time set\n{format_date(self.token.now())}")[1])
+
+    def do_setclockgap(self, args: list[str]) -> str:
+        s, = _want(args, 1)
+        n = _int(s, "SECONDS")
+        return self._quorum(f"setclockgap {n}", lambda by: (
+            self.token.setclockgap(n, by), f" Clock gap allowed across a restart set to {n} seconds\n")[1])
 
     def do_setcompat(self, args: list[str]) -> str:
         label, on = _want(args, 2)
         if on not in ("on", "off"):
             raise _Usage
-        self.token.setcompat(label, on == "on")
-        return f" Compat (hash-only) signing {on} for {label}\n"
+        return self._quorum(f"setcompat {label} {on}", lambda by: (
+            self.token.setcompat(label, on == "on", by), f" Compat (hash-only) signing {on} for {label}\n")[1])
 
     def do_p11window(self, args: list[str]) -> str:
         s, zone = _want(args, 2)
-        self.token.p11window(_int(s, "SECONDS"), zone)
-        return f" PKCS#11 key management open for {s} seconds (keys for {zone})\n"
+        n = _int(s, "SECONDS")
+        return self._quorum(f"p11window {n} {zone}", lambda by: (
+            self.token.p11window(n, zone, by),
+            f" PKCS#11 key management open for {n} seconds (keys for {zone})\n")[1])
+
+    def do_keyallow(self, args: list[str]) -> str:
+        if len(args) < 5:
+            raise _Usage
+        zone, rdata = args[0], " ".join(args[1:])
+
+        def run(by: Approval) -> str:
+            tag = self.token.keyallow(zone, rdata, by)
+            return f" Key {tag} allowed in {zone}'s DNSKEY, CDS and CDNSKEY sets\n"
+
+        return self._quorum(f"keyallow {zone} {rdata}", run)
+
+    def do_keydisallow(self, args: list[str]) -> str:
+        zone, t = _want(args, 2)
+        tag = _int(t, "KEYTAG")
+        return self._quorum(f"keydisallow {zone} {tag}", lambda by: (
+            self.token.keydisallow(zone, tag, by), f" Key {tag} no longer allowed in {zone}\n")[1])
+
+    def do_cdsdelete(self, args: list[str]) -> str:
+        s, zone = _want(args, 2)
+        n = _int(s, "SECONDS")
+        return self._quorum(f"cdsdelete {n} {zone}", lambda by: (
+            self.token.cdsdelete(n, zone, by),
+            f" RFC 8078 delete CDS/CDNSKEY for {zone} allowed for {n} seconds\n")[1])
+
+    def do_signerpeers(self, args: list[str]) -> str:
+        if not args:
+            raise _Usage
+        peers = [] if args == ["none"] else args
+        return self._quorum(f"signerpeers {' '.join(args)}", lambda by: (
+            self.token.signerpeers(peers, by), f" Signer peers: {' '.join(peers) or 'none'}\n")[1])
 
     def do_keygen(self, args: list[str]) -> str:
         if len(args) not in (3, 4):
             raise _Usage
         alg = keystore.parse_algorithm(args[0])
         role = keystore.parse_role(args[1])
-        info = self.token.keygen(alg, role, args[2], args[3] if len(args) == 4 else None)
-        return (f"ok: key generated label={info.label} zone={info.zone} algorithm={alg} "
-                f"role={role} tag={info.keytag}\n")
+        label = args[3] if len(args) == 4 else None
+
+        def run(by: Approval) -> str:
+            info = self.token.keygen(alg, role, args[2], label, by)
+            return (f"ok: key generated label={info.label} zone={info.zone} algorithm={alg} "
+                    f"role={role} tag={info.keytag}\n")
+
+        return self._quorum(shlex.join(["keygen", *args]), run)
 
     def do_keyimport(self, args: list[str]) -> str:
         if len(args) not in (3, 4):
             raise _Usage
         role = keystore.parse_role(args[0])
-        try:
-            with open(args[2]) as f:
-                text = f.read(1 << 20)
-        except (OSError, UnicodeDecodeError) as e:
-            raise CryptobatError(f"cannot read {args[2]}: {e}") from None
-        info = self.token.keyimport(role, args[1], text, args[3] if len(args) == 4 else None)
-        return (f"ok: key imported label={info.label} zone={info.zone} algorithm={info.algorithm} "
-                f"role={role} tag={info.keytag}\n")
+
+        def run(by: Approval) -> str:
+            info = self.token.keyimport(role, args[1], args[2], args[3] if len(args) == 4 else None, by)
+            return (f"ok: key imported label={info.label} zone={info.zone} algorithm={info.algorithm} "
+                    f"role={role} tag={info.keytag}\n")
+
+        return self._quorum(shlex.join(["keyimport", *args]), run)
 
     def do_keydel(self, args: list[str]) -> str:
         label, = _want(args, 1)
-        self.token.keydel(label)
-        return f" Key {label} deleted\n"
+        return self._quorum(shlex.join(["keydel", label]), lambda by: (
+            self.token.keydel(label, by), f" Key {label} deleted\n")[1])
 
     def do_keylist(self, args: list[str]) -> str:
         out = []
@@ -290,8 +421,18 @@ class Console:
                        f"   {k.zone} IN DS {k.ds().to_text()}\n")
         return "".join(out)
 
+    def do_signerlogin(self, args: list[str]) -> str:
+        def check(pin: str) -> str:
+            if not self.token.check_pin(pin, source=self.session.id):
+                return "fail: PIN incorrect\n"
+            self.session.signer = True
+            return "ok: signer logged in\n"
+        return self._ask("PIN: ", check)
+
     def do_tpmloadkey(self, args: list[str]) -> str:
         label, = _want(args, 1)
+        if not self.session.signer:
+            raise CryptobatError("signing needs the signer PIN on this session: signerlogin")
         self.token.key(label)
         handle = secrets.token_hex(4).upper()
         self.handles[handle] = label
@@ -299,6 +440,8 @@ class Console:
 
     def do_tpmtimedsign(self, args: list[str]) -> str:
         handle, hexdata = _want(args, 2)
+        if not self.session.signer:
+            raise CryptobatError("signing needs the signer PIN on this session: signerlogin")
         label = self.handles.get(handle.upper())
         if label is None:
             return f"fail: no key loaded with handle {handle}\n"
@@ -333,10 +476,10 @@ class Console:
 
     def do_status(self, args: list[str]) -> str:
         from .status import render
-        return render(self.token)
+        return render(self.token, self.session)
 
     def do_quit(self, args: list[str]) -> str:
-        self.closed = True
+        self.close()
         return ""
 
     do_exit = do_quit

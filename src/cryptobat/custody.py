@@ -98,9 +98,14 @@ class SoftwareCustody:
         try:
             master = path.read_bytes()
         except FileNotFoundError:
+            if (Path(home) / "state.db").exists():
+                raise IntegrityError(f"{path} is missing: the token's keys cannot be opened without it "
+                                     f"(restore it from the token's backup)") from None
             raise CryptobatError(f"no token at {home} (run: cryptobat init)") from None
+        except OSError as e:
+            raise IntegrityError(f"cannot read {path}: {e.strerror}") from None
         if len(master) != 32:
-            raise IntegrityError("master key file is damaged")
+            raise IntegrityError(f"{path} is damaged (not a 32-byte master key)")
         self._aead = AESGCM(hashlib.sha256(b"cryptobat seal" + master).digest())
         self._mac = hmac.new(master, b"cryptobat state mac", hashlib.sha256).digest()
 

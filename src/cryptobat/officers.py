@@ -40,7 +40,7 @@ def provisioning_uri(name: str, secret: str, token_serial: str) -> str:
 
 def match_step(secret: str, code: str, now: int) -> int | None:
     """Return the time step (now ±1) whose TOTP equals ``code``, or None."""
-    if not (len(code) == DIGITS and code.isdigit()):
+    if not (len(code) == DIGITS and code.isascii() and code.isdigit()):
         return None
     totp = pyotp.TOTP(secret, digits=DIGITS, interval=STEP)
     step = now // STEP
@@ -67,9 +67,16 @@ class LoginOutcome:
     why: str  # for the audit log only; the console answers just Ok / Failed
 
 
-def login(officer: dict, secret: str, code: str, passphrase: str | None, now: int) -> LoginOutcome:
-    """Check both factors and update ``officer`` (a state record) in place."""
-    if officer.get("locked_until", 0) > now:
+def login(officer: dict, secret: str, code: str, passphrase: str | None, now: int,
+          remote: bool = False) -> LoginOutcome:
+    """Check both factors and update ``officer`` (a state record) in place.
+
+    Failures count separately for remote sessions (the console socket) and for the
+    token's own terminals (local, pty, serial): whoever reaches the socket can lock an
+    officer out of the socket, never out of the console at the token itself.
+    """
+    fails, until = ("remote_failures", "remote_locked_until") if remote else ("failures", "locked_until")
+    if officer.get(until, 0) > now:
         return LoginOutcome(False, "locked out")
     step = match_step(secret, code, now)
     if step is None:
@@ -81,11 +88,11 @@ def login(officer: dict, secret: str, code: str, passphrase: str | None, now: in
         if officer.get("passphrase") and (passphrase is None or not check_passphrase(officer["passphrase"], passphrase)):
             why = "bad passphrase"
         else:
-            officer["failures"] = 0
+            officer[fails] = 0
             return LoginOutcome(True, "ok")
-    officer["failures"] = officer.get("failures", 0) + 1
-    if officer["failures"] >= MAX_FAILURES:
-        officer["locked_until"] = now + LOCKOUT
-        officer["failures"] = 0
+    officer[fails] = officer.get(fails, 0) + 1
+    if officer[fails] >= MAX_FAILURES:
+        officer[until] = now + LOCKOUT
+        officer[fails] = 0
         why += f"; locked out for {LOCKOUT} s"
     return LoginOutcome(False, why)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from . import keystore
+from .quorum import Session
 from .token import Token
 
 
@@ -11,10 +12,10 @@ def _ago(now: int, t: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t else "-"
 
 
-def render(token: Token) -> str:
+def render(token: Token, session: Session | None = None) -> str:
     s = token.state
     now = token.now()
-    here = token.present()
+    here = token.present(session)
     mv = s["max_validity"]
     rows = [
         ("token", f"{token.info()['label']}  serial {s['serial']}  custody {token.custody.name}"),
@@ -22,8 +23,16 @@ def render(token: Token) -> str:
         ("clock", f"{_ago(now, now)} ({now})" + ("  TAMPER: signing refused until settime" if token.policy().clock_tampered else "  trusted")),
         ("quorum", f"{s['quorum']} of {len(s['officers'])} officers, {len(here)} present"),
         ("policy", f"max validity +{mv} s" if mv else "no max validity set: signing disabled"),
-        ("signer PIN", "set" if s["pin"] else "not set"),
+        ("signer PIN", ("set" if s["pin"] else "not set") + (
+            "  LOCKED after wrong PINs: a quorum must setpin" if token.pin_locked() else
+            f"  {s['pin_failures']} wrong in a row" if s["pin_failures"] else "")),
+        ("clock gap", f"{s['clock']['max_gap']} s allowed across a restart"),
     ]
+    pend = token.pending()
+    if pend:
+        rows.append(("pending", ", ".join(f"{op.id}: {op.text}" for op in pend)))
+    if s["signer_peers"]:
+        rows.append(("signer peers", " ".join(s["signer_peers"])))
     c = token.counters()
     rows.append(("counters", f"signatures {c['signatures']}  refusals {c['refusals']}  "
                              f"compat {c['compat_signatures']}  logins {c['logins']}  failed logins {c['login_failures']}"))
@@ -35,7 +44,9 @@ def render(token: Token) -> str:
     out.append(f"{'officer':<16} {'present':<8} {'factors':<20} state")
     for name, o in s["officers"].items():
         factors = "TOTP + passphrase" if o["passphrase"] else "TOTP only"
-        state = f"locked until {_ago(now, o['locked_until'])}" if o["locked_until"] > now else "ok"
+        state = "; ".join(f"{where} locked until {_ago(now, o.get(k, 0))}"
+                          for where, k in (("console", "locked_until"), ("remote", "remote_locked_until"))
+                          if o.get(k, 0) > now) or "ok"
         out.append(f"{name:<16} {'yes' if name in here else 'no':<8} {factors:<20} {state}")
     out.append("")
     out.append(f"{'key':<28} {'zone':<20} {'alg':<18} {'role':<5} {'tag':>5}  mode")

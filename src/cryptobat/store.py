@@ -8,6 +8,7 @@ lock file keeps a second process from opening the same token.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import hmac
@@ -23,7 +24,9 @@ from .errors import CryptobatError, IntegrityError, TokenBusy
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 1), doc TEXT NOT NULL, mac TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, entry TEXT NOT NULL, hash TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS keycheck (id INTEGER PRIMARY KEY CHECK (id = 1), kcv TEXT NOT NULL);
 """
+FILES = ("state.db", "state.db-wal", "state.db-shm", "lock", "master.key")
 
 
 class Store:
@@ -33,17 +36,43 @@ class Store:
         self._lock = self._acquire_lock()
         path = self.home / "state.db"
         if not create and not path.exists():
-            raise CryptobatError(f"no token at {self.home} (run: cryptobat init)")
+            os.close(self._lock)
+            raise CryptobatError(f"no token at {self.home}: {path} is missing (run: cryptobat init, "
+                                 f"or restore the token's files)")
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
+            self._check_key(create)
         except sqlite3.DatabaseError as e:
-            raise IntegrityError(f"state store is damaged: {e}") from None
+            os.close(self._lock)
+            raise IntegrityError(f"state store is damaged: {path}: {e}") from None
+        except BaseException:
+            self.db.close()
+            os.close(self._lock)
+            raise
+        for name in FILES:  # owner-only whatever the umask was when SQLite made them
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(self.home / name, 0o600)
+
+    def _check_key(self, create: bool) -> None:
+        """A key check value: a master key that is not this store's is named as such, not as an edit."""
+        kcv = self._mac("cryptobat key check")
+        row = self.db.execute("SELECT kcv FROM keycheck WHERE id = 1").fetchone()
+        if row is None:
+            if create or self.db.execute("SELECT 1 FROM state").fetchone() is None:
+                self.db.execute("INSERT INTO keycheck (id, kcv) VALUES (1, ?)", (kcv,))
+            return  # a store from before key check values: the state MAC still guards it
+        if not hmac.compare_digest(row[0], kcv):
+            raise IntegrityError(f"{self.home / 'master.key'} is not the master key of this store "
+                                 f"(replaced?); restore the token's own master.key")
 
     def _acquire_lock(self) -> int:
-        fd = os.open(self.home / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.home / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            raise CryptobatError(f"cannot open {self.home / 'lock'}: {e.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -80,14 +109,18 @@ class Store:
         doc = json.dumps(state, sort_keys=True, separators=(",", ":"))
         mac = self._mac(doc)
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("INSERT INTO audit (seq, entry, hash) VALUES (?, ?, ?)", entries)
-            db.execute("INSERT OR REPLACE INTO state (id, doc, mac) VALUES (1, ?, ?)", (doc, mac))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT INTO audit (seq, entry, hash) VALUES (?, ?, ?)", entries)
+                db.execute("INSERT OR REPLACE INTO state (id, doc, mac) VALUES (1, ?, ?)", (doc, mac))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:  # disk full, I/O error: nothing was changed
+            raise CryptobatError(f"state store write failed ({e}); nothing changed") from None
 
     def audit_rows(self, since: int = 0) -> Iterator[tuple[int, str, str]]:
         yield from self.db.execute("SELECT seq, entry, hash FROM audit WHERE seq > ? ORDER BY seq", (since,))

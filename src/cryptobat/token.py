@@ -8,21 +8,26 @@ change leaves the state as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import hmac
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import dns.name
+
+from . import audit as auditlog
 from . import keystore, officers, policy
 from .api import KeyInfo, SignResult
 from .audit import Chain, Head
-from .clock import DEFAULT_TOLERANCE, TrustedClock, _boottime
+from .clock import DEFAULT_GAP, DEFAULT_TOLERANCE, TrustedClock, _boottime
 from .custody import Custody, SoftwareCustody
-from .errors import ConfigurationDisabled, CryptobatError
-from .quorum import IDLE_TIMEOUT, Presence
+from .errors import ConfigurationDisabled, CryptobatError, IntegrityError
+from .quorum import IDLE_TIMEOUT, Approval, PendingOperation, Quorum, Session
 from .signing import Engine, Job, SignKey, sign_one
 from .store import Store
 
@@ -30,10 +35,15 @@ MANUFACTURER = "Cryptobat"
 MODEL = "Cryptobat-SW"
 MAX_QUORUM = 16
 AUDIT_FLUSH_SECONDS = 1.0
+MIN_PIN = 6
+MAX_PIN_FAILURES = 10  # then the signer PIN is locked until a quorum sets it again
+MAX_LABEL = 64
+MAX_KEY_FILE = 64 * 1024
+MIN_TIME = 1577836800  # 2020-01-01: no token time before this is plausible
 
 
 def _new_state(quorum: int, now: int) -> dict:
-    return {
+    return _upgrade({
         "version": 1,
         "serial": os.urandom(8).hex().upper(),
         "created": now,
@@ -48,19 +58,51 @@ def _new_state(quorum: int, now: int) -> dict:
         "p11_window_zone": ".",
         "counters": {"signatures": 0, "refusals": 0, "compat_signatures": 0, "logins": 0, "login_failures": 0},
         "audit": {"seq": 0, "hash": Head().hash},
-    }
+    })
+
+
+def _upgrade(state: dict) -> dict:
+    """Fields added since a store was created, with their defaults."""
+    state["clock"].setdefault("max_gap", DEFAULT_GAP)
+    state.setdefault("pin_failures", 0)
+    state.setdefault("allowed_keys", {})  # zone -> [DNSKEY RDATA hex] a quorum allowed (keyallow)
+    state.setdefault("cds_delete", {})  # zone -> token time until which an RFC 8078 delete may be signed
+    state.setdefault("signer_peers", [])  # "uid:N" / "gid:N" allowed on the signer sockets without a PIN
+    state.setdefault("audit_checked", dict(state["audit"]) if state["audit"]["seq"] == 0 else
+                     {"seq": 0, "hash": Head().hash})
+    return state
+
+
+def _private_home(home: Path, create: bool) -> None:
+    """Home 0700 and every file in it 0600, whatever the umask or an existing directory's mode."""
+    if create:
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        st = home.stat()
+    except FileNotFoundError:
+        raise CryptobatError(f"no token at {home} (run: cryptobat init)") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CryptobatError(f"{home} is not a directory")
+    if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(home, 0o700)
 
 
 class Token:
     def __init__(self, home: Path | str, custody_factory: Callable[..., Custody] = SoftwareCustody,
                  *, wall: Callable[[], float] = time.time, mono: Callable[[], float] = _boottime,
-                 workers: int | None = None, _create_quorum: int | None = None) -> None:
+                 workers: int | None = None, check_audit: bool = True,
+                 _create_quorum: int | None = None) -> None:
         self.home = Path(home)
         create = _create_quorum is not None
-        if create:
-            self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.custody = custody_factory(self.home, create=True) if create else custody_factory(self.home)
-        self.store = Store(self.home, self.custody.mac_key(), create=create)
+        if create and (self.home / "state.db").exists():
+            raise CryptobatError(f"a token already exists at {self.home}")
+        _private_home(self.home, create)
+        old_umask = os.umask(0o077)
+        try:
+            self.custody = custody_factory(self.home, create=True) if create else custody_factory(self.home)
+            self.store = Store(self.home, self.custody.mac_key(), create=create)
+        finally:
+            os.umask(old_umask)
         try:
             state = self.store.load()
             if state is None:
@@ -69,20 +111,28 @@ class Token:
                 state = _new_state(_create_quorum, int(wall()))
             elif create:
                 raise CryptobatError(f"a token already exists at {self.home}")
+            else:
+                state = _upgrade(state)
+                if check_audit:
+                    self._verify_audit_since(state)
         except BaseException:
             self.store.close()
             raise
         self.state = state
+        self.generation = 0  # counts state changes: caches derived from the state key on it
         self._chain = Chain(Head(**state["audit"]))
         c = state["clock"]
-        self.clock = TrustedClock(c["offset"], c["hwm"], c["tampered"], c["tolerance"], wall, mono)
-        self.presence = Presence(state["idle_timeout"])
+        self.clock = TrustedClock(c["offset"], c["hwm"], c["tampered"], c["tolerance"], wall, mono,
+                                  gap=c["max_gap"])
+        self.quorum = Quorum(state["idle_timeout"])
         self.engine = Engine(self.custody, custody_factory, self.home, workers)
         self._pending = {"signatures": 0, "compat_signatures": 0, "batches": 0}
         self.limiter = policy.RateLimiter()
         self._pin_key = os.urandom(32)
         self._pin_ok: tuple[str, bytes] | None = None
         self._sign_keys: dict[str, tuple[dict, SignKey]] = {}  # label -> (state record, SignKey of it)
+        self._policy: tuple[tuple, policy.Policy] | None = None
+        self._write_failed = False
         self._last_flush = mono()
         self._mono = mono
         self.started = mono()
@@ -96,19 +146,37 @@ class Token:
         return cls(home, _create_quorum=quorum, **kw)
 
     def close(self) -> None:
-        self.flush_audit(force=True)
+        try:
+            self.flush_audit(force=True)
+        except CryptobatError:
+            pass  # the counts are lost with a full disk; the store itself stays consistent
         self.engine.close()
         self.store.close()
+
+    def _verify_audit_since(self, state: dict) -> None:
+        """Check the audit chain from the head verified at the last start up to the current head."""
+        checked = Head(**state["audit_checked"])
+        n, problem = auditlog.verify(self.store.audit_rows(checked.seq), Head(**state["audit"]), checked)
+        if problem:
+            raise IntegrityError(f"audit log is broken ({problem}); not serving. "
+                                 f"Inspect it with: cryptobat audit verify")
+        state["audit_checked"] = dict(state["audit"])  # saved with the next change
 
     # --- state changes and audit --------------------------------------------
     def _change(self, event: str, fields: dict, mutate: Callable[[dict], object]):
         new = copy.deepcopy(self.state)
         result = mutate(new)
         chain = Chain(self._chain.head)
-        entries = [chain.append(self._time_for_audit(), event, fields)]
+        entries = [chain.append(self._time_for_audit(), event, auditlog.bounded(fields))]
         new["audit"] = {"seq": chain.head.seq, "hash": chain.head.hash}
-        self.store.commit(new, entries)
+        try:
+            self.store.commit(new, entries)
+        except CryptobatError:
+            self._write_failed = True
+            raise
+        self._write_failed = False
         self.state, self._chain = new, chain
+        self.generation += 1
         return result
 
     def _time_for_audit(self) -> int:
@@ -126,25 +194,58 @@ class Token:
             self._change("clock-tamper", {"why": r.tamper}, mark)
         elif r.persist_hwm:
             hwm = self.clock.hwm
-            self._change("clock", {"hwm": hwm}, lambda s: s["clock"].update(hwm=hwm))
+            with contextlib.suppress(CryptobatError):  # a full disk must not stop reading the time
+                self._change("clock", {"hwm": hwm}, lambda s: s["clock"].update(hwm=hwm))
         return r.now
 
-    def _quorum(self, now: int | None = None) -> set[str]:
-        now = self.now() if now is None else now
-        return self.presence.require(self.state["quorum"], now, set(self.state["officers"]))
+    # --- quorum: sessions, approvals, pending operations -----------------------------
+    def open_session(self, transport: str) -> Session:
+        return self.quorum.open_session(transport)
 
-    def _require(self, event: str) -> set[str]:
-        """The officers making up the quorum for ``event``; a refusal is audited."""
-        try:
-            return self._quorum()
-        except ConfigurationDisabled:
-            self.audit("refused", command=event, why="no quorum")
-            raise
+    def require(self, by: Approval, event: str) -> set[str]:
+        """The officers of ``by`` that make up the quorum for ``event``; a refusal is audited."""
+        names = by.names() & set(self.state["officers"])
+        if len(names) < self.state["quorum"]:
+            self.audit("refused", command=event, why="no quorum", **by.audit_fields())
+            raise ConfigurationDisabled()
+        return names
 
-    def _gated(self, event: str, fields: dict, mutate: Callable[[dict], object]):
-        """A state change that needs the quorum."""
-        here = self._require(event)
-        return self._change(event, {**fields, "officers": sorted(here)}, mutate)
+    def _gated(self, event: str, fields: dict, mutate: Callable[[dict], object], by: Approval):
+        """A state change that needs the quorum; the audit names every approving officer and session."""
+        self.require(by, event)
+        return self._change(event, {**fields, **by.audit_fields()}, mutate)
+
+    def hold(self, session: Session, text: str, run: Callable[[Approval], str]) -> PendingOperation:
+        """Keep a quorum command typed on ``session`` for other officers to approve."""
+        op = self.quorum.hold(session, text, run, self.now())
+        self.audit("pending", id=op.id, command=text, session=session.id, officers=sorted(op.approvals))
+        return op
+
+    def approve(self, session: Session, op_id: int) -> tuple[PendingOperation, str | None]:
+        """Approve a pending operation from ``session``; run it once M officers approved it.
+
+        Returns the operation and, if it ran, its answer. Approvals of officers no longer
+        enrolled do not count; a failed run leaves nothing pending.
+        """
+        now = self.now()
+        op, names = self.quorum.approve(session, op_id, now)
+        self.audit("approve", id=op.id, command=op.text, officers=names, session=session.id)
+        enrolled = set(self.state["officers"])
+        if len(set(op.approvals) & enrolled) < self.state["quorum"]:
+            return op, None
+        self.quorum.drop(op.id)
+        return op, op.run(op.approval())
+
+    def cancel(self, session: Session, op_id: int) -> None:
+        op = self.quorum.get(op_id, self.now())
+        here = session.present(self.now())
+        if not here:
+            raise ConfigurationDisabled()
+        self.quorum.drop(op.id)
+        self.audit("cancel", id=op.id, command=op.text, officers=sorted(here), session=session.id)
+
+    def pending(self) -> list[PendingOperation]:
+        return self.quorum.pending(self.now())
 
     # --- officers ----------------------------------------------------------------
     def officer_names(self) -> list[str]:
@@ -156,12 +257,24 @@ class Token:
             raise CryptobatError(f"no officer {name!r}")
         return o
 
-    def coadd(self, name: str) -> tuple[str, str]:
-        """Enrol an officer; return (TOTP secret, otpauth URI). Needs a quorum once M are enrolled."""
+    def coadd(self, name: str, session: Session, by: Approval) -> tuple[str, str]:
+        """Enrol an officer; return (TOTP secret, otpauth URI).
+
+        The first M officers are enrolled at the token itself (local terminal, pty or
+        serial console), never over a socket; after that it takes the quorum.
+        """
         if not officers.valid_name(name):
             raise CryptobatError("officer names are 1-32 letters, digits, '.', '_' or '-'")
         if name in self.state["officers"]:
             raise CryptobatError(f"officer {name!r} already enrolled")
+        bootstrap = len(self.state["officers"]) < self.state["quorum"]
+        if bootstrap and not session.local:
+            self.audit("refused", command="coadd", why="first officers are enrolled at the token's own console",
+                       session=session.id)
+            raise CryptobatError("the first officers are enrolled on the token's own console "
+                                 "(cryptobat console without a daemon, the pty or the serial line)")
+        if not bootstrap:
+            self.require(by, "coadd")
         secret = officers.new_secret()
         sealed = self.custody.seal(secret.encode(), b"officer:" + name.encode()).hex()
         rec = {"secret": sealed, "passphrase": None, "last_step": -1, "failures": 0,
@@ -170,123 +283,214 @@ class Token:
         def add(s: dict) -> None:
             s["officers"][name] = rec
 
-        if len(self.state["officers"]) < self.state["quorum"]:
-            self._change("coadd", {"name": name, "bootstrap": True}, add)
+        if bootstrap:
+            self._change("coadd", {"name": name, "bootstrap": True, "session": session.id}, add)
         else:
-            self._gated("coadd", {"name": name}, add)
+            self._gated("coadd", {"name": name}, add, by)
         return secret, officers.provisioning_uri(name, secret, self.state["serial"])
 
-    def codel(self, name: str) -> None:
+    def codel(self, name: str, by: Approval) -> None:
         self._officer(name)
         if len(self.state["officers"]) - 1 < self.state["quorum"]:
             raise CryptobatError("removing this officer would leave fewer officers than the quorum")
-        self._gated("codel", {"name": name}, lambda s: s["officers"].pop(name))
-        self.presence.leave(name)
+        self._gated("codel", {"name": name}, lambda s: s["officers"].pop(name), by)
+        self.quorum.forget(name)
 
     def has_passphrase(self, name: str) -> bool:
         return bool(self._officer(name)["passphrase"])
 
-    def copass(self, name: str, passphrase: str) -> None:
-        """Set an officer's passphrase; the officer must be logged in."""
-        self._officer(name)
-        if name not in self.presence.present(self.now()):
-            raise CryptobatError(f"CO {name} must be logged in to set a passphrase")
-        if len(passphrase) < 8:
+    def copass(self, name: str, old: str | None, new: str, session: Session) -> None:
+        """An officer sets their own passphrase: logged in on ``session``, and knowing the old one."""
+        rec = self._officer(name)
+        now = self.now()
+        if name not in session.present(now):
+            raise CryptobatError(f"CO {name} must be logged in on this session to set a passphrase")
+        if rec["passphrase"] and (old is None or not officers.check_passphrase(rec["passphrase"], old)):
+            self.audit("copass", name=name, ok=False, why="old passphrase wrong", session=session.id)
+            raise CryptobatError("old passphrase is wrong")
+        if len(new) < 8:
             raise CryptobatError("passphrase must be at least 8 characters")
-        record = officers.hash_passphrase(passphrase)
-        self._change("copass", {"name": name}, lambda s: s["officers"][name].update(passphrase=record))
+        record = officers.hash_passphrase(new)
+        self._change("copass", {"name": name, "ok": True, "session": session.id},
+                     lambda s: s["officers"][name].update(passphrase=record))
+        session.refresh({name}, now)
 
-    def cologin(self, name: str, code: str, passphrase: str | None = None) -> bool:
+    def cologin(self, name: str, code: str, passphrase: str | None, session: Session) -> bool:
         if name not in self.state["officers"]:
-            self.audit("cologin", name=name, ok=False, why="unknown officer")
+            self.audit("cologin", name=name, ok=False, why="unknown officer", session=session.id)
             return False
         now = self.now()
         secret = self.custody.unseal(bytes.fromhex(self.state["officers"][name]["secret"]),
                                      b"officer:" + name.encode()).decode()
         rec = copy.deepcopy(self.state["officers"][name])
-        outcome = officers.login(rec, secret, code, passphrase, now)
+        outcome = officers.login(rec, secret, code, passphrase, now, remote=not session.local)
         counter = "logins" if outcome.ok else "login_failures"
 
         def apply(s: dict) -> None:
             s["officers"][name] = rec
             s["counters"][counter] += 1
 
-        self._change("cologin", {"name": name, "ok": outcome.ok, "why": outcome.why}, apply)
+        self._change("cologin", {"name": name, "ok": outcome.ok, "why": outcome.why, "session": session.id}, apply)
         if outcome.ok:
-            self.presence.arrive(name, now)
+            session.arrive(name, now)
         return outcome.ok
 
-    def present(self) -> set[str]:
-        return self.presence.present(self.now())
+    def present(self, session: Session | None = None) -> set[str]:
+        """Officers present on ``session``, or on any session."""
+        now = self.now()
+        if session is not None:
+            return session.present(now)
+        return set().union(*(s.present(now) for s in self.quorum.sessions()))
 
     def uptime(self) -> float:
         return self._mono() - self.started
 
-    def colist(self) -> list[tuple[str, bool]]:
-        here = self.presence.present(self.now())
+    def colist(self, session: Session) -> list[tuple[str, bool]]:
+        here = session.present(self.now())
         return [(n, n in here) for n in self.state["officers"]]
 
-    def coreset(self) -> None:
-        self.presence.reset()
-        self.audit("coreset")
+    def coreset(self, session: Session) -> None:
+        session.reset()
+        self.audit("coreset", session=session.id)
 
     # --- configuration under quorum ----------------------------------------------
-    def setmaxval(self, seconds: int) -> None:
+    def setmaxval(self, seconds: int, by: Approval) -> None:
         if not 0 < seconds <= 10 * 365 * 86400:
             raise CryptobatError("maximum validity must be between 1 second and 10 years")
-        self._gated("setmaxval", {"seconds": seconds}, lambda s: s.update(max_validity=seconds))
+        self._gated("setmaxval", {"seconds": seconds}, lambda s: s.update(max_validity=seconds), by)
 
-    def setquorum(self, m: int) -> None:
+    def setquorum(self, m: int, by: Approval) -> None:
         if not 1 <= m <= min(MAX_QUORUM, len(self.state["officers"])):
             raise CryptobatError("quorum must be at least 1 and at most the number of officers")
-        self._gated("setquorum", {"quorum": m}, lambda s: s.update(quorum=m))
+        self._gated("setquorum", {"quorum": m}, lambda s: s.update(quorum=m), by)
 
-    def setpin(self, pin: str) -> None:
-        if len(pin) < 4:
-            raise CryptobatError("PIN must be at least 4 characters")
+    @staticmethod
+    def check_new_pin(pin: str) -> None:
+        if len(pin) < MIN_PIN:
+            raise CryptobatError(f"PIN must be at least {MIN_PIN} characters")
+        if len(pin) > 256 or not pin.isprintable():
+            raise CryptobatError("PIN must be at most 256 printable characters")
+
+    def setpin(self, pin: str, by: Approval) -> None:
+        self.check_new_pin(pin)
         record = officers.hash_passphrase(pin)
-        self._gated("setpin", {}, lambda s: s.update(pin=record))
+        self._gated("setpin", {}, lambda s: s.update(pin=record, pin_failures=0), by)
+        self._pin_ok = None
 
-    def settime(self, token_time: int) -> None:
+    def settime(self, token_time: int, by: Approval) -> None:
         token_time = int(token_time)
+        if not MIN_TIME <= token_time < 2**32:
+            raise CryptobatError("time must be between 2020-01-01 and 2106-02-07 (RRSIG time range)")
         offset = int(token_time - self.clock._wall())
         self._gated("settime", {"time": token_time},
-                    lambda s: s["clock"].update(offset=offset, hwm=token_time, tampered=False))
+                    lambda s: s["clock"].update(offset=offset, hwm=token_time, tampered=False), by)
         self.clock.set(offset, token_time)
 
-    def setcompat(self, label: str, on: bool) -> None:
-        self.key(label)
-        self._gated("setcompat", {"label": label, "on": on}, lambda s: s["keys"][label].update(compat=on))
+    def setclockgap(self, seconds: int, by: Approval) -> None:
+        """How far past the last trusted time the clock may be found at start (downtime allowance)."""
+        if not 60 <= seconds <= 365 * 86400:
+            raise CryptobatError("the clock gap allowance is 60 seconds to 365 days")
+        self._gated("setclockgap", {"seconds": seconds}, lambda s: s["clock"].update(max_gap=seconds), by)
+        self.clock.gap = seconds
 
-    def p11window(self, seconds: int, zone: str) -> None:
-        """Open PKCS#11 key generation and deletion for ``seconds``; new keys belong to ``zone``."""
+    def setcompat(self, label: str, on: bool, by: Approval) -> None:
+        self.key(label)
+        self._gated("setcompat", {"label": label, "on": on},
+                    lambda s: s["keys"][label].update(compat=on), by)
+
+    def p11window(self, seconds: int, zone: str, by: Approval) -> None:
+        """Open PKCS#11 key generation and deletion for ``seconds``, for ``zone``'s keys only."""
         if not 0 <= seconds <= 3600:
             raise CryptobatError("the PKCS#11 key management window is 0 to 3600 seconds")
         zone = keystore.parse_zone(zone)
         until = self.now() + seconds
         self._gated("p11window", {"seconds": seconds, "zone": zone},
-                    lambda s: s.update(p11_window_until=until, p11_window_zone=zone))
+                    lambda s: s.update(p11_window_until=until, p11_window_zone=zone), by)
+
+    def keyallow(self, zone: str, dnskey_text: str, by: Approval) -> int:
+        """Let the zone's KSKs sign DNSKEY/CDS/CDNSKEY sets holding a key the token does not hold
+        (a rollover's incoming key, another signer's key); returns its key tag."""
+        import dns.dnssec
+        import dns.rdata
+        zone = keystore.parse_zone(zone)
+        try:
+            rd = dns.rdata.from_text("IN", "DNSKEY", dnskey_text)
+        except Exception as e:  # dnspython raises many types for bad text
+            raise CryptobatError(f"not DNSKEY RDATA: {e}") from None
+        wire = rd.to_digestable().hex()
+        tag = dns.dnssec.key_id(rd)
+
+        def add(s: dict) -> None:
+            keys = s["allowed_keys"].setdefault(zone, [])
+            if wire not in keys:
+                keys.append(wire)
+
+        self._gated("keyallow", {"zone": zone, "keytag": tag, "flags": rd.flags, "algorithm": int(rd.algorithm)},
+                    add, by)
+        return tag
+
+    def keydisallow(self, zone: str, keytag: int, by: Approval) -> None:
+        import dns.dnssec
+        import dns.rdata
+        zone = keystore.parse_zone(zone)
+        keep = [w for w in self.state["allowed_keys"].get(zone, [])
+                if dns.dnssec.key_id(dns.rdata.from_wire("IN", "DNSKEY", bytes.fromhex(w), 0,
+                                                         len(w) // 2)) != keytag]
+        if len(keep) == len(self.state["allowed_keys"].get(zone, [])):
+            raise CryptobatError(f"no allowed key with tag {keytag} for {zone}")
+        self._gated("keydisallow", {"zone": zone, "keytag": keytag},
+                    lambda s: s["allowed_keys"].__setitem__(zone, keep), by)
+
+    def cdsdelete(self, seconds: int, zone: str, by: Approval) -> None:
+        """Open a window in which the zone's KSK signs the RFC 8078 delete CDS/CDNSKEY."""
+        if not 0 <= seconds <= 7 * 86400:
+            raise CryptobatError("the CDS delete window is 0 seconds to 7 days")
+        zone = keystore.parse_zone(zone)
+        until = self.now() + seconds
+        self._gated("cdsdelete", {"seconds": seconds, "zone": zone},
+                    lambda s: s["cds_delete"].__setitem__(zone, until), by)
+
+    def signerpeers(self, peers: list[str], by: Approval) -> None:
+        """Unix users/groups whose connections to the signer sockets need no PIN."""
+        for p in peers:
+            kind, _, num = p.partition(":")
+            if kind not in ("uid", "gid") or not num.isdigit() or int(num) > 2**32 - 1:
+                raise CryptobatError(f"signer peer {p!r} is not uid:N or gid:N")
+        self._gated("signerpeers", {"peers": peers}, lambda s: s.update(signer_peers=list(peers)), by)
+
+    def peer_allowed(self, uid: int, gid: int) -> bool:
+        peers = self.state["signer_peers"]
+        return f"uid:{uid}" in peers or f"gid:{gid}" in peers
 
     def keygen_allowed(self) -> bool:
         return self.state["p11_window_until"] > self.now()
 
-    def generate_key(self, algorithm: int, role: str, zone: str, label: str) -> KeyInfo:
-        """PKCS#11 C_GenerateKeyPair: only inside a window a quorum opened, for the window's zone."""
+    def _window_zone(self, zone: str) -> str:
         if not self.keygen_allowed():
             raise PermissionError("no PKCS#11 key management window open")
+        wz = self.state["p11_window_zone"]
+        if zone and keystore.parse_zone(zone) != wz:
+            raise PermissionError(f"the PKCS#11 key management window is for {wz}, not {zone}")
+        return wz
+
+    def generate_key(self, algorithm: int, role: str, zone: str, label: str) -> KeyInfo:
+        """PKCS#11 C_GenerateKeyPair: only inside a window a quorum opened, for the window's zone."""
+        zone = self._window_zone(zone)
         if algorithm not in keystore.SUPPORTED:
             raise CryptobatError(f"algorithm {algorithm} is not supported")
-        info, rec = self._generate(algorithm, keystore.parse_role(role),
-                                   zone or self.state["p11_window_zone"], label or None)
+        info, rec = self._generate(algorithm, keystore.parse_role(role), zone, label or None)
         self._change("p11-keygen", {"label": info.label, "zone": info.zone, "algorithm": algorithm,
                                     "role": info.role, "keytag": info.keytag},
                      lambda s: s["keys"].__setitem__(info.label, rec))
         return info
 
     def delete_key(self, label: str) -> None:
-        if not self.keygen_allowed():
-            raise PermissionError("no PKCS#11 key management window open")
-        self.key(label)
+        """PKCS#11 C_DestroyObject: only inside a window, and only keys of the window's zone."""
+        try:
+            self._window_zone(self.key(label).zone)
+        except PermissionError as e:
+            self.audit("refused", command="p11-keydel", label=label, why=str(e))
+            raise
         self._change("p11-keydel", {"label": label}, lambda s: s["keys"].pop(label))
 
     # --- keys -----------------------------------------------------------------------
@@ -303,8 +507,9 @@ class Token:
                   private_key=None) -> tuple[KeyInfo, dict]:
         """Create (or, given ``private_key``, import) a key; return its info and state record."""
         zone = keystore.parse_zone(zone)
-        if label is not None and (label in self.state["keys"] or not label.isprintable() or " " in label):
-            raise CryptobatError(f"label {label!r} is taken or not printable")
+        if label is not None and (label in self.state["keys"] or not label.isprintable() or " " in label
+                                  or len(label) > MAX_LABEL):
+            raise CryptobatError(f"label {label[:MAX_LABEL]!r} is taken, too long or not printable")
         tags = {k.keytag for k in self.keys() if k.zone == zone}
         for _ in range(16):  # a fresh key whose tag collides with one in the zone is discarded
             tmp = label or os.urandom(8).hex()
@@ -328,35 +533,51 @@ class Token:
             info = keystore.make_info(final, zone, algorithm, role, public)
         return info, keystore.record(info, blob, self.now())
 
-    def keygen(self, algorithm: int, role: str, zone: str, label: str | None = None) -> KeyInfo:
-        self._require("keygen")  # before the (slow) generation
+    def keygen(self, algorithm: int, role: str, zone: str, label: str | None, by: Approval) -> KeyInfo:
+        self.require(by, "keygen")  # before the (slow) generation
         info, rec = self._generate(algorithm, role, zone, label)
         self._gated("keygen", {"label": info.label, "zone": info.zone, "algorithm": algorithm,
                                "role": role, "keytag": info.keytag},
-                    lambda s: s["keys"].__setitem__(info.label, rec))
+                    lambda s: s["keys"].__setitem__(info.label, rec), by)
         return info
 
-    def keyimport(self, role: str, zone: str, key_text: str, label: str | None = None) -> KeyInfo:
-        """Take an existing private key (BIND .private or PEM) into the token, under quorum."""
+    def keyimport(self, role: str, zone: str, path: str, label: str | None, by: Approval) -> KeyInfo:
+        """Take an existing private key (BIND .private or PEM file) into the token, under quorum.
+
+        The quorum is checked before the file is even opened; see :func:`bindkey.read_file`."""
         from . import bindkey
-        self._require("keyimport")
-        algorithm, private_key = bindkey.load(key_text)
+        self.require(by, "keyimport")
+        algorithm, private_key = bindkey.load(bindkey.read_file(path, MAX_KEY_FILE))
         algorithm = algorithm or bindkey.algorithm_of(private_key)
         if algorithm not in keystore.SUPPORTED:
             raise CryptobatError(f"algorithm {algorithm} is not supported by the token")
         info, rec = self._generate(algorithm, role, zone, label, private_key)
         self._gated("keyimport", {"label": info.label, "zone": info.zone, "algorithm": algorithm,
                                   "role": role, "keytag": info.keytag},
-                    lambda s: s["keys"].__setitem__(info.label, rec))
+                    lambda s: s["keys"].__setitem__(info.label, rec), by)
         return info
 
-    def keydel(self, label: str) -> None:
+    def keydel(self, label: str, by: Approval) -> None:
         self.key(label)
-        self._gated("keydel", {"label": label}, lambda s: s["keys"].pop(label))
+        self._gated("keydel", {"label": label}, lambda s: s["keys"].pop(label), by)
 
     # --- signing ------------------------------------------------------------------------
     def policy(self) -> policy.Policy:
-        return policy.Policy(self.state["max_validity"], self.clock.tampered or self.state["clock"]["tampered"])
+        """The policy every signature is checked against, rebuilt only when the state changes."""
+        tampered = self.clock.tampered or self.state["clock"]["tampered"]
+        cached = self._policy
+        if cached is not None and cached[0] == (self.generation, tampered):
+            return cached[1]
+        zone_keys: dict[bytes, set[bytes]] = {}
+        for k in self.keys():
+            zone_keys.setdefault(keystore.zone_wire(k.zone), set()).add(k.dnskey().to_digestable())
+        for zone, wires in self.state["allowed_keys"].items():
+            zone_keys.setdefault(keystore.zone_wire(zone), set()).update(bytes.fromhex(w) for w in wires)
+        p = policy.Policy(self.state["max_validity"], tampered,
+                          zone_keys={z: frozenset(v) for z, v in zone_keys.items()},
+                          delete_until={keystore.zone_wire(z): t for z, t in self.state["cds_delete"].items()})
+        self._policy = ((self.generation, tampered), p)
+        return p
 
     def _sign_key(self, label: str) -> SignKey | None:
         """The SignKey of the current record for ``label``; rebuilt whenever the record object changes
@@ -375,6 +596,11 @@ class Token:
         return cached[1]
 
     def sign_job(self, items: Sequence[tuple[str, bytes]]) -> Job:
+        if self._write_failed:  # nothing is signed that the audit cannot record; retried each call
+            try:
+                self._flush("sign", {}, 0)
+            except CryptobatError as e:
+                raise CryptobatError(f"signing refused: {e}") from None
         now = self.now()
         wanted = {label for label, _ in items}
         keys = {}
@@ -410,20 +636,26 @@ class Token:
             return str(e)
         return None
 
-    def sign_digest(self, label: str, digest: bytes, mechanism: str, bound: bool) -> SignResult:
-        """Hash-only signing for PKCS#11 clients; see :func:`cryptobat.policy.check_digest`."""
+    def sign_digest(self, label: str, digest: bytes, mechanism: str, bound: bytes | None) -> SignResult:
+        """Hash-only signing for PKCS#11 clients; see :func:`cryptobat.policy.check_digest`.
+
+        ``bound`` is the RRSIG signing data the client's session hashed to this digest, if any:
+        it passes the full policy again here, as it stands now, before the digest is signed.
+        """
         job = self.sign_job([])
         key = self._sign_key(label)
         if key is None:
             return SignResult(reason=f"no key labelled {label!r}")
         info = key.info
         try:
+            if bound is not None:
+                policy.check(info, key.zone_wire, bound, job.policy, job.now)
             raw = policy.check_digest(info, digest, mechanism, bound, job.policy, self.limiter, self._mono())
         except CryptobatError as e:
             result = SignResult(reason=str(e))
         else:
             result = SignResult(signature=self.engine.cache.get(label, key).sign_digest(raw))
-        self.account([result], compat=not bound)
+        self.account([result], compat=bound is None)
         return result
 
     def account(self, results: Sequence[SignResult], compat: bool = False) -> None:
@@ -465,27 +697,54 @@ class Token:
         return c
 
     # --- signer PIN and other PKCS#11 needs ------------------------------------------
-    def check_pin(self, pin: bytes | str) -> bool:
-        """The signer PIN. A PIN once verified is remembered (as a keyed hash) so that signers
-        logging in for every session do not pay scrypt each time; a wrong PIN always does."""
-        rec = self.state["pin"]
-        if rec is None:
-            return False
+    def check_pin(self, pin: bytes | str, lock=None, source: str = "pkcs11") -> bool:
+        """The signer PIN, with a lockout: after MAX_PIN_FAILURES wrong PINs in a row it is
+        locked until a quorum sets it again (reported to PKCS#11 as CKF_USER_PIN_LOCKED).
+
+        ``lock`` (the adapter's token lock) is held for reading and recording, not for the
+        scrypt in between, so a login never stalls signing. A PIN once verified is remembered
+        (as a keyed hash) so that signers logging in for every session do not pay scrypt each
+        time; a wrong PIN always does.
+        """
+        lock = lock or contextlib.nullcontext()
         text = pin.decode(errors="replace") if isinstance(pin, bytes) else pin
-        tag = (rec["hash"], hmac.new(self._pin_key, text.encode(), hashlib.sha256).digest())
-        if self._pin_ok is not None and hmac.compare_digest(self._pin_ok[1], tag[1]) and self._pin_ok[0] == tag[0]:
-            return True
-        ok = officers.check_passphrase(rec, text)
-        if ok:
-            self._pin_ok = tag
+        with lock:
+            rec = self.state["pin"]
+            why = "no PIN set" if rec is None else "PIN locked" if self.pin_locked() else None
+            if why:
+                self.audit("pin", ok=False, why=why, source=source)
+                return False
+            tag = (rec["hash"], hmac.new(self._pin_key, text.encode(), hashlib.sha256).digest())
+            cached = self._pin_ok
+        ok = (cached is not None and hmac.compare_digest(cached[1], tag[1]) and cached[0] == tag[0]) \
+            or officers.check_passphrase(rec, text)
+        with lock:
+            if self.state["pin"] != rec:
+                return False  # the PIN changed meanwhile
+            if ok:
+                self._pin_ok = tag
+                if self.state["pin_failures"]:
+                    self._change("pin", {"ok": True, "source": source}, lambda s: s.update(pin_failures=0))
+            else:
+                n = self.state["pin_failures"] + 1
+                self._change("pin", {"ok": False, "failures": n, "source": source,
+                                     **({"why": "PIN now locked"} if n >= MAX_PIN_FAILURES else {})},
+                             lambda s: s.update(pin_failures=n))
         return ok
+
+    def pin_locked(self) -> bool:
+        return self.state["pin_failures"] >= MAX_PIN_FAILURES
+
+    def pin_tries_left(self) -> int:
+        return max(0, MAX_PIN_FAILURES - self.state["pin_failures"])
 
     def random(self, n: int) -> bytes:
         return os.urandom(n)
 
     def info(self) -> dict:
         return {"label": f"Cryptobat {self.state['serial'][:8]}", "serial": self.state["serial"],
-                "manufacturer": MANUFACTURER, "model": MODEL, "time": self.now()}
+                "manufacturer": MANUFACTURER, "model": MODEL, "time": self.now(),
+                "pin_tries_left": self.pin_tries_left(), "pin_failures": self.state["pin_failures"]}
 
     # --- audit ------------------------------------------------------------------------------
     def audit_verify(self) -> tuple[int, str | None]:

@@ -30,11 +30,12 @@ class Backend(Protocol):
         """The same policy check without signing: refusal reason, or None if acceptable."""
         ...
 
-    def sign_digest(self, label: str, digest: bytes, mechanism: str, bound: bool) -> SignResult:
+    def sign_digest(self, label: str, digest: bytes, mechanism: str, bound: bytes | None) -> SignResult:
         """Hash-only signing: ``mechanism`` "rsa-pkcs" (digest is a DigestInfo) or "ecdsa".
 
-        ``bound`` is True when this session hashed data that passed check_signing_data
-        for ``label`` and produced exactly ``digest``; otherwise only compat keys sign.
+        ``bound`` is the signing data this session hashed to exactly ``digest`` after it
+        passed check_signing_data for ``label`` (the token checks it again now); without
+        it only compat keys sign.
         """
         ...
 

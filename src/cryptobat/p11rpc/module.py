@@ -95,7 +95,7 @@ class Session:
     sign: Op | None = None
     verify: Op | None = None
     digest: Op | None = None
-    bound: OrderedDict = field(default_factory=OrderedDict)  # (label, digest) -> None
+    bound: OrderedDict = field(default_factory=OrderedDict)  # (label, digest) -> the signing data hashed
 
 
 def _pad(s: str, n: int) -> bytes:
@@ -280,6 +280,10 @@ class Module:
         info = self._b(self.backend.info)
         flags = (C.CKF_LOGIN_REQUIRED | C.CKF_RNG | C.CKF_TOKEN_INITIALIZED
                  | C.CKF_USER_PIN_INITIALIZED | C.CKF_CLOCK_ON_TOKEN)
+        left = info.get("pin_tries_left")
+        if left is not None and info.get("pin_failures"):
+            flags |= (C.CKF_USER_PIN_LOCKED if left == 0 else C.CKF_USER_PIN_FINAL_TRY if left == 1
+                      else C.CKF_USER_PIN_COUNT_LOW)
         utc = time.strftime("%Y%m%d%H%M%S00", time.gmtime(int(info["time"])))
         rw = sum(1 for s in self.sessions.values() if s.rw)
         na = C.CK_UNAVAILABLE_INFORMATION
@@ -341,7 +345,8 @@ class Module:
         if self.logged_in:
             raise P11Error(C.CKR_USER_ALREADY_LOGGED_IN)
         if pin is None or not self._b(self.backend.check_pin, bytes(pin)):
-            raise P11Error(C.CKR_PIN_INCORRECT)
+            locked = self._b(self.backend.info).get("pin_tries_left", 1) == 0
+            raise P11Error(C.CKR_PIN_LOCKED if locked else C.CKR_PIN_INCORRECT)
         self.logged_in = True
         return []
 
@@ -578,19 +583,19 @@ class Module:
         else:
             digest = next((data[len(p):] for p in policy.DIGEST_INFO.values()
                            if data.startswith(p) and len(data) - len(p) == p[-1]), None)
-            bound = digest is not None and self._take_bound(s, key.label, digest)
+            bound = None if digest is None else self._take_bound(s, key.label, digest)
             res = self._b(self.backend.sign_digest, key.label, data, "rsa-pkcs", bound)
         if not res.ok:
             raise P11Error(C.CKR_FUNCTION_REJECTED)
         return res.signature
 
     @staticmethod
-    def _take_bound(s: Session, label: str, digest: bytes) -> bool:
-        """Consume a remembered bound digest: each checked hash authorises one signature."""
-        if (label, digest) in s.bound:
-            del s.bound[(label, digest)]
-            return True
-        return False
+    def _take_bound(s: Session, label: str, digest: bytes) -> bytes | None:
+        """Consume a remembered bound digest: the signing data it was computed over, or None.
+
+        Each checked hash authorises one signature, and the token checks that data against
+        the policy again when it signs (the policy may have tightened since the digest)."""
+        return s.bound.pop((label, digest), None)
 
     def C_VerifyInit(self, h: int, mech: Mechanism | None, key_handle: int):
         s = self._session(h)
@@ -686,7 +691,7 @@ class Module:
             for key in self._b(self.backend.keys):
                 if key.algorithm == alg and key.keytag == tag and ALG_HASH.get(alg) == name:
                     if self._b(self.backend.check_signing_data, key.label, data) is None:
-                        s.bound[(key.label, digest)] = None
+                        s.bound[(key.label, digest)] = data
                         while len(s.bound) > MAX_BOUND:
                             s.bound.popitem(last=False)
         op.data = bytearray()
