@@ -170,16 +170,17 @@ def test_upper_case_and_compressed_names_refused(ready, keys):
 def test_ksk_signs_only_dnskey_cds_cdnskey_at_apex(ready, keys):
     k = keys["ksk8"]
     now = ready.now()
-    dnskey_rd = keys["zsk8"].dnskey().to_digestable()
     apex = "testzone."
-    assert sign(ready, "ksk8", payload(k, now=now, tc=DNSKEY, rrs=[(apex, DNSKEY, 1, 300, dnskey_rd)])).ok
-    cds = b"\x12\x34\x08\x02" + bytes(32)
+    # the DNSKEY RRset holds the signing key; a CDS names a token key (tests/test_policy_rules.py)
+    dnskeys = sorted(keys[x].dnskey().to_digestable() for x in ("ksk8", "zsk8"))
+    assert sign(ready, "ksk8", payload(k, now=now, tc=DNSKEY, rrs=[(apex, DNSKEY, 1, 300, d) for d in dnskeys])).ok
+    cds = k.ds(2).to_digestable()
     assert sign(ready, "ksk8", payload(k, now=now, tc=CDS, rrs=[(apex, CDS, 1, 300, cds)])).ok
     ksk_only = "a KSK signs only DNSKEY, CDS and CDNSKEY at the zone apex"
     assert sign(ready, "ksk8", payload(k, now=now)).reason == ksk_only
     below = "sub.testzone."
-    assert sign(ready, "ksk8", payload(k, now=now, tc=DNSKEY, rrs=[(below, DNSKEY, 1, 300, dnskey_rd)])).reason == ksk_only
-    # the ZSK may sign A records; a CSK anything
+    assert sign(ready, "ksk8", payload(k, now=now, tc=DNSKEY, rrs=[(below, DNSKEY, 1, 300, d) for d in dnskeys])).reason == ksk_only
+    # the ZSK may sign A records
     assert sign(ready, "zsk8", payload(keys["zsk8"], now=now)).ok
 
 

@@ -6,31 +6,68 @@ before the private key is touched.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 
+import dns.dnssec
+import dns.name
+import dns.rdata
+import dns.rdataclass
 import dns.rdatatype
 
 from . import rrsig
-from .api import KeyInfo
+from .api import ROLES, KeyInfo
 from .errors import Refusal
 
 EXPIRATION_EXCEEDS = "RRSIG expiration time exceeds HSM policy"
-KSK_TYPES = frozenset({dns.rdatatype.DNSKEY, dns.rdatatype.CDS, dns.rdatatype.CDNSKEY})
+EXPIRED = "RRSIG already expired"
+INCEPTION_FUTURE = "RRSIG inception is in the future"
+NOT_IN = "only class IN is signed"
+KSK_ONLY = "a KSK signs only DNSKEY, CDS and CDNSKEY at the zone apex"
+ZSK_NO_KEYSET = "a ZSK does not sign DNSKEY, CDS or CDNSKEY"
+KEYSET_APEX = "DNSKEY, CDS and CDNSKEY are signed only at the zone apex"
+DNSKEY_NO_SIGNER = "DNSKEY RRset does not hold the signing key"
+DNSKEY_FOREIGN = "DNSKEY RRset holds a key the token does not hold or allow"
+CDNSKEY_FOREIGN = "CDNSKEY for a key the token does not hold or allow"
+CDS_FOREIGN = "CDS for a key the token does not hold or allow"
+DELETE_CLOSED = "CDS/CDNSKEY delete request outside a quorum's delete window"
+DELETE_NOT_ALONE = "a CDS/CDNSKEY delete request must be the only record"
+
+SKEW = 300
+"""Seconds an RRSIG inception may lie ahead of token time. Signers stamp inception from
+their own clock, which may run a little ahead of the token's; anything further is a
+pre-dated signature, made now to be used later, and is refused."""
+
+DNSKEY, CDS, CDNSKEY = int(dns.rdatatype.DNSKEY), int(dns.rdatatype.CDS), int(dns.rdatatype.CDNSKEY)
+KSK_TYPES = frozenset({DNSKEY, CDS, CDNSKEY})
+DS_DIGESTS = (1, 2, 4)  # SHA-1, SHA-256, SHA-384
+# RFC 8078 §4 delete requests, canonical RDATA: "CDNSKEY 0 3 0 AA==" and "CDS 0 0 0 00".
+CDNSKEY_DELETE = bytes.fromhex("0000030000")
+CDS_DELETE = bytes.fromhex("0000000000")
+_IN = int(dns.rdataclass.IN)
+_ROLES = frozenset(ROLES)
 _HALF = 1 << 31
 _MOD = 1 << 32
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """What a quorum has set; ``max_validity`` None means nothing may be signed yet."""
+    """What a quorum has set; ``max_validity`` None means nothing may be signed yet.
+
+    ``zone_keys``: zone name (canonical wire) -> canonical DNSKEY RDATA (``to_digestable()``)
+    of every key the token holds for the zone plus every key a quorum allowed for it
+    (``keyallow``: rollovers, multi-signer). Only these may be SEP keys in a DNSKEY RRset
+    and only these may be named by CDS/CDNSKEY, so a compromised signer cannot get a foreign
+    key (and through the parent's DS, the zone) trusted.
+    ``delete_until``: zone name (canonical wire) -> token time until which a quorum opened an
+    RFC 8078 delete window; outside it the delete CDS/CDNSKEY (going insecure) is refused.
+    """
 
     max_validity: int | None
     clock_tampered: bool = False
-
-
-def serial_to_time(value: int, now: int) -> int:
-    """Map a 32-bit RRSIG timestamp to the absolute time closest to ``now`` (RFC 4034 §3.1.5, RFC 1982)."""
-    return now + ((value - now + _HALF) % _MOD) - _HALF
+    zone_keys: Mapping[bytes, frozenset[bytes]] = field(default_factory=dict, hash=False)
+    delete_until: Mapping[bytes, int] = field(default_factory=dict, hash=False)
 
 
 def serial_gt(a: int, b: int) -> bool:
@@ -45,12 +82,19 @@ def limit(policy: Policy, now: int) -> int:
 
 
 def check(key: KeyInfo, zone_wire: bytes, data: bytes, policy: Policy, now: int) -> rrsig.SigningData:
-    """Parse ``data`` and raise :class:`Refusal` unless ``key`` may sign it at token time ``now``."""
+    """Parse ``data`` and raise :class:`Refusal` unless ``key`` may sign it at token time ``now``.
+
+    RRSIG times are 32-bit serials (RFC 4034 §3.1.5, RFC 1982): they are only ever compared
+    as offsets from ``now`` on the 2^32 circle, never turned into absolute times, so no
+    value can wrap into looking acceptable.
+    """
     if policy.clock_tampered:
         raise Refusal("token clock tamper state: a quorum must run settime")
     if policy.max_validity is None:
         raise Refusal("no maximum validity policy set")
     sd = rrsig.parse(data)
+    if sd.rdclass != _IN:
+        raise Refusal(NOT_IN)
     if sd.algorithm != key.algorithm:
         raise Refusal(f"algorithm {sd.algorithm} does not match key algorithm {key.algorithm}")
     if sd.key_tag != key.keytag:
@@ -61,11 +105,75 @@ def check(key: KeyInfo, zone_wire: bytes, data: bytes, policy: Policy, now: int)
         raise Refusal("owner name is outside the key's zone")
     if not serial_gt(sd.expiration, sd.inception):
         raise Refusal("RRSIG expiration is not after inception")
-    if serial_to_time(sd.expiration, now) > limit(policy, now):
+    ahead = (sd.expiration - now) % _MOD
+    if ahead == 0 or ahead > _HALF:
+        raise Refusal(EXPIRED)
+    if ahead > policy.max_validity or ahead == _HALF:  # 2^31 ahead: RFC 1982 leaves the order undefined
         raise Refusal(EXPIRATION_EXCEEDS)
-    if key.role == "ksk" and (sd.type_covered not in KSK_TYPES or sd.owner != zone_wire):
-        raise Refusal("a KSK signs only DNSKEY, CDS and CDNSKEY at the zone apex")
+    if SKEW < (sd.inception - now) % _MOD < _HALF:
+        raise Refusal(INCEPTION_FUTURE)
+    role = key.role
+    if role not in _ROLES:
+        raise Refusal(f"unknown key role {role!r}")
+    if sd.type_covered in KSK_TYPES:
+        if role == "zsk":
+            raise Refusal(ZSK_NO_KEYSET)
+        if sd.owner != zone_wire:
+            raise Refusal(KSK_ONLY if role == "ksk" else KEYSET_APEX)
+        _check_keyset(key, zone_wire, sd.type_covered, rrsig.rdatas(data), policy, now)
+    elif role == "ksk":
+        raise Refusal(KSK_ONLY)
     return sd
+
+
+def _check_keyset(key: KeyInfo, zone_wire: bytes, rdtype: int, rds: list[bytes], policy: Policy,
+                  now: int) -> None:
+    """The content of an apex DNSKEY, CDS or CDNSKEY RRset: these decide which keys the zone
+    (and, through the parent's DS, the world) trusts, so they may name only keys of this zone
+    the token holds or a quorum allowed. The signing key counts as held: it is the token's."""
+    own = key.dnskey().to_digestable()
+    allowed = policy.zone_keys.get(zone_wire, frozenset())
+    if own not in allowed:
+        allowed = allowed | {own}
+    if rdtype == DNSKEY:
+        if own not in rds:
+            raise Refusal(DNSKEY_NO_SIGNER)
+        for rd in rds:  # the SEP flag is the low bit of the flags field; non-SEP keys are free
+            if rd[1] & 1 and rd not in allowed:
+                raise Refusal(DNSKEY_FOREIGN)
+    elif rdtype == CDNSKEY:
+        if not _delete_request(rds, CDNSKEY_DELETE, policy, zone_wire, now):
+            for rd in rds:
+                if rd not in allowed:
+                    raise Refusal(CDNSKEY_FOREIGN)
+    elif not _delete_request(rds, CDS_DELETE, policy, zone_wire, now):
+        ds = _ds_set(zone_wire, allowed)
+        for rd in rds:
+            if rd not in ds:
+                raise Refusal(CDS_FOREIGN)
+
+
+def _delete_request(rds: list[bytes], delete: bytes, policy: Policy, zone_wire: bytes, now: int) -> bool:
+    """True for an allowed RFC 8078 delete request; refuse one outside the window or not alone."""
+    if delete not in rds:
+        return False
+    if not now < policy.delete_until.get(zone_wire, 0):
+        raise Refusal(DELETE_CLOSED)
+    if len(rds) != 1:
+        raise Refusal(DELETE_NOT_ALONE)
+    return True
+
+
+@lru_cache(maxsize=64)
+def _ds_set(zone_wire: bytes, dnskeys: frozenset[bytes]) -> frozenset[bytes]:
+    """Canonical RDATA of every DS (digest types 1, 2, 4) of ``dnskeys`` for the zone."""
+    zone = dns.name.from_wire(zone_wire, 0)[0]
+    out = set()
+    for rd in dnskeys:
+        k = dns.rdata.from_wire(dns.rdataclass.IN, dns.rdatatype.DNSKEY, rd, 0, len(rd))
+        for digest in DS_DIGESTS:  # SHA-1 too: RFC 8624 discourages it, yet parents still take it
+            out.add(dns.dnssec.make_ds(zone, k, digest, policy=dns.dnssec.allow_all_policy).to_digestable())
+    return frozenset(out)
 
 
 # --- hash-only signing (PKCS#11 CKM_RSA_PKCS / CKM_ECDSA) ---------------------------------

@@ -207,6 +207,24 @@ def parse(data: bytes) -> SigningData:
     return SigningData(tc, alg, labels, ottl, exp, inc, tag, signer, owner, rdclass, count)
 
 
+def rdatas(data: bytes) -> list[bytes]:
+    """The RDATA of every RR in signing data that :func:`parse` accepted, in order.
+
+    Only the policy's content rules for DNSKEY, CDS and CDNSKEY need it, so :func:`parse`
+    does not collect it and ordinary types pay nothing for it.
+    """
+    _, _, pos = read_name(data, _HEADER.size)
+    out = []
+    end = len(data)
+    while pos < end:
+        _, _, pos = read_name(data, pos)
+        rdlen = _RR.unpack_from(data, pos)[3]
+        pos += _RR.size
+        out.append(data[pos:pos + rdlen])
+        pos += rdlen
+    return out
+
+
 def name_text(wire: bytes) -> str:
     return dns.name.from_wire(wire, 0)[0].to_text()
 
