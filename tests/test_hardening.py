@@ -1,0 +1,215 @@
+"""The token at rest and under abuse: its files, its clock across restarts, its audit log, a full disk."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import threading
+import time
+
+import dns.rrset
+import pytest
+
+from conftest import Daemon, cli, signing_data
+from test_cli_console import configured  # noqa: F401  (fixture)
+from test_sessions import SockConsole, Codes
+from cryptobat.token import Token
+
+
+def _init(home, quorum: int = 1):
+    r = cli("init", "--quorum", str(quorum), home=home)
+    assert r.returncode == 0, r.stderr
+
+
+# --- files -----------------------------------------------------------------------------------
+
+def test_home_and_files_are_owner_only_whatever_the_umask(tmp_path):
+    home = tmp_path / "t"
+    home.mkdir(mode=0o755)
+    os.chmod(home, 0o755)
+    r = subprocess.run(["sh", "-c", f'umask 022; exec "$0" -m cryptobat --home "$1" init --quorum 1',
+                        __import__("sys").executable, str(home)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert cli("status", home=home).returncode == 0
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    files = [p for p in home.iterdir()]
+    assert {p.name for p in files} >= {"state.db", "master.key", "lock"}
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+
+
+def test_missing_master_key_is_named_and_init_does_not_overwrite(tmp_path):
+    home = tmp_path / "t"
+    _init(home)
+    (home / "master.key").rename(tmp_path / "saved.key")
+    r = cli("status", home=home)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1
+    assert "master.key is missing" in r.stderr and "cryptobat init" not in r.stderr
+    r = cli("init", home=home)
+    assert r.returncode == 1 and "a token already exists" in r.stderr
+    assert not (home / "master.key").exists()
+    (tmp_path / "saved.key").rename(home / "master.key")
+    assert cli("status", home=home).returncode == 0
+
+
+def test_a_replaced_master_key_is_named_as_such(tmp_path):
+    home = tmp_path / "t"
+    _init(home)
+    (home / "master.key").write_bytes(os.urandom(32))
+    r = cli("status", home=home)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1
+    assert "is not the master key of this store" in r.stderr, r.stderr
+
+
+# --- clock across a restart ------------------------------------------------------------------------
+
+def test_a_clock_far_ahead_at_start_is_tamper(tmp_path):
+    """A daemon started with the clock a year ahead signed a one-year RRSIG; now it signs nothing."""
+    if shutil.which("faketime") is None:
+        pytest.fail("faketime missing: apt-get install faketime")
+    home = tmp_path / "t"
+    _init(home)
+    r = cli("status", home=home, prefix=["faketime", "-f", "+2h"])  # within the allowance: trusted
+    assert "trusted" in r.stdout, r.stdout
+    r = cli("status", home=home, prefix=["faketime", "-f", "+365d"])
+    assert "TAMPER" in r.stdout, r.stdout
+    r = cli("status", home=home)  # back to the right time: still distrusted until a quorum's settime
+    assert "TAMPER" in r.stdout
+    assert "past the last trusted time" in cli("audit", home=home).stdout
+
+
+# --- audit log ---------------------------------------------------------------------------------------
+
+def test_a_broken_audit_chain_is_refused_at_start(configured):  # noqa: F811
+    import sqlite3
+    home, _ = configured
+    db = sqlite3.connect(home / "state.db")
+    # an entry written since the chain was last checked at a start (earlier ones were checked then)
+    seq, entry = db.execute("SELECT seq, entry FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    edited = json.dumps({**json.loads(entry), "officers": ["mallory"]})
+    db.execute("UPDATE audit SET entry = ? WHERE seq = ?", (edited, seq))
+    db.commit()
+    db.close()
+    for args in (["status"], ["console"]):
+        r = cli(*args, home=home, input="")
+        assert r.returncode == 1 and r.stderr.startswith(f"cryptobat: audit log is broken (entry {seq}"), r.stderr
+    d = subprocess.run([__import__("sys").executable, "-m", "cryptobat", "--home", str(home), "serve"],
+                       capture_output=True, text=True, timeout=30)
+    assert d.returncode == 1 and "audit log is broken" in d.stderr and "Traceback" not in d.stderr
+    r = cli("audit", "verify", home=home)
+    assert r.returncode == 1 and r.stdout.startswith(f"fail: audit log: entry {seq}")
+
+
+def test_audit_entries_are_bounded_whatever_a_client_sends(ready):
+    now = ready.now()
+    res = ready.timed_sign([("L" * 1_000_000, b"x" * 10)] + [(f"k{i}", b"") for i in range(500)])
+    assert not any(r.ok for r in res)
+    ready.flush_audit(force=True)
+    last = ready.audit_tail(3)
+    assert all(len(e) < 8192 for e in last), [len(e) for e in last]
+    with pytest.raises(Exception):
+        ready.generate_key(13, "zsk", "", "L" * 8_000_000)  # no window, and a label that long never
+    assert ready.now() >= now
+
+
+# --- keyimport ------------------------------------------------------------------------------------
+
+def test_keyimport_checks_the_quorum_first_and_reads_only_regular_files(configured, tmp_path):  # noqa: F811
+    home, secret = configured
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    d = Daemon(home, "--no-pkcs11")
+    try:
+        c = SockConsole(home / "console.sock")
+        try:
+            t = time.monotonic()
+            assert c(f"keyimport zsk testzone {fifo}") == " Configuration disabled\n"
+            codes = Codes()
+            codes.secrets["solo"] = secret
+            codes.used["solo"] = int(time.time()) // 30  # the fixture's login used this step
+            assert c(f"cologin solo {codes('solo')}") == " CO solo Ok\n"
+            assert c(f"keyimport zsk testzone {fifo}") == f"fail: cannot read {fifo}: not a regular file\n"
+            assert c("keyimport zsk testzone /dev/zero") == "fail: cannot read /dev/zero: not a regular file\n"
+            big = tmp_path / "big"
+            big.write_bytes(b"A" * (1 << 20))
+            assert "larger than" in c(f"keyimport zsk testzone {big}")
+            secret_file = tmp_path / "secret.txt"
+            secret_file.write_text("TOPSECRET-CONTENT\n")
+            out = c(f"keyimport zsk testzone {secret_file}")
+            assert out.startswith("fail:") and "TOPSECRET" not in out
+            assert time.monotonic() - t < 20
+        finally:
+            c.close()
+        assert " |solo| not present" in cli("console", home=home, input="colist\n").stdout  # still serving
+    finally:
+        d.stop()
+
+
+def test_settime_far_out_is_refused_before_anything_is_committed(clocked):
+    c, o = clocked.console, clocked.officers
+    o.add("lamb")
+    o.login("lamb")
+    seq = clocked.token.state["audit"]["seq"]
+    assert c.handle("settime 18446744073709551617").startswith("fail:")
+    assert c.handle("settime 0").startswith("fail:")
+    assert clocked.token.state["clock"]["offset"] == 0 and clocked.token.state["audit"]["seq"] <= seq + 2
+    assert c.handle("date").endswith(f"{int(clocked.now)}\n")
+
+
+# --- a full disk --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("the full-disk test needs root (tmpfs mount)")
+        pytest.skip("needs root to mount a small tmpfs")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_refuses_changes_and_signing_keeps_status_and_recovers(small_disk):
+    from cryptobat.console import Console
+    from conftest import Officers
+    t = Token.init(small_disk / "t", quorum=1, workers=1)
+    try:
+        c, o = Console(t), Officers(Console(t))
+        o.console = c
+        o.add("lamb")
+        o.login("lamb")
+        assert "set to +3600" in c.handle("setmaxval 3600")
+        assert c.handle("keygen 13 zsk testzone z").startswith("ok:")
+        key = t.key("z")
+        rrset = dns.rrset.from_text("www.testzone.", 300, "IN", "A", "192.0.2.1")
+        _, data = signing_data(key, rrset, t.now() - 60, t.now() + 600)
+        filler = small_disk / "filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        for i in range(500):  # the last free pages go to a few more changes, then none fits
+            out = c.handle(f"setmaxval {3000 + i}")
+            if out.startswith("fail:"):
+                break
+        assert out.startswith("fail: state store write failed"), out
+        assert t.state["max_validity"] != 3000 + i
+        for _ in range(3):
+            with pytest.raises(Exception, match="signing refused"):
+                t.timed_sign([("z", data)])
+        assert "max validity" in c.handle("status")
+        filler.unlink()
+        assert c.handle("setmaxval 1800") == " Maximum validity period set to +1800 seconds\n"
+        assert t.timed_sign([("z", data)])[0].ok
+        n, problem = t.audit_verify()
+        assert problem is None, problem
+    finally:
+        t.close()
+    assert "max validity +1800 s" in cli("status", home=small_disk / "t").stdout
