@@ -106,7 +106,7 @@ def test_wrap_is_refused_by_signzone_through_the_daemon(daemon, signer, tmp_path
     for end, ok in (("+7200", True), (f"+{WRAP}", False), ("+4294967295", False)):
         out = tmp_path / "testzone.signed"
         r = subprocess.run([sys.executable, "-m", "cryptobat", "signzone", "--hsm",
-                            f"unix:{daemon.home / 'native.sock'}", "-P", "-o", "testzone", "-e", end,
+                            f"unix:{daemon.home / 'native.sock'}", "-P", "-x", "-o", "testzone", "-e", end,
                             "-k", name["ksk13"], "testzone", name["k13"]],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert (r.returncode == 0) == ok and out.exists() == ok, (end, r.stderr)
