@@ -111,7 +111,7 @@ def test_wrap_is_refused_by_signzone_through_the_daemon(daemon, signer, tmp_path
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert (r.returncode == 0) == ok and out.exists() == ok, (end, r.stderr)
         if not ok:
-            assert "fatal" in r.stderr and "RRSIG already expired" in r.stderr, r.stderr
+            assert "failed to sign data: RRSIG " in r.stderr, r.stderr  # already expired / not after inception
         out.unlink(missing_ok=True)
 
 
