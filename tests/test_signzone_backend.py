@@ -43,10 +43,11 @@ class RealToken:
         return self.officers.console
 
 
-def make_token(home: Path, zone: str, keydir: Path, *, algs=(13,), max_validity: int = MONTH,
-               imports: list[tuple[str, str]] = ()) -> RealToken:
-    """A real token for ``zone``: KSK+ZSK per algorithm (keygen) plus ``imports`` ((role, file));
-    key files for all of the zone's keys are written to ``keydir`` by ``cryptobat keyfiles``."""
+def make_token(home: Path, zone: str, keydir: Path, *, algs=(13,), roles=("ksk", "zsk"),
+               max_validity: int = MONTH, imports: list[tuple[str, str]] = ()) -> RealToken:
+    """A real token for ``zone``: a key per role per algorithm (keygen; KSK+ZSK unless ``roles``)
+    plus ``imports`` ((role, file)); key files for all of the zone's keys are written to
+    ``keydir`` by ``cryptobat keyfiles``."""
     tok = Token.init(home, quorum=1, workers=1)
     try:
         officers = Officers(Console(tok))
@@ -55,7 +56,7 @@ def make_token(home: Path, zone: str, keydir: Path, *, algs=(13,), max_validity:
         out = officers.console.handle(f"setmaxval {max_validity}")
         assert out == f" Maximum validity period set to +{max_validity} seconds\n", out
         for alg in algs:
-            for role in ("ksk", "zsk"):
+            for role in roles:
                 out = officers.console.handle(f"keygen {alg} {role} {zone}")
                 assert out.startswith("ok: key generated"), out
         for role, path in imports:

@@ -14,8 +14,11 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import dns.dnssec
 import dns.name
+import dns.rdata
 import pytest
 
 from test_signzone_backend import MONTH, make_token, rsa_private_file
@@ -151,13 +154,69 @@ def test_sign_and_validate(tmp_path, alg, mode, capsys):
             assert len(n3) == 19 and len(empty) == 6
 
 
-def test_multi_algorithm_csk_and_dnskey_by_all(tmp_path):
-    """Two algorithms, no -x: DNSKEY signed by KSK and ZSK; keys found by -S."""
-    rt, zf, _, _ = _setup(tmp_path, [13, 15])
+def _tag(keyfile: str) -> str:
+    return keyfile.rsplit("+", 1)[1].lstrip("0") or "0"
+
+
+def _signers(path: str) -> dict[str, set[tuple[str, str]]]:
+    """Covered type -> {(algorithm, key tag)} of its RRSIGs."""
+    out: dict[str, set[tuple[str, str]]] = {}
+    for r in _records(path):
+        if r[3] == "RRSIG":
+            out.setdefault(r[4], set()).add((r[5], r[10]))
+    return out
+
+
+def test_multi_algorithm_dnskey_by_ksks_only(tmp_path):
+    """Two algorithms, no -x: still the DNSKEY RRset is signed by each algorithm's KSK only
+    (the token refuses a ZSK's signature over it), the rest by each ZSK; keys found by -S."""
+    rt, zf, ksks, zsks = _setup(tmp_path, [13, 15])
     assert _sign(rt, ["-S", "-o", "example.org", "-f", str(tmp_path / "out"), zf]) == 0
     _validators(str(tmp_path / "out"), "example.org", ksk_only=False)
-    dnskey_sigs = [r for r in _records(str(tmp_path / "out")) if r[3] == "RRSIG" and r[4] == "DNSKEY"]
-    assert len(dnskey_sigs) == 4
+    _validators(str(tmp_path / "out"), "example.org", ksk_only=True)
+    signers = _signers(str(tmp_path / "out"))
+    assert signers.pop("DNSKEY") == {("13", _tag(ksks[0])), ("15", _tag(ksks[1]))}
+    assert set().union(*signers.values()) == {("13", _tag(zsks[0])), ("15", _tag(zsks[1]))}
+
+
+CDS_ZONE = ZONE + "@ CDNSKEY {dnskey}\n@ CDS {ds}\n"
+
+
+def test_keys_sign_by_their_token_role(tmp_path, capsys):
+    """Each key signs what its role in the token allows, whatever BIND's -k says: KSKs and CSKs
+    the apex DNSKEY, CDS and CDNSKEY; ZSKs (or a CSK alone) the rest. An algorithm without a
+    KSK or CSK, or with nothing but a KSK, is a one-line fatal error naming it."""
+    rt, zf, _, _ = _setup(tmp_path, [13])
+    rt2 = make_token(tmp_path / "home2", "example.org.", tmp_path / "csk", algs=[13], roles=("csk",))
+    ksk, zsk, csk = rt.keys[(13, "ksk")], rt.keys[(13, "zsk")], rt2.keys[(13, "csk")]
+    out = str(tmp_path / "out")
+
+    # a CSK alone, named as a zone signing key file: it signs everything
+    assert _sign(rt2, ["-o", "example.org", "-f", out, zf, csk]) == 0
+    _validators(out, "example.org", ksk_only=True)
+    assert set().union(*_signers(out).values()) == {("13", _tag(csk))}
+
+    # BIND's markers the wrong way round (ZSK after -k, KSK as a zone key): the roles decide;
+    # the KSK's CDS and CDNSKEY go with the DNSKEY RRset
+    dnskey = Path(ksk + ".key").read_text().split("DNSKEY", 1)[1].split(";")[0].strip()
+    rd = dns.rdata.from_text("IN", "DNSKEY", dnskey)
+    ds = dns.dnssec.make_ds("example.org.", rd, "SHA256")
+    Path(zf).write_text(CDS_ZONE.format(dnskey=dnskey, ds=ds.to_text()))
+    assert _sign(rt, ["-o", "example.org", "-f", out, "-k", zsk, zf, ksk]) == 0
+    _validators(out, "example.org", ksk_only=True)
+    signers = _signers(out)
+    for t in ("DNSKEY", "CDS", "CDNSKEY"):
+        assert signers.pop(t) == {("13", _tag(ksk))}, t
+    assert set().union(*signers.values()) == {("13", _tag(zsk))}
+    os.unlink(out)
+    capsys.readouterr()
+
+    for keyfile, want in ((zsk, "no KSK or CSK of algorithm ECDSAP256SHA256 (13) to sign DNSKEY, CDS and CDNSKEY"),
+                          (ksk, "no ZSK or CSK of algorithm ECDSAP256SHA256 (13) to sign the zone")):
+        assert _sign(rt, ["-o", "example.org", "-f", out, "-k", keyfile, zf]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"cryptobat signzone: fatal: {want} ("), err
+        assert not os.path.exists(out)
 
 
 SEED_ZONE = """\
@@ -220,9 +279,17 @@ def test_seed_command_verbatim(tmp_path, tmp_path_factory, seed_keys):
     )
 
 
-def test_signzone_through_the_daemon(tmp_path):
-    """``cryptobat serve`` holds the token; ``cryptobat signzone --hsm unix:...`` signs through it."""
+def test_signzone_through_the_daemon(tmp_path, monkeypatch):
+    """``cryptobat serve`` holds the token; ``cryptobat signzone --hsm unix:...`` signs through it
+    after logging in with the signer PIN (``--pin-file`` or ``$CRYPTOBAT_PIN``)."""
+    from cryptobat.token import Token
     rt, zf, ksks, zsks = _setup(tmp_path, [13], max_validity=7200)
+    tok = Token(rt.home)
+    try:
+        assert rt.open_console(tok).handle("setpin signer-pin-1") == " Signer PIN set\n"
+    finally:
+        tok.close()
+    (tmp_path / "pin").write_text("signer-pin-1\n")
     sock = rt.home / "native.sock"
     log = open(tmp_path / "serve.log", "w")
     d = subprocess.Popen([sys.executable, "-m", "cryptobat", "--home", str(rt.home), "serve", "--no-pkcs11"],
@@ -235,11 +302,14 @@ def test_signzone_through_the_daemon(tmp_path):
             time.sleep(0.05)
         args = ["signzone", "--hsm", f"unix:{sock}", "-e", "now+3600", "-o", "example.org", "-k", ksks[0], zf, zsks[0]]
         r = _cryptobat(*args, cwd=tmp_path)
+        assert r.returncode == 1 and "not logged in" in r.stderr, r.stderr  # no PIN, no signatures
+        r = _cryptobat(args[0], "--pin-file", str(tmp_path / "pin"), *args[1:], cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == zf + ".signed"
         _validators(zf + ".signed", "example.org", ksk_only=False)
         # the daemon's token enforces its policy too
         os.unlink(zf + ".signed")
+        monkeypatch.setenv("CRYPTOBAT_PIN", "signer-pin-1")
         r = _cryptobat(*[a if a != "now+3600" else "now+7300" for a in args], cwd=tmp_path)
         assert r.returncode == 1
         assert r.stderr.strip().endswith("failed to sign data: RRSIG expiration time exceeds HSM policy")

@@ -11,6 +11,10 @@ every signature is then verified against the DNSKEY (in threads, overlapping
 signing), a sample of RRsets is re-validated by dnspython from the presentation
 form, and the chain is checked; then the file is written to a temporary name,
 fsynced and renamed into place.
+
+What a key signs follows its role in the token, as the policy demands
+(:func:`key_roles`): the apex DNSKEY, CDS and CDNSKEY only KSKs and CSKs, as
+with ``dnssec-signzone -x``; everything else the ZSKs, or CSKs where there is none.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ import dns.rrset
 from cryptography.exceptions import InvalidSignature
 
 from .errors import CryptobatError
-from .policy import serial_gt
+from .policy import SKEW, serial_gt
 from .timespec import parse_time
 from .zonesign import keys as zkeys
 from .zonesign import reader
@@ -48,7 +52,8 @@ from .zonesign.reader import (
 
 PROG = "cryptobat signzone"
 DS, CDS, CDNSKEY = 43, 59, 60
-KEYSET_TYPES = frozenset((DNSKEY, CDS, CDNSKEY))  # signed by the KSKs
+KEYSET_TYPES = frozenset((DNSKEY, CDS, CDNSKEY))  # signed by the KSKs and CSKs only
+SEP_ROLES = ("ksk", "csk")  # token roles whose keys sign KEYSET_TYPES
 BATCH = 8192  # signing inputs per timed_sign call
 VERIFY_CHUNK = 2048
 VERIFY_INFLIGHT = 48  # verification chunks queued before the signer waits for the verifiers
@@ -67,10 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Sign a zone with keys held by the Cryptobat token.")
     p.add_argument("-o", dest="origin", help="zone origin (default: zone file name)")
     p.add_argument("-f", dest="output", help="output file (default ZONEFILE.signed; - for stdout)")
-    p.add_argument("-s", dest="start", help="signature inception: YYYYMMDDHHMMSS, epoch, +N, now, now+N (default now-3600)")
+    p.add_argument("-s", dest="start", help="signature inception: YYYYMMDDHHMMSS, epoch, +N, now, now+N (default now-3600); "
+                                            f"the token refuses an inception more than {SKEW} s after its own time")
     p.add_argument("-e", dest="end", help="signature expiration: as -s, +N from start (default start+30 days)")
-    p.add_argument("-k", dest="ksk", action="append", default=[], help="key signing key file (repeatable)")
-    p.add_argument("-x", dest="ksk_only", action="store_true", help="sign the DNSKEY RRset with KSKs only")
+    p.add_argument("-k", dest="ksk", action="append", default=[],
+                   help="key signing key file (repeatable); each key's role in the token decides what it signs")
+    p.add_argument("-x", dest="ksk_only", action="store_true",
+                   help="accepted for compatibility and always in effect: DNSKEY, CDS and CDNSKEY are signed "
+                        "only by KSKs and CSKs, never by ZSKs (the token refuses that)")
     p.add_argument("-S", dest="smart", action="store_true", help="smart signing: use the zone's keys in the token")
     p.add_argument("-3", dest="salt", help="NSEC3 with this hex salt (- for none)")
     p.add_argument("-H", dest="iterations", type=int, default=0, help="NSEC3 iterations (default 0)")
@@ -83,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", dest="nthreads", type=int, help="ignored: the token parallelises signing itself")
     p.add_argument("-a", dest="verify_all", action="store_true", help="ignored: signatures are always verified unless -P")
     p.add_argument("--hsm", help="token to use, e.g. unix:/path/native.sock (default $CRYPTOBAT_HSM or the embedded token)")
+    p.add_argument("--pin-file", metavar="FILE",
+                   help="signer PIN for --hsm, first line of FILE (default $CRYPTOBAT_PIN)")
     p.add_argument("--home", help="home directory of the embedded token")
     p.add_argument("zonefile")
     p.add_argument("zsk", nargs="*", help="zone signing key files")
@@ -231,7 +242,7 @@ def select_keys(args, token_keys, origin: str) -> list[zkeys.SignKey]:
         if args.smart or not chosen:
             for info in token_keys:
                 if info.zone.lower() == origin and info.label not in chosen:
-                    chosen[info.label] = zkeys.make_signkey(info, info.role in ("ksk", "csk"))
+                    chosen[info.label] = zkeys.make_signkey(info, info.role in SEP_ROLES)
     except zkeys.KeyFileError as e:
         raise Fatal(str(e)) from None
     except (ValueError, dns.exception.DNSException) as e:
@@ -241,16 +252,34 @@ def select_keys(args, token_keys, origin: str) -> list[zkeys.SignKey]:
     return list(chosen.values())
 
 
-def key_roles(keys: list[zkeys.SignKey], ksk_only: bool):
-    """(keys signing DNSKEY/CDS/CDNSKEY, keys signing everything else), per BIND's rules."""
-    algs = {k.info.algorithm for k in keys}
+def key_roles(keys: list[zkeys.SignKey]):
+    """(keys signing DNSKEY/CDS/CDNSKEY, keys signing everything else), by each key's token role.
+
+    Per algorithm, every KSK and CSK signs the key sets, as ``dnssec-signzone -x`` does: the
+    token refuses a ZSK's signature over DNSKEY, CDS or CDNSKEY, so, unlike BIND without -x,
+    ZSKs never sign them. The ZSKs sign the rest, or the CSKs if there is no ZSK; a KSK signs
+    nothing else (the token refuses that too). Where the roles of an algorithm's keys leave
+    either side unsigned, :class:`Fatal` names the algorithm before anything is signed.
+    """
     keyset, others = [], []
-    for alg in sorted(algs):
-        ksks = [k for k in keys if k.info.algorithm == alg and k.sep]
-        zsks = [k for k in keys if k.info.algorithm == alg and not k.sep]
-        keyset += ksks + (zsks if (not ksk_only or not ksks) else [])
-        others += zsks or ksks
+    for alg in sorted({k.info.algorithm for k in keys}):
+        mine = [k for k in keys if k.info.algorithm == alg]
+        seps = [k for k in mine if k.info.role in SEP_ROLES]
+        if not seps:
+            raise Fatal(f"no KSK or CSK of algorithm {_alg_name(alg)} to sign DNSKEY, CDS and CDNSKEY "
+                        "(the token refuses a ZSK's signature over them)")
+        zsks = [k for k in mine if k.info.role == "zsk"] or [k for k in seps if k.info.role == "csk"]
+        if not zsks:
+            raise Fatal(f"no ZSK or CSK of algorithm {_alg_name(alg)} to sign the zone "
+                        "(the token refuses a KSK's signature outside DNSKEY, CDS and CDNSKEY)")
+        keyset += seps
+        others += zsks
     return tuple(keyset), tuple(others)
+
+
+def _alg_name(alg: int) -> str:
+    name = dns.dnssec.algorithm_to_text(alg)
+    return name if name == str(alg) else f"{name} ({alg})"
 
 
 # ---------------------------------------------------------------- the run
@@ -276,6 +305,20 @@ def _fmt_time(t: int) -> str:
     return time.strftime("%Y%m%d%H%M%S", time.gmtime(t))
 
 
+def _pin(path: str | None) -> str | None:
+    """The signer PIN from ``--pin-file`` (its first line); None leaves it to $CRYPTOBAT_PIN."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            pin = f.readline(1024).rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CryptobatError(f"cannot read the PIN file {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not pin:
+        raise CryptobatError(f"the PIN file {path} is empty")
+    return pin
+
+
 def main(argv: list[str] | None = None, client=None) -> int:
     """Run the signer; ``client`` is the token to use (default: ``cryptobat.client.connect``)."""
     args = _parser().parse_args(argv)
@@ -284,7 +327,7 @@ def main(argv: list[str] | None = None, client=None) -> int:
         if own:
             from .client import connect
 
-            client = connect(args.hsm, args.home)
+            client = connect(args.hsm, args.home, _pin(args.pin_file))
         return _run(args, client)
     except (CryptobatError, ZoneError) as e:
         print(f"{PROG}: fatal: {e}", file=sys.stderr)
@@ -314,6 +357,7 @@ def _run(args, client) -> int:
     token_keys = client.keys()
     now = int(client.time())
     keys = select_keys(args, token_keys, otext)
+    roles = key_roles(keys)
     start = parse_time(args.start, now, now) if args.start else now - 3600
     end = parse_time(args.end, start, now) if args.end else start + 30 * 86400
     if end <= start:
@@ -330,7 +374,7 @@ def _run(args, client) -> int:
     warmer = threading.Thread(target=_warm, args=(client, verifier), daemon=True)
     warmer.start()
     try:
-        return _sign(args, client, verifier, warmer, origin, otext, keys, now, start, end, t0)
+        return _sign(args, client, verifier, warmer, origin, otext, keys, roles, now, start, end, t0)
     except BaseException:
         warmer.join()
         if verifier is not None:
@@ -350,7 +394,7 @@ def _warm(client, verifier) -> None:
             pass
 
 
-def _sign(args, client, verifier, warmer, origin, otext, keys, now, start, end, t0) -> int:
+def _sign(args, client, verifier, warmer, origin, otext, keys, roles, now, start, end, t0) -> int:
     verbose = args.verbose
     salt = b""
     if args.salt is not None:
@@ -374,7 +418,7 @@ def _sign(args, client, verifier, warmer, origin, otext, keys, now, start, end, 
     for k in keys:
         rd = k.info.dnskey()
         dk.add(rd.to_digestable(), rd.to_text())
-    keyset_keys, zone_keys = key_roles(keys, args.ksk_only)
+    keyset_keys, zone_keys = roles
 
     order = sorted(nodes)
     classify(order, nodes, zone.origin_key)

@@ -27,7 +27,7 @@ class SignKey:
     """A token key as the signer uses it."""
 
     info: KeyInfo
-    sep: bool  # signs the DNSKEY RRset (KSK role here)
+    sep: bool  # named with -k (BIND's KSK marker); what it signs follows info.role
     signer_wire: bytes  # the zone's canonical wire name
 
     @property
