@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PIN = "1234"
+PIN = "123456"
 
 WORKER = r"""
 import hashlib, json, sys, time, pkcs11
@@ -38,7 +38,7 @@ ok = errors = 0
 first = None
 try:
     lib = pkcs11.lib(module)
-    with lib.get_token().open(user_pin="1234") as s:
+    with lib.get_token().open(user_pin="123456") as s:
         key = s.get_key(ObjectClass.PRIVATE_KEY, KeyType.RSA if kind == "rsa" else KeyType.EC, label="k" + kind)  # krsa or kec
         while time.time() < start:
             time.sleep(0.005)
@@ -128,7 +128,7 @@ def setup_softhsm(work: Path) -> dict:
                    env=env, check=True, capture_output=True)
     gen = ("import pkcs11, sys\nfrom pkcs11 import KeyType\nfrom pkcs11.util.ec import encode_named_curve_parameters\n"
            "lib = pkcs11.lib(sys.argv[1])\n"
-           "with lib.get_token(token_label='bench').open(user_pin='1234', rw=True) as s:\n"
+           "with lib.get_token(token_label='bench').open(user_pin='123456', rw=True) as s:\n"
            "    s.generate_keypair(KeyType.RSA, 2048, label='krsa', store=True)\n"
            "    p = s.create_domain_parameters(KeyType.EC, {pkcs11.Attribute.EC_PARAMS: encode_named_curve_parameters('secp256r1')}, local=True)\n"
            "    p.generate_keypair(label='kec', store=True)\n")

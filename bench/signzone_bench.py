@@ -43,7 +43,7 @@ TOOLS = ("dnssec-keygen", "dnssec-signzone", "ldns-keygen", "ldns-signzone", "ke
          "softhsm2-util")
 SOFTHSM_LIBS = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
 MAXVAL = 40 * 86400  # token policy: every tool signs for about 30 days (Knot: 14)
-PIN = "1234"
+PIN = "123456"
 
 
 # ---------------------------------------------------------------- measuring one run

@@ -120,12 +120,16 @@ def test_wrap_is_refused_by_signzone_through_the_daemon(daemon, signer, tmp_path
 def test_native_signing_needs_the_signer_pin(daemon):
     c = SocketClient(str(daemon.home / "native.sock"))
     try:
+        k = next(k for k in c.keys() if k.label == "k13")  # public keys are public
+        data = payload(k, now=c.time())
         with pytest.raises(Exception, match="not logged in"):
-            c.keys()
+            c.timed_sign([("k13", data)])
         with pytest.raises(Exception, match="PIN incorrect"):
             c.login("not-the-pin")
+        with pytest.raises(Exception, match="not logged in"):
+            c.timed_sign([("k13", data)])
         c.login(PIN.decode())
-        assert c.keys()
+        assert c.timed_sign([("k13", data)])[0].ok
     finally:
         c.close()
 

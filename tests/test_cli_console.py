@@ -16,6 +16,7 @@ from conftest import Daemon, cli
 from test_policy import payload
 
 CODE_STEP = 30
+SIGNER_PIN = "signer-pin-1"
 
 
 def _code(secret: str, step_offset: int = 0) -> str:
@@ -128,8 +129,9 @@ def configured(tmp_path):
     cli("init", "--quorum", "1", home=home)
     r = cli("console", home=home, input="coadd solo\n")
     secret = _secret(r.stdout)
-    r = cli("console", home=home, input=f"cologin solo {_code(secret)}\nsetmaxval 3600\nkeygen 13 zsk testzone z\n")
-    assert " CO solo Ok" in r.stdout and "ok: key generated" in r.stdout, r.stdout
+    r = cli("console", home=home, input=f"cologin solo {_code(secret)}\nsetmaxval 3600\nkeygen 13 zsk testzone z\n"
+                                        f"setpin {SIGNER_PIN}\n")
+    assert " CO solo Ok" in r.stdout and "ok: key generated" in r.stdout and " Signer PIN set" in r.stdout, r.stdout
     return home, secret
 
 
@@ -168,12 +170,13 @@ def test_daemon_serves_all_transports_at_once(configured, tmp_path):
         _pty_talk(master, b"", timeout=1)
         out = _pty_talk(master, b"version\r")
         assert b"Cryptobat firmware version" in out
-        # remote M-of-N: an officer logging in on the serial line is present on the socket console too
+        # an officer logged in on the serial line is present there, and only there (tests/test_sessions.py)
         out = _pty_talk(master, f"cologin solo {_code(secret, 1)}\r".encode())
         assert b" CO solo Ok" in out
-        assert " |solo| present" in cli("console", home=home, input="colist\n").stdout
+        assert b" |solo| present" in _pty_talk(master, b"colist\r")
+        assert " |solo| not present" in cli("console", home=home, input="colist\n").stdout
         # the native signing API, via the client class
-        c = connect(home=home)
+        c = connect(home=home, pin=SIGNER_PIN)
         assert isinstance(c, SocketClient)
         k = next(k for k in c.keys() if k.label == "z")
         now = c.time()

@@ -58,7 +58,7 @@ def lib(daemon):
 
 
 def keyinfo(home: Path, label: str):
-    c = connect(home=home)
+    c = connect(home=home, pin=PIN.decode())
     try:
         now = c.time()
         return next(k for k in c.keys() if k.label == label), now
@@ -209,7 +209,7 @@ STDIO_CLIENT = textwrap.dedent("""
     lib = pkcs11.lib(sys.argv[1])
     tok = next(t for t in (s.get_token() for s in lib.get_slots()) if t.manufacturer_id == "Cryptobat")
     data = bytes.fromhex(sys.argv[2])
-    with tok.open(user_pin="1234") as s:
+    with tok.open(user_pin="123456") as s:
         k = s.get_key(ObjectClass.PRIVATE_KEY, KeyType.RSA, label="k8")
         print(k.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS).hex())
         try:
@@ -343,7 +343,7 @@ STRESS_CLIENT = textwrap.dedent("""
     from pkcs11 import KeyType, Mechanism, ObjectClass
     lib = pkcs11.lib(sys.argv[1]); data = bytes.fromhex(sys.argv[2]); until = time.time() + float(sys.argv[3])
     n = errors = 0
-    with lib.get_token().open(user_pin="1234") as s:
+    with lib.get_token().open(user_pin="123456") as s:
         k = s.get_key(ObjectClass.PRIVATE_KEY, KeyType.RSA, label="k8")
         while time.time() < until:
             try:
@@ -396,3 +396,102 @@ def test_bench_runs_with_tiny_counts(tmp_path):
     for row in rows:
         assert row["cryptobat"]["errors"] == 0 and row["cryptobat"]["rate"] > 0, row
         assert row["softhsm"]["rate"] > 0, row
+
+
+# --- the signing host's PKCS#11 attacks (they run last: they change the shared daemon's policy) ---
+
+@pytest.fixture(scope="module")
+def officers(daemon):
+    """Both officers logged in once on their own console session, for the quorum commands below."""
+    from test_p11rpc_backend import ConsoleSocket
+    c = ConsoleSocket(daemon.home / "console.sock")
+    for name in daemon.codes.secrets:
+        assert "Ok" in c.cmd(f"cologin {name} {daemon.codes.code(name)}")
+    yield c.cmd
+    c.close()
+
+
+def test_bound_digest_is_checked_again_after_the_policy_tightened(lib, daemon, officers):
+    from test_p11rpc_backend import MAX_VALIDITY
+    key, rrset, tpl, data, now = rrsig_data(daemon.home, "k13", valid=3 * 3600)
+    with lib.get_token().open(user_pin=PIN.decode()) as s:
+        k13 = s.get_key(ObjectClass.PRIVATE_KEY, KeyType.EC, label="k13")
+        digest = s.digest(data, mechanism=Mechanism.SHA256)  # bound now: 3 h is within 30 days
+        try:
+            assert "set to +3600" in officers("setmaxval 3600")
+            with pytest.raises(FunctionRejected):
+                k13.sign(digest, mechanism=Mechanism.ECDSA)
+        finally:
+            officers(f"setmaxval {MAX_VALIDITY}")
+    assert "RRSIG expiration time exceeds HSM policy" in cli("audit", "-n", "30", home=daemon.home).stdout
+
+
+def test_key_management_window_is_scoped_to_its_zone(lib, daemon, officers):
+    from pkcs11.exceptions import PKCS11Error
+    assert "open for 120 seconds" in officers("p11window 120 other.example")
+    try:
+        with lib.get_token().open(user_pin=PIN.decode(), rw=True) as s:
+            k8 = s.get_key(ObjectClass.PRIVATE_KEY, KeyType.RSA, label="k8")  # a testzone key
+            with pytest.raises(PKCS11Error):
+                k8.destroy()
+    finally:
+        officers("p11window 0 other.example")
+    key, _ = keyinfo(daemon.home, "k8")
+    assert key.zone == "testzone."  # still there
+    assert '"why":"the PKCS#11 key management window is for other.example., not testzone."' in \
+        cli("audit", "-n", "30", home=daemon.home).stdout
+
+
+def test_wrong_pins_lock_the_signer_pin_until_a_quorum_sets_it(lib, daemon, officers):
+    from pkcs11 import TokenFlag
+    from pkcs11.exceptions import PinLocked
+    from cryptobat.token import MAX_PIN_FAILURES
+    tok = lib.get_token()
+    try:
+        for i in range(MAX_PIN_FAILURES):
+            with pytest.raises((PinIncorrect, PinLocked)):
+                tok.open(user_pin="wrong-pin")
+            flags = lib.get_token().flags
+            if i == 0:
+                assert flags & TokenFlag.USER_PIN_COUNT_LOW
+            if i == MAX_PIN_FAILURES - 2:
+                assert flags & TokenFlag.USER_PIN_FINAL_TRY
+        assert lib.get_token().flags & TokenFlag.USER_PIN_LOCKED
+        with pytest.raises(PinLocked):  # the right PIN no longer opens it
+            tok.open(user_pin=PIN.decode())
+        assert "LOCKED" in cli("status", home=daemon.home).stdout
+    finally:
+        assert officers(f"setpin {PIN.decode()}").strip() == "Signer PIN set"
+    with lib.get_token().open(user_pin=PIN.decode()):
+        pass
+    assert not lib.get_token().flags & (TokenFlag.USER_PIN_LOCKED | TokenFlag.USER_PIN_COUNT_LOW)
+
+
+def test_pipelined_wrong_logins_cost_no_more_than_the_lockout(lib, daemon, officers):
+    """400 C_Login frames in one write: ten wrong PINs are checked, the rest are refused unchecked,
+    and a signer on another connection is served meanwhile and afterwards."""
+    from cryptobat.token import MAX_PIN_FAILURES
+    c = SockClient(daemon.p11)
+    c.ok("C_Initialize", HANDSHAKE, 0, None)
+    (h,) = c.ok("C_OpenSession", SLOT_ID, C.CKF_SERIAL_SESSION)
+    body = encode_request("C_Login", [h, C.CKU_USER, b"wrong-pin"], c.version)
+    frames = b"".join(encode_frame(c.code + 1 + i, body, b"client") for i in range(400))
+    key, rrset, tpl, data, now = rrsig_data(daemon.home, "k8")
+    try:
+        c.s.sendall(frames)
+        with lib.get_token().open(user_pin=PIN.decode()) as s:  # logged in before the lockout bites
+            k8 = s.get_key(ObjectClass.PRIVATE_KEY, KeyType.RSA, label="k8")
+            validate(key, rrset, tpl, k8.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS), now)
+            got: list[int] = []
+            while len(got) < 400:
+                for f in c.frames.feed(c.s.recv(65536)):
+                    got.append(parse_response(f.body, BY_NAME["C_Login"], c.version)[0])
+            assert set(got) <= {C.CKR_PIN_INCORRECT, C.CKR_PIN_LOCKED}
+            assert got.count(C.CKR_PIN_INCORRECT) <= MAX_PIN_FAILURES
+            validate(key, rrset, tpl, k8.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS), now)
+        audit = cli("audit", "-n", "500", home=daemon.home).stdout
+        assert audit.count('"why":"PIN locked"') >= 400 - MAX_PIN_FAILURES
+        assert max(int(x.split(",")[0]) for x in audit.split('"failures":')[1:]) == MAX_PIN_FAILURES
+    finally:
+        c.close()
+        assert officers(f"setpin {PIN.decode()}").strip() == "Signer PIN set"

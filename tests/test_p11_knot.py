@@ -26,7 +26,7 @@ import pytest
 
 from conftest import cli
 
-PIN = "1234"
+PIN = "123456"
 SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 
 
@@ -97,9 +97,9 @@ class Hsm:
     def compat_count(self) -> int:
         return int(re.search(r"compat (\d+)", cli("console", home=self.home, input="status\n").stdout).group(1))
 
-    def start(self, p11_socket: Path | None = None) -> Path:
+    def start(self, p11_socket: Path | None = None, *extra: str) -> Path:
         sock = p11_socket or self.home / "pkcs11.sock"
-        args = ["--pkcs11-socket", str(sock)] if p11_socket else []
+        args = (["--pkcs11-socket", str(sock)] if p11_socket else []) + list(extra)
         self.proc = subprocess.Popen([sys.executable, "-m", "cryptobat", "--home", str(self.home), "serve", *args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 20
@@ -221,7 +221,7 @@ def test_kzonesign_signs_only_with_compat_keys(tmp_path, alg, name, size):
 def _keys(hsm: Hsm):
     """The token's keys, asked of the running daemon."""
     from cryptobat.client import connect
-    c = connect(home=hsm.home)
+    c = connect(home=hsm.home, pin=PIN)
     try:
         return c.keys()
     finally:

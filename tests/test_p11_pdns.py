@@ -4,7 +4,8 @@ p11-kit finds the token through a remote-only module file ``cryptobat.module`` i
 user's ``~/.config/pkcs11/modules`` (HOME is a temp dir), so nothing is written to /etc.
 p11-kit ignores user configuration in a process running as root, so when the tests
 run as root, pdns_server and pdnsutil run as an unprivileged user that owns the temp
-dir and the PKCS#11 socket; the daemon itself runs as the test user.
+dir and whose group is the daemon's signer group (``--signer-group``); the daemon itself
+runs as the test user.
 
 What PowerDNS sends (``log-calls: yes`` in the module file shows it, and the tests check):
 RSA: C_Sign(CKM_SHA256_RSA_PKCS) over the full RRSIG signing data, so the token's full
@@ -14,6 +15,7 @@ which the token's digest binding accepts without compat mode.
 """
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import re
@@ -146,9 +148,9 @@ def signer(tmp_path):
         os.chmod(base, 0o755)
         pdns = Pdns(base, base / "pkcs11.sock", _free_port())
         made.append(pdns)
-        hsm.start(base / "pkcs11.sock")
-        if pdns.user:
-            os.chown(base / "pkcs11.sock", pdns.user.pw_uid, pdns.user.pw_gid)
+        # as root, PowerDNS runs as another user: the socket's group (and the daemon's peer check) let it in
+        group = ["--signer-group", grp.getgrgid(pdns.user.pw_gid).gr_name] if pdns.user else []
+        hsm.start(base / "pkcs11.sock", *group)
         for zone, (_, name) in ZONES.items():
             pdns.util("create-zone", zone, "ns1." + zone)
             pdns.util("add-record", zone, "ns1", "A", "192.0.2.1")

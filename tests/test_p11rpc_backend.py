@@ -29,7 +29,7 @@ from cryptobat.p11serve import ServiceBackend
 from cryptobat.serve import Service
 from cryptobat.token import Token
 
-PIN = b"1234"
+PIN = b"123456"
 MAX_VALIDITY = 30 * 86400
 KEYS = (("8", "k8"), ("13", "k13"), ("14", "k14"), ("15", "k15"))
 COMPAT = ("k14",)

@@ -10,7 +10,8 @@ from . import __version__
 from .errors import CryptobatError, TokenBusy
 from .home import resolve_home
 
-SECRET_PROMPTS = ("Passphrase: ", "New passphrase: ", "Repeat passphrase: ", "New PIN: ")
+SECRET_PROMPTS = ("Passphrase: ", "Old passphrase: ", "New passphrase: ", "Repeat passphrase: ",
+                  "New PIN: ", "PIN: ")
 
 
 def _home_arg(p: argparse.ArgumentParser, top: bool = False) -> None:
@@ -114,7 +115,7 @@ def cmd_console(a) -> int:
     return 0
 
 
-def _run_console_commands(home: Path, commands: list[str]) -> str:
+def _run_console_commands(home: Path, commands: list[str], check_audit: bool = True) -> str:
     """Run console commands on the token, in process or through a daemon serving it."""
     sock = _serving(home)
     if sock:
@@ -126,7 +127,7 @@ def _run_console_commands(home: Path, commands: list[str]) -> str:
         return buf.getvalue()
     from .console import Console
     from .token import Token
-    token = Token(home)
+    token = Token(home, check_audit=check_audit)
     try:
         console = Console(token)
         return "".join(console.handle(c) for c in commands)
@@ -141,7 +142,7 @@ def cmd_status(a) -> int:
 
 def cmd_audit(a) -> int:
     cmd = "audit verify" if a.action == "verify" else f"audit {a.n}"
-    out = _run_console_commands(resolve_home(a.home), [cmd])
+    out = _run_console_commands(resolve_home(a.home), [cmd], check_audit=False)  # shows a broken log too
     sys.stdout.write(out)
     return 1 if out.startswith("fail:") else 0
 
@@ -165,10 +166,12 @@ def cmd_keyfiles(a) -> int:
 def cmd_serve(a) -> int:
     from .serve import serve
     home = resolve_home(a.home)
-    p11 = None if a.no_pkcs11 else Path(a.pkcs11_socket) if a.pkcs11_socket else home / "pkcs11.sock"
+    sockets = Path(a.socket_dir) if a.socket_dir else None
+    p11 = None if a.no_pkcs11 else Path(a.pkcs11_socket) if a.pkcs11_socket else (sockets or home) / "pkcs11.sock"
     return serve(home, pty=a.pty, serial_dev=a.serial, baud=a.baud,
                  console_sock=Path(a.console_socket) if a.console_socket else None,
-                 native_sock=Path(a.native_socket) if a.native_socket else None, p11_sock=p11)
+                 native_sock=Path(a.native_socket) if a.native_socket else None, p11_sock=p11,
+                 signer_group=a.signer_group, socket_dir=sockets)
 
 
 def cmd_demo(a) -> int:
@@ -226,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--native-socket", metavar="PATH")
     s.add_argument("--pkcs11-socket", metavar="PATH")
     s.add_argument("--no-pkcs11", action="store_true", help="do not serve PKCS#11")
+    s.add_argument("--signer-group", metavar="GROUP",
+                   help="native and PKCS#11 sockets mode 0660 for this group (the signers' group, e.g. pdns); "
+                        "the console socket stays owner-only. Without it every socket is owner-only")
+    s.add_argument("--socket-dir", metavar="DIR",
+                   help="put the sockets in DIR (e.g. /run/cryptobat) with links in the home, "
+                        "so signers need not reach the (0700) home")
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("demo", help="replay the original device's sessions on a throwaway token")

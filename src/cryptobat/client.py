@@ -3,8 +3,9 @@
 ``connect()`` picks the transport: ``hsm="unix:/path/native.sock"`` (or
 ``$CRYPTOBAT_HSM``) talks to a running ``cryptobat serve``; otherwise, if a
 daemon serves ``home``, its native socket; otherwise the token in ``home`` is
-opened in this process. Tools such as ``signzone`` only ever see
-:class:`Client`, so they work either way.
+opened in this process. Over the socket the client logs in with the signer PIN
+(``pin=`` or ``$CRYPTOBAT_PIN``) unless a quorum listed its uid/gid as a signer.
+Tools such as ``signzone`` only ever see :class:`Client`, so they work either way.
 """
 from __future__ import annotations
 
@@ -52,9 +53,9 @@ class EmbeddedClient:
 
 
 class SocketClient:
-    """The daemon's native API over a Unix socket."""
+    """The daemon's native API over a Unix socket; logs in with ``pin`` when one is given."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, pin: str | None = None) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -63,16 +64,40 @@ class SocketClient:
             self.sock.close()
             raise CryptobatError(f"cannot reach Cryptobat at {path}: {e.strerror}") from None
         self._r = self.sock.makefile("rb")
+        self._answered = False
+        if pin is not None:
+            try:
+                self.login(pin)
+            except BaseException:
+                self.close()
+                raise
 
     def _call(self, req: dict) -> dict:
-        self.sock.sendall(native.encode(req))
-        header = self._r.read(4)
+        try:
+            self.sock.sendall(native.encode(req))
+            header = self._r.read(4)
+        except OSError as e:
+            header, why = b"", e.strerror
+        else:
+            why = None
         if len(header) < 4:
+            if not self._answered:  # closed before any answer: the daemon turned this peer away
+                raise CryptobatError(f"Cryptobat at {self.path} closed the connection"
+                                     f"{f' ({why})' if why else ''}: is this user allowed on the "
+                                     "signer socket (cryptobat serve --signer-group)?")
             raise CryptobatError("Cryptobat daemon closed the connection")
+        self._answered = True
         resp = native.decode(self._r.read(native.frame_length(header)))
         if "error" in resp:
+            if resp["error"] == native.NOT_LOGGED_IN:
+                raise CryptobatError("not logged in: the daemon wants the signer PIN "
+                                     "($CRYPTOBAT_PIN, or signzone --pin-file)")
             raise CryptobatError(resp["error"])
         return resp
+
+    def login(self, pin: str) -> None:
+        """Authenticate this connection with the signer PIN (CryptobatError 'PIN incorrect' if not)."""
+        self._call(native.login_request(pin))
 
     def info(self) -> dict:
         return self._call({"op": "info"})
@@ -84,11 +109,36 @@ class SocketClient:
         return int(self._call({"op": "time"})["time"])
 
     def timed_sign(self, items: Sequence[tuple[str, bytes]]) -> list[SignResult]:
-        return native.parse_sign_response(self._call(native.sign_request(items)))
+        """Sign in requests that fit the daemon's frame and item limits; results in order."""
+        results: list[SignResult] = []
+        for chunk in _chunks(items):
+            if len(chunk) == 1 and native.item_size(*chunk[0]) > _REQUEST_BUDGET:
+                results.append(SignResult(reason="signing data is over the native API's frame limit"))
+                continue
+            results += native.parse_sign_response(self._call(native.sign_request(chunk)))
+        return results
 
     def close(self) -> None:
         self._r.close()
         self.sock.close()
+
+
+_REQUEST_BUDGET = native.MAX_FRAME - 4096  # room for the request's own JSON
+
+
+def _chunks(items: Sequence[tuple[str, bytes]]):
+    """``items`` split so that each sign request stays under the frame and item limits."""
+    chunk: list[tuple[str, bytes]] = []
+    size = 0
+    for it in items:
+        n = native.item_size(*it)
+        if chunk and (size + n > _REQUEST_BUDGET or len(chunk) >= native.MAX_ITEMS):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(it)
+        size += n
+    if chunk or not items:
+        yield chunk
 
 
 def serving(path: Path) -> bool:
@@ -105,13 +155,16 @@ def serving(path: Path) -> bool:
         s.close()
 
 
-def connect(hsm: str | None = None, home: str | Path | None = None) -> Client:
+def connect(hsm: str | None = None, home: str | Path | None = None, pin: str | None = None) -> Client:
+    """The token at ``hsm`` (or ``$CRYPTOBAT_HSM``), else the daemon serving ``home``, else ``home``
+    opened here. Over a socket, ``pin`` (or ``$CRYPTOBAT_PIN``) logs the connection in."""
     hsm = hsm or os.environ.get("CRYPTOBAT_HSM")
+    pin = pin if pin is not None else os.environ.get("CRYPTOBAT_PIN") or None
     if hsm:
         if not hsm.startswith("unix:"):
             raise CryptobatError(f"unsupported HSM address {hsm!r} (use unix:PATH)")
-        return SocketClient(hsm[5:])
+        return SocketClient(hsm[5:], pin)
     h = resolve_home(home)
     if serving(h / "native.sock"):
-        return SocketClient(str(h / "native.sock"))
+        return SocketClient(str(h / "native.sock"), pin)
     return EmbeddedClient(h)

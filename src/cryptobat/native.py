@@ -1,10 +1,15 @@
 """The native signing API's wire format: length-prefixed JSON frames.
 
-A frame is a 4-byte big-endian length and a JSON object. Requests carry an
-``op`` (``info``, ``keys``, ``time``, ``sign``); ``sign`` takes ``items``, a
-list of ``[label, base64 signing data]``, and answers ``results``, one
-``[base64 signature or null, reason or null]`` per item, in order. Errors are
-``{"error": "one line"}``. Pure encode/decode; sockets live in the adapters.
+A frame is a 4-byte big-endian length and a JSON object of at most
+:data:`MAX_FRAME` bytes (the length is checked before the body is read).
+Requests carry an ``op`` (``info``, ``time``, ``login``, ``keys``, ``sign``).
+``login`` takes the signer ``pin`` and answers ``{"ok": true}``; until a login
+succeeds on the connection (or the token lists the peer's uid/gid as a signer),
+``keys`` and ``sign`` answer ``{"error": "not logged in"}``. ``sign`` takes
+``items``, a list of at most :data:`MAX_ITEMS` ``[label, base64 signing data]``,
+and answers ``results``, one ``[base64 signature or null, reason or null]`` per
+item, in order. Errors are ``{"error": "one line"}``. Pure encode/decode;
+sockets live in the adapters.
 """
 from __future__ import annotations
 
@@ -15,7 +20,10 @@ import struct
 from .api import KeyInfo, SignResult
 from .errors import CryptobatError
 
-MAX_FRAME = 256 << 20
+MAX_FRAME = 32 << 20  # signzone's 8192-RRset batches are a few MiB; clients split larger ones
+MAX_ITEMS = 32768  # per sign request: its answer (a signature per item) stays under MAX_FRAME too
+NOT_LOGGED_IN = "not logged in"
+PIN_INCORRECT = "PIN incorrect"
 _LEN = struct.Struct("!I")
 
 
@@ -45,6 +53,22 @@ def decode(body: bytes) -> dict:
     return obj
 
 
+def login_request(pin: str) -> dict:
+    return {"op": "login", "pin": pin}
+
+
+def parse_pin(req: dict) -> str:
+    pin = req.get("pin")
+    if not isinstance(pin, str):
+        raise ProtocolError("login needs a pin")
+    return pin
+
+
+def item_size(label: str, data: bytes) -> int:
+    """Bytes one item adds to an encoded sign request (an upper bound)."""
+    return len(json.dumps(label)) + 4 * ((len(data) + 2) // 3) + 6
+
+
 def sign_request(items) -> dict:
     return {"op": "sign", "items": [[label, base64.b64encode(data).decode()] for label, data in items]}
 
@@ -53,6 +77,8 @@ def parse_sign_items(req: dict) -> list[tuple[str, bytes]]:
     items = req.get("items")
     if not isinstance(items, list):
         raise ProtocolError("sign needs a list of items")
+    if len(items) > MAX_ITEMS:
+        raise ProtocolError(f"at most {MAX_ITEMS} items per sign request")
     out = []
     for it in items:
         if not (isinstance(it, list) and len(it) == 2 and isinstance(it[0], str) and isinstance(it[1], str)):

@@ -13,12 +13,13 @@ import socket
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 from .api import KeyInfo, SignResult
 from .client import serving
+from .p11rpc.unix import listen_unix, serve_unix
 from .p11rpc.unix import serve_stdio as _serve_stdio
-from .p11rpc.unix import serve_unix
-from .serve import Service
+from .serve import Service, group_refused
 
 
 class ServiceBackend:
@@ -33,13 +34,7 @@ class ServiceBackend:
         return self.s.call(self.t.info)
 
     def check_pin(self, pin: bytes) -> bool:
-        # not under the token lock (scrypt takes ~50 ms: a login must not stall signing), but one
-        # at a time: each scrypt needs 16 MiB, and twenty at once would bloat the daemon for good
-        with self.s.pin_lock:
-            ok = self.t.check_pin(pin)
-        if not ok:
-            self.s.call(lambda: self.t.audit("pin", ok=False))
-        return ok
+        return self.s.check_pin(pin, "pkcs11")
 
     def keys(self) -> list[KeyInfo]:
         """The token's keys; the same list object while the token state is unchanged (do not modify).
@@ -63,7 +58,7 @@ class ServiceBackend:
     def check_signing_data(self, label: str, data: bytes) -> str | None:
         return self.s.call(self.t.check_signing_data, label, data)
 
-    def sign_digest(self, label: str, digest: bytes, mechanism: str, bound: bool) -> SignResult:
+    def sign_digest(self, label: str, digest: bytes, mechanism: str, bound: bytes | None) -> SignResult:
         return self.s.call(self.t.sign_digest, label, digest, mechanism, bound)
 
     def keygen_allowed(self) -> bool:
@@ -80,14 +75,24 @@ class ServiceBackend:
 
 
 class _P11Server:
-    """Runs serve_unix in a thread; shutdown()/server_close() as the daemon's other servers."""
+    """Runs serve_unix in a thread; shutdown()/server_close() as the daemon's other servers.
 
-    def __init__(self, service: Service, path: Path) -> None:
+    The socket is bound (mode, group) in the caller's thread, so a failure there is the caller's.
+    """
+
+    def __init__(self, service: Service, path: Path, mode: int = 0o600, group: int | None = None,
+                 gate: Callable[[socket.socket], bool] | None = None) -> None:
         self.stop = threading.Event()
         ready = threading.Event()
         backend = ServiceBackend(service)
+        try:
+            listener = listen_unix(str(path), mode, group)
+        except PermissionError:
+            if group is None:
+                raise
+            raise group_refused(path, group) from None
         self.thread = threading.Thread(target=serve_unix, args=(str(path), backend, None, ready, self.stop),
-                                       name="pkcs11", daemon=True)
+                                       kwargs={"gate": gate, "listener": listener}, name="pkcs11", daemon=True)
         self.thread.start()
         ready.wait(10)
 
@@ -99,8 +104,9 @@ class _P11Server:
         pass
 
 
-def start_p11(service: Service, path: Path) -> _P11Server:
-    return _P11Server(service, path)
+def start_p11(service: Service, path: Path, mode: int = 0o600, group: int | None = None,
+              gate: Callable[[socket.socket], bool] | None = None) -> _P11Server:
+    return _P11Server(service, path, mode, group, gate)
 
 
 def _relay(path: Path) -> int:

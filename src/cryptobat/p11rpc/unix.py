@@ -64,13 +64,37 @@ class _Peer:
         self.busy = False  # a slow call is running in a helper thread
 
 
+def listen_unix(path: str, mode: int = 0o600, group: int | None = None) -> socket.socket:
+    """A listening Unix socket at ``path`` with ``mode`` and ``group`` set before listen(),
+    so no client connects while it still has the umask's mode."""
+    if os.path.exists(path) or os.path.islink(path):
+        os.unlink(path)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        srv.bind(path)
+        os.chmod(path, mode)
+        if group is not None:
+            os.chown(path, -1, group)
+        srv.listen(BACKLOG)
+    except BaseException:
+        srv.close()
+        if os.path.exists(path):
+            os.unlink(path)
+        raise
+    return srv
+
+
 def serve_unix(path: str, backend: BackendSource, lock: Any = None,
                ready: threading.Event | None = None, stop: threading.Event | None = None,
-               spin: float = SPIN_SECONDS) -> None:
+               spin: float = SPIN_SECONDS, *, mode: int = 0o600, group: int | None = None,
+               gate: Callable[[socket.socket], bool] | None = None,
+               listener: socket.socket | None = None) -> None:
     """Serve p11-kit clients on a Unix socket at ``path`` until ``stop`` is set.
 
     ``backend`` is a Backend or a factory called once per client; ``lock`` (e.g. a
-    threading.Lock) serializes backend calls across clients.
+    threading.Lock) serializes backend calls across clients. The socket gets ``mode``
+    and ``group`` (or ``listener``, from :func:`listen_unix`, is used as it is);
+    ``gate(sock)`` decides for each accepted client whether it is served or closed at once.
 
     One thread runs an epoll loop over every client: with the GIL, one thread handling
     ready sockets in turn beats a thread per client (no GIL hand-offs, no thread wake-ups).
@@ -83,12 +107,7 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
     costs ~25 us per round trip, but on a loaded machine the spinning steals CPU from the
     clients and measured slower, so it is off unless asked for.
     """
-    if os.path.exists(path):
-        os.unlink(path)
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
-    os.chmod(path, 0o600)
-    srv.listen(BACKLOG)
+    srv = listener if listener is not None else listen_unix(path, mode, group)
     srv.setblocking(False)
     ep = select.epoll()
     ep.register(srv.fileno(), select.EPOLLIN)
@@ -153,6 +172,9 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
                                 break
                             except OSError:  # out of descriptors: leave it queued, serve the others
                                 break
+                            if gate is not None and not gate(sock):
+                                sock.close()
+                                continue
                             sock.setblocking(False)
                             try:
                                 p = _Peer(sock, Connection(_backend(backend), _locker(lock)))
