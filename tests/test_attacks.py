@@ -150,6 +150,8 @@ def test_ksk_signs_only_key_sets_of_held_or_allowed_keys(daemon, signer):
     cases = {
         "own DNSKEY set": (DNSKEY, _rrs(zone, "DNSKEY", *held), True),
         "attacker KSK in DNSKEY": (DNSKEY, _rrs(zone, "DNSKEY", *held, attacker.to_text()), False),
+        "attacker ZSK in DNSKEY": (DNSKEY, _rrs(zone, "DNSKEY", *held, attacker.to_text().replace("257", "256", 1)),
+                                   False),
         "only the attacker's key": (DNSKEY, _rrs(zone, "DNSKEY", attacker.to_text()), False),
         "CDS of own KSK": (CDS, _rrs(zone, "CDS", ksk.ds(2).to_text()), True),
         "CDS for attacker": (CDS, _rrs(zone, "CDS", ds_attacker), False),
@@ -167,12 +169,12 @@ def test_ksk_signs_only_key_sets_of_held_or_allowed_keys(daemon, signer):
     assert "allowed" in c.cmd(f"keyallow testzone {attacker.to_text()}")
     assert "allowed for 60 seconds" in c.cmd("cdsdelete 60 testzone")
     try:
-        res = signer.timed_sign([items[1], items[4], items[5]])
+        res = signer.timed_sign([items[1], items[5], items[6]])
         assert all(r.ok for r in res), [r.reason for r in res]
     finally:
         c.cmd(f"keydisallow testzone {dns.dnssec.key_id(attacker)}")
         c.cmd("cdsdelete 0 testzone")
-    assert not any(r.ok for r in signer.timed_sign([items[1], items[5]]))
+    assert not any(r.ok for r in signer.timed_sign([items[1], items[6]]))
 
 
 def test_records_of_another_class_are_refused(signer):

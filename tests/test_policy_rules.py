@@ -201,9 +201,12 @@ def test_dnskey_rrset_with_attacker_sep_key_refused(signer):
 
 
 @pytest.mark.parametrize("signer", [KSK, CSK])
-def test_dnskey_rrset_with_attacker_non_sep_key_accepted(signer):
+def test_dnskey_rrset_with_attacker_non_sep_key_refused(signer):
+    """Validators ignore the SEP flag: a foreign ZSK in a signed DNSKEY set would sign anything
+    (a CDS delete, a CDS for its own key) with any expiration, unseen by the token."""
     rr = keyset("DNSKEY", [signer.dnskey(), ZSK.dnskey(), ATTACK_ZSK])
-    assert verdict(signer, data_for(signer, rr)) is None
+    assert verdict(signer, data_for(signer, rr)) == policy.DNSKEY_FOREIGN
+    assert verdict(signer, data_for(signer, rr), pol(keys=HELD | {ATTACK_ZSK.to_digestable()})) is None
 
 
 def test_dnskey_rrset_without_the_signing_key_refused():
@@ -223,16 +226,18 @@ def test_key_allowed_for_another_zone_does_not_count():
 
 
 def test_signing_key_counts_as_held_even_if_not_listed():
-    rr = keyset("DNSKEY", [KSK.dnskey(), ZSK.dnskey()])
+    rr = keyset("DNSKEY", [KSK.dnskey()])
     assert verdict(KSK, data_for(KSK, rr), Policy(3600)) is None
-    rr = keyset("DNSKEY", [KSK.dnskey(), CSK.dnskey()])
-    assert verdict(KSK, data_for(KSK, rr), Policy(3600)) == policy.DNSKEY_FOREIGN
+    for other in (ZSK, CSK):
+        rr = keyset("DNSKEY", [KSK.dnskey(), other.dnskey()])
+        assert verdict(KSK, data_for(KSK, rr), Policy(3600)) == policy.DNSKEY_FOREIGN
 
 
-def test_sep_flag_is_what_decides():
-    """A foreign key with flags 385 (SEP + REVOKE) is a SEP key; 128 (REVOKE only) is not."""
+def test_flags_do_not_decide():
+    """A foreign key is refused whatever its flags (SEP, REVOKE, zone key or none)."""
     evil = info("ksk", "evil2")
-    for flags, want in ((385, policy.DNSKEY_FOREIGN), (128, None), (1, policy.DNSKEY_FOREIGN)):
+    for flags, want in ((385, policy.DNSKEY_FOREIGN), (128, policy.DNSKEY_FOREIGN), (1, policy.DNSKEY_FOREIGN),
+                        (256, policy.DNSKEY_FOREIGN)):
         k = dataclasses.replace(evil, flags=flags).dnskey()
         assert verdict(KSK, data_for(KSK, keyset("DNSKEY", [KSK.dnskey(), k]))) == want, flags
 
@@ -322,7 +327,7 @@ def test_token_signs_keysets_of_its_own_keys_and_they_validate(zone_token, kind)
     token, _ = zone_token
     ksk, zsk = token.key("ksk8"), token.key("zsk8")
     if kind == "DNSKEY":
-        rr = keyset("DNSKEY", [ksk.dnskey(), zsk.dnskey(), token.key("zsk13").dnskey(), ATTACK_ZSK])
+        rr = keyset("DNSKEY", [ksk.dnskey(), zsk.dnskey(), token.key("zsk13").dnskey()])
     elif kind == "CDNSKEY":
         rr = keyset("CDNSKEY", [rd(ksk)])
     else:

@@ -208,7 +208,9 @@ def test_copass_changes_only_your_own_passphrase_and_needs_the_old_one(clocked):
     assert c.handle("copass lamb") == "" and c.prompt == "Old passphrase: "
     c.handle("first-passphrase"), c.handle("second-passphrase")
     assert c.handle("second-passphrase") == " Passphrase set for CO lamb\n"
-    assert off.check_passphrase(t.state["officers"]["lamb"]["passphrase"], "second-passphrase")
+    rec = t.state["officers"]["lamb"]["passphrase"]
+    assert rec["keyed"] and off.check_passphrase(rec, "second-passphrase", t._pepper)
+    assert not off.check_passphrase(rec, "second-passphrase")  # the store alone cannot test guesses
 
 
 def test_a_refused_setpin_refreshes_nobody(clocked):

@@ -50,15 +50,21 @@ def match_step(secret: str, code: str, now: int) -> int | None:
     return None
 
 
-def hash_passphrase(passphrase: str) -> dict:
-    salt = os.urandom(16)
+def _derive(passphrase: str, salt: bytes, pepper: bytes | None) -> str:
     h = hashlib.scrypt(passphrase.encode(), salt=salt, **_SCRYPT)
-    return {"salt": salt.hex(), "hash": h.hex()}
+    return (hmac.new(pepper, h, hashlib.sha256).digest() if pepper is not None else h).hex()
 
 
-def check_passphrase(record: dict, passphrase: str) -> bool:
-    h = hashlib.scrypt(passphrase.encode(), salt=bytes.fromhex(record["salt"]), **_SCRYPT)
-    return hmac.compare_digest(h.hex(), record["hash"])
+def hash_passphrase(passphrase: str, pepper: bytes | None = None) -> dict:
+    """scrypt, then keyed with ``pepper`` (a key the custody holds): a copy of the store alone
+    does not let anyone try 6-digit PINs or passphrases offline."""
+    salt = os.urandom(16)
+    return {"salt": salt.hex(), "hash": _derive(passphrase, salt, pepper), "keyed": pepper is not None}
+
+
+def check_passphrase(record: dict, passphrase: str, pepper: bytes | None = None) -> bool:
+    h = _derive(passphrase, bytes.fromhex(record["salt"]), pepper if record.get("keyed") else None)
+    return hmac.compare_digest(h, record["hash"])
 
 
 @dataclass
@@ -68,7 +74,7 @@ class LoginOutcome:
 
 
 def login(officer: dict, secret: str, code: str, passphrase: str | None, now: int,
-          remote: bool = False) -> LoginOutcome:
+          remote: bool = False, pepper: bytes | None = None) -> LoginOutcome:
     """Check both factors and update ``officer`` (a state record) in place.
 
     Failures count separately for remote sessions (the console socket) and for the
@@ -85,7 +91,8 @@ def login(officer: dict, secret: str, code: str, passphrase: str | None, now: in
         why = "code replayed"
     else:
         officer["last_step"] = step  # a code counts once, whatever the passphrase
-        if officer.get("passphrase") and (passphrase is None or not check_passphrase(officer["passphrase"], passphrase)):
+        if officer.get("passphrase") and (passphrase is None
+                                          or not check_passphrase(officer["passphrase"], passphrase, pepper)):
             why = "bad passphrase"
         else:
             officer[fails] = 0

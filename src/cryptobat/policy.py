@@ -138,8 +138,8 @@ def _check_keyset(key: KeyInfo, zone_wire: bytes, rdtype: int, rds: list[bytes],
     if rdtype == DNSKEY:
         if own not in rds:
             raise Refusal(DNSKEY_NO_SIGNER)
-        for rd in rds:  # the SEP flag is the low bit of the flags field; non-SEP keys are free
-            if rd[1] & 1 and rd not in allowed:
+        for rd in rds:  # every key, SEP or not: validators ignore the flag, and a foreign ZSK in a
+            if rd not in allowed:  # signed DNSKEY set would sign anything, CDS deletes included
                 raise Refusal(DNSKEY_FOREIGN)
     elif rdtype == CDNSKEY:
         if not _delete_request(rds, CDNSKEY_DELETE, policy, zone_wire, now):

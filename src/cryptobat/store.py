@@ -5,6 +5,12 @@ log lives beside it in the same database. A change writes the new state and
 its audit entries in one transaction with ``synchronous=FULL``, so a crash at
 any instant leaves the old state or the new one, never a mix. An exclusive
 lock file keeps a second process from opening the same token.
+
+A committed change sits in ``state.db-wal`` until SQLite checkpoints it; a
+lost or damaged WAL would silently take acknowledged changes with it. So a
+change is acknowledged only once a separate, MAC'd marker file (``commit``)
+says which audit head it reached (written and fsynced after the commit), and
+a store whose audit head is behind its marker is refused.
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 1), doc TEX
 CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, entry TEXT NOT NULL, hash TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS keycheck (id INTEGER PRIMARY KEY CHECK (id = 1), kcv TEXT NOT NULL);
 """
-FILES = ("state.db", "state.db-wal", "state.db-shm", "lock", "master.key")
+FILES = ("state.db", "state.db-wal", "state.db-shm", "lock", "master.key", "commit")
+_MARKER = "commit"  # the last acknowledged audit head, MAC'd: a store that lost commits is refused
 
 
 class Store:
@@ -55,6 +62,56 @@ class Store:
         for name in FILES:  # owner-only whatever the umask was when SQLite made them
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(self.home / name, 0o600)
+        self._marker: int | None = None
+
+    # --- the acknowledged-commit marker -------------------------------------------------
+    def _marker_text(self, head: Head) -> str:
+        body = f"{head.seq} {head.hash}"
+        return f"{body} {self._mac('commit ' + body)}\n"
+
+    def _read_marker(self) -> Head | None:
+        path = self.home / _MARKER
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            raise IntegrityError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        parts = text.split()
+        if len(parts) != 3 or not parts[0].isdigit() or not hmac.compare_digest(
+                self._marker_text(Head(int(parts[0]), parts[1])).strip(), text.strip()):
+            raise IntegrityError(f"{path} is damaged (not this store's commit marker)")
+        return Head(int(parts[0]), parts[1])
+
+    def mark(self, head: Head) -> None:
+        """Record ``head`` as acknowledged: written in place and fsynced (one small block)."""
+        data = self._marker_text(head).encode()
+        if self._marker is None:
+            self._marker = os.open(self.home / _MARKER, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            os.pwrite(self._marker, data.ljust(160), 0)
+            os.fsync(self._marker)
+        except OSError as e:
+            raise CryptobatError(f"cannot record the commit in {self.home / _MARKER}: {e.strerror}") from None
+
+    def check_marker(self, head: Head, accept_loss: bool = False) -> tuple[int, int] | None:
+        """Refuse a store whose audit head is behind the last acknowledged one.
+
+        With ``accept_loss`` (an operator's explicit decision) the marker is moved back to the
+        store's head instead; returns (acknowledged seq, store seq) when that happened."""
+        marker = self._read_marker()
+        if marker is None or marker.seq < head.seq:
+            return None  # a store from before markers, or a crash between commit and marker
+        if marker.seq == head.seq and marker.hash == head.hash:
+            return None
+        if not accept_loss:
+            lost = marker.seq - head.seq
+            raise IntegrityError(
+                f"state store lost {lost if lost > 0 else 'some'} acknowledged change(s): the audit head "
+                f"is {head.seq}, {self.home / _MARKER} says {marker.seq} (state.db-wal deleted or damaged?). "
+                f"Restore the token's files, or accept the loss: cryptobat recover --accept-lost-changes")
+        self.mark(head)
+        return marker.seq, head.seq
 
     def _check_key(self, create: bool) -> None:
         """A key check value: a master key that is not this store's is named as such, not as an edit."""
@@ -88,17 +145,21 @@ class Store:
 
     def load(self) -> dict | None:
         """Return the verified state, or None for a new store."""
+        path = self.home / "state.db"
         try:
             row = self.db.execute("SELECT doc, mac FROM state WHERE id = 1").fetchone()
+            last = self.db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         except sqlite3.DatabaseError as e:
-            raise IntegrityError(f"state store is damaged: {e}") from None
+            raise IntegrityError(f"state store is damaged: {path}: {e}") from None
         if row is None:
+            if last is not None or self._read_marker() is not None:
+                raise IntegrityError(f"state store is damaged: {path} has no state "
+                                     f"(restore the token's files from backup)")
             return None
         doc, mac = row
         if not hmac.compare_digest(self._mac(doc), mac):
             raise IntegrityError("state store integrity check failed: edited outside Cryptobat")
         state = json.loads(doc)
-        last = self.db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         head = Head(**state["audit"])
         if (tuple(last) if last else (0, GENESIS)) != (head.seq, head.hash):
             raise IntegrityError("audit log does not match the state (entries edited or deleted)")
@@ -123,8 +184,13 @@ class Store:
             raise CryptobatError(f"state store write failed ({e}); nothing changed") from None
 
     def audit_rows(self, since: int = 0) -> Iterator[tuple[int, str, str]]:
-        yield from self.db.execute("SELECT seq, entry, hash FROM audit WHERE seq > ? ORDER BY seq", (since,))
+        try:
+            yield from self.db.execute("SELECT seq, entry, hash FROM audit WHERE seq > ? ORDER BY seq", (since,))
+        except sqlite3.DatabaseError as e:
+            raise IntegrityError(f"state store is damaged: {self.home / 'state.db'}: {e}") from None
 
     def close(self) -> None:
         self.db.close()
+        if self._marker is not None:
+            os.close(self._marker)
         os.close(self._lock)

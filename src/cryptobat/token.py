@@ -39,7 +39,14 @@ MIN_PIN = 6
 MAX_PIN_FAILURES = 10  # then the signer PIN is locked until a quorum sets it again
 MAX_LABEL = 64
 MAX_KEY_FILE = 64 * 1024
+MAX_REASONS = 16  # distinct refusal reasons in one audit entry
 MIN_TIME = 1577836800  # 2020-01-01: no token time before this is plausible
+
+
+def _no_pending() -> dict:
+    """Signing counts not yet in the audit log (flushed at most once a second)."""
+    return {"signatures": 0, "compat_signatures": 0, "batches": 0, "refusals": 0, "reasons": {},
+            "pin_refused": 0}
 
 
 def _new_state(quorum: int, now: int) -> dict:
@@ -90,10 +97,11 @@ def _private_home(home: Path, create: bool) -> None:
 class Token:
     def __init__(self, home: Path | str, custody_factory: Callable[..., Custody] = SoftwareCustody,
                  *, wall: Callable[[], float] = time.time, mono: Callable[[], float] = _boottime,
-                 workers: int | None = None, check_audit: bool = True,
+                 workers: int | None = None, check_audit: bool = True, accept_lost_changes: bool = False,
                  _create_quorum: int | None = None) -> None:
         self.home = Path(home)
         create = _create_quorum is not None
+        lost = None
         if create and (self.home / "state.db").exists():
             raise CryptobatError(f"a token already exists at {self.home}")
         _private_home(self.home, create)
@@ -113,6 +121,7 @@ class Token:
                 raise CryptobatError(f"a token already exists at {self.home}")
             else:
                 state = _upgrade(state)
+                lost = self.store.check_marker(Head(**state["audit"]), accept_lost_changes)
                 if check_audit:
                     self._verify_audit_since(state)
         except BaseException:
@@ -126,9 +135,10 @@ class Token:
                                   gap=c["max_gap"])
         self.quorum = Quorum(state["idle_timeout"])
         self.engine = Engine(self.custody, custody_factory, self.home, workers)
-        self._pending = {"signatures": 0, "compat_signatures": 0, "batches": 0}
+        self._pending = _no_pending()
         self.limiter = policy.RateLimiter()
         self._pin_key = os.urandom(32)
+        self._pepper = hmac.new(self.custody.mac_key(), b"cryptobat passphrase pepper", hashlib.sha256).digest()
         self._pin_ok: tuple[str, bytes] | None = None
         self._sign_keys: dict[str, tuple[dict, SignKey]] = {}  # label -> (state record, SignKey of it)
         self._policy: tuple[tuple, policy.Policy] | None = None
@@ -138,6 +148,9 @@ class Token:
         self.started = mono()
         if create:
             self._change("init", {"quorum": _create_quorum}, lambda s: None)
+        elif lost:
+            self.audit("accepted-loss", acknowledged=lost[0], kept=lost[1],
+                       why="state.db lost acknowledged changes; the operator accepted the loss")
 
     @classmethod
     def init(cls, home: Path | str, quorum: int = 2, **kw) -> "Token":
@@ -174,9 +187,14 @@ class Token:
         except CryptobatError:
             self._write_failed = True
             raise
-        self._write_failed = False
         self.state, self._chain = new, chain
         self.generation += 1
+        try:
+            self.store.mark(chain.head)  # only now is the change acknowledged
+        except CryptobatError:
+            self._write_failed = True
+            raise
+        self._write_failed = False
         return result
 
     def _time_for_audit(self) -> int:
@@ -305,12 +323,12 @@ class Token:
         now = self.now()
         if name not in session.present(now):
             raise CryptobatError(f"CO {name} must be logged in on this session to set a passphrase")
-        if rec["passphrase"] and (old is None or not officers.check_passphrase(rec["passphrase"], old)):
+        if rec["passphrase"] and (old is None or not officers.check_passphrase(rec["passphrase"], old, self._pepper)):
             self.audit("copass", name=name, ok=False, why="old passphrase wrong", session=session.id)
             raise CryptobatError("old passphrase is wrong")
         if len(new) < 8:
             raise CryptobatError("passphrase must be at least 8 characters")
-        record = officers.hash_passphrase(new)
+        record = officers.hash_passphrase(new, self._pepper)
         self._change("copass", {"name": name, "ok": True, "session": session.id},
                      lambda s: s["officers"][name].update(passphrase=record))
         session.refresh({name}, now)
@@ -323,7 +341,7 @@ class Token:
         secret = self.custody.unseal(bytes.fromhex(self.state["officers"][name]["secret"]),
                                      b"officer:" + name.encode()).decode()
         rec = copy.deepcopy(self.state["officers"][name])
-        outcome = officers.login(rec, secret, code, passphrase, now, remote=not session.local)
+        outcome = officers.login(rec, secret, code, passphrase, now, remote=not session.local, pepper=self._pepper)
         counter = "logins" if outcome.ok else "login_failures"
 
         def apply(s: dict) -> None:
@@ -373,7 +391,7 @@ class Token:
 
     def setpin(self, pin: str, by: Approval) -> None:
         self.check_new_pin(pin)
-        record = officers.hash_passphrase(pin)
+        record = officers.hash_passphrase(pin, self._pepper)
         self._gated("setpin", {}, lambda s: s.update(pin=record, pin_failures=0), by)
         self._pin_ok = None
 
@@ -598,7 +616,7 @@ class Token:
     def sign_job(self, items: Sequence[tuple[str, bytes]]) -> Job:
         if self._write_failed:  # nothing is signed that the audit cannot record; retried each call
             try:
-                self._flush("sign", {}, 0)
+                self._flush()
             except CryptobatError as e:
                 raise CryptobatError(f"signing refused: {e}") from None
         now = self.now()
@@ -628,7 +646,7 @@ class Token:
         job = self.sign_job([(label, data)])
         key = job.keys.get(label)
         if key is None:
-            return f"no key labelled {label!r}"
+            return f"no key labelled {label[:64]!r}"
         try:
             policy.check(key.info, key.zone_wire, data, job.policy, job.now)
         except CryptobatError as e:
@@ -645,7 +663,7 @@ class Token:
         job = self.sign_job([])
         key = self._sign_key(label)
         if key is None:
-            return SignResult(reason=f"no key labelled {label!r}")
+            return SignResult(reason=f"no key labelled {label[:64]!r}")
         info = key.info
         try:
             if bound is not None:
@@ -659,41 +677,53 @@ class Token:
         return result
 
     def account(self, results: Sequence[SignResult], compat: bool = False) -> None:
-        """Count signatures; audit refusals at once and successes at most once a second."""
+        """Count signatures and refusals; audit them at most once a second.
+
+        Refusals are counted by reason (at most MAX_REASONS distinct ones an entry, labels cut
+        short), so a client sending refused requests as fast as it can adds one bounded audit
+        entry a second, not one per request.
+        """
+        p = self._pending
         ok = sum(1 for r in results if r.ok)
-        refused = [r.reason for r in results if not r.ok]
-        self._pending["signatures"] += ok
-        self._pending["compat_signatures"] += ok if compat else 0
-        self._pending["batches"] += 1
-        if refused:
-            reasons: dict[str, int] = {}
-            for why in refused:
+        p["signatures"] += ok
+        p["compat_signatures"] += ok if compat else 0
+        p["batches"] += 1
+        reasons = p["reasons"]
+        for r in results:
+            if not r.ok:
+                p["refusals"] += 1
+                why = r.reason or "refused"
+                why = why if why in reasons or len(reasons) < MAX_REASONS else "other reasons"
                 reasons[why] = reasons.get(why, 0) + 1
-            self._flush("refused-sign", {"refusals": len(refused), "reasons": reasons}, len(refused))
-        else:
-            self.flush_audit(force=len(results) >= 64)
+        self.flush_audit(force=len(results) >= 64 and not p["refusals"])
 
     def flush_audit(self, force: bool = False) -> None:
-        if self._pending["batches"] and (force or self._mono() - self._last_flush >= AUDIT_FLUSH_SECONDS):
-            self._flush("sign", {}, 0)
+        p = self._pending
+        if (p["batches"] or p["pin_refused"]) and (force or self._mono() - self._last_flush >= AUDIT_FLUSH_SECONDS):
+            self._flush()
 
-    def _flush(self, event: str, fields: dict, refusals: int) -> None:
-        p = dict(self._pending)
+    def _flush(self) -> None:
+        p = self._pending
+        fields: dict = {"signatures": p["signatures"], "batches": p["batches"]}
+        if p["refusals"]:
+            fields.update(refusals=p["refusals"], reasons=dict(p["reasons"]))
+        if p["pin_refused"]:
+            fields["pin_refused"] = p["pin_refused"]
 
         def count(s: dict) -> None:
             c = s["counters"]
             c["signatures"] += p["signatures"]
             c["compat_signatures"] += p["compat_signatures"]
-            c["refusals"] += refusals
+            c["refusals"] += p["refusals"]
 
-        self._change(event, {**fields, "signatures": p["signatures"], "batches": p["batches"]}, count)
-        self._pending = {"signatures": 0, "compat_signatures": 0, "batches": 0}
+        self._change("refused-sign" if p["refusals"] else "sign", fields, count)
+        self._pending = _no_pending()
         self._last_flush = self._mono()
 
     def counters(self) -> dict:
         c = dict(self.state["counters"])
-        c["signatures"] += self._pending["signatures"]
-        c["compat_signatures"] += self._pending["compat_signatures"]
+        for k in ("signatures", "compat_signatures", "refusals"):
+            c[k] += self._pending[k]
         return c
 
     # --- signer PIN and other PKCS#11 needs ------------------------------------------
@@ -711,13 +741,14 @@ class Token:
         with lock:
             rec = self.state["pin"]
             why = "no PIN set" if rec is None else "PIN locked" if self.pin_locked() else None
-            if why:
-                self.audit("pin", ok=False, why=why, source=source)
+            if why:  # no scrypt spent; counted, audited with the next flush (at most once a second)
+                self._pending["pin_refused"] += 1
+                self.flush_audit()
                 return False
             tag = (rec["hash"], hmac.new(self._pin_key, text.encode(), hashlib.sha256).digest())
             cached = self._pin_ok
         ok = (cached is not None and hmac.compare_digest(cached[1], tag[1]) and cached[0] == tag[0]) \
-            or officers.check_passphrase(rec, text)
+            or officers.check_passphrase(rec, text, self._pepper)
         with lock:
             if self.state["pin"] != rec:
                 return False  # the PIN changed meanwhile
@@ -753,6 +784,8 @@ class Token:
         return verify(self.store.audit_rows(), self._chain.head)
 
     def audit_tail(self, n: int = 20) -> list[str]:
+        with contextlib.suppress(CryptobatError):
+            self.flush_audit(force=True)
         rows = list(self.store.audit_rows(max(0, self._chain.head.seq - n)))
         return [entry for _, entry, _ in rows]
 

@@ -305,7 +305,7 @@ class Writer:
             for m in items:
                 self.u64(m)
         else:
-            self.raw_array(None if a.size_only else bytes(a.value))
+            self.raw_array(None if a.size_only else _raw(a.value))
 
     def attributes(self, attrs: list[Attribute]) -> None:
         self.u32(len(attrs))
@@ -386,7 +386,13 @@ def encoded_length(a: Attribute, version: int = 0) -> int:
         return 24 * len(a.value)
     if kind == "mechs":
         return 8 * len(a.value)
-    return len(a.value)
+    return len(_raw(a.value))
+
+
+def _raw(value: Any) -> bytes:
+    """A byte-array attribute's bytes; a CK_BBOOL p11-kit does not know as one (CKA_DESTROYABLE
+    in p11-kit 0.24/0.25) travels as a one-byte array."""
+    return bytes([int(value)]) if isinstance(value, bool) else bytes(value)
 
 
 @dataclass
