@@ -213,3 +213,60 @@ def test_full_disk_refuses_changes_and_signing_keeps_status_and_recovers(small_d
     finally:
         t.close()
     assert "max validity +1800 s" in cli("status", home=small_disk / "t").stdout
+
+
+# --- a lost WAL ------------------------------------------------------------------------------------
+
+def test_a_store_that_lost_acknowledged_changes_is_refused(configured):  # noqa: F811
+    """kill -9 leaves acknowledged changes in state.db-wal; deleting it used to lose them silently."""
+    import signal
+    home, secret = configured
+    d = Daemon(home, "--no-pkcs11")
+    try:
+        c = SockConsole(home / "console.sock")
+        codes = Codes()
+        codes.secrets["solo"] = secret
+        codes.used["solo"] = int(time.time()) // 30
+        assert c(f"cologin solo {codes('solo')}") == " CO solo Ok\n"
+        assert c("setmaxval 1800") == " Maximum validity period set to +1800 seconds\n"  # acknowledged
+        c.close()
+        os.kill(d.pid, signal.SIGKILL)
+        d.p.wait()
+    finally:
+        d.stop()
+    assert (home / "state.db-wal").stat().st_size > 0
+    (home / "state.db-wal").unlink()
+    (home / "state.db-shm").unlink(missing_ok=True)
+    r = cli("status", home=home)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "lost" in r.stderr and "acknowledged change" in r.stderr and "Traceback" not in r.stderr
+    assert cli("serve", home=home).returncode == 1  # the daemon refuses it too
+    r = cli("recover", home=home)
+    assert r.returncode == 1 and "--accept-lost-changes" in r.stderr
+    r = cli("recover", "--accept-lost-changes", home=home)
+    assert r.returncode == 0, r.stderr
+    r = cli("status", home=home)
+    assert r.returncode == 0 and "max validity +3600 s" in r.stdout  # the change is gone, and said so
+    assert '"event":"accepted-loss"' in cli("audit", home=home).stdout
+    assert cli("audit", "verify", home=home).returncode == 0
+
+
+@pytest.mark.parametrize("damage", ["master.key dir", "lock dir", "header byte", "empty state"])
+def test_damaged_files_give_one_line_naming_the_file(tmp_path, damage):
+    home = tmp_path / "t"
+    _init(home)
+    name = damage.split()[0]
+    if damage.endswith("dir"):
+        (home / name).unlink()
+        (home / name).mkdir()
+    elif damage == "header byte":
+        with open(home / "state.db", "r+b") as f:
+            f.seek(16)  # the page size, now 0x0310: not a power of two
+            f.write(b"\x03\x10")
+    else:
+        (home / "state.db").write_bytes(b"")
+    for args in (["status"], ["audit", "verify"], ["serve"]):
+        r = cli(*args, home=home, timeout=30)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, (args, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr and "cryptobat init" not in r.stderr
+        assert str(home / ("state.db" if name in ("header", "empty") else name)) in r.stderr, r.stderr

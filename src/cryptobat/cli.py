@@ -136,8 +136,9 @@ def _run_console_commands(home: Path, commands: list[str], check_audit: bool = T
 
 
 def cmd_status(a) -> int:
-    sys.stdout.write(_run_console_commands(resolve_home(a.home), ["status"]))
-    return 0
+    out = _run_console_commands(resolve_home(a.home), ["status"])
+    sys.stdout.write(out)
+    return 1 if out.startswith("fail:") else 0
 
 
 def cmd_audit(a) -> int:
@@ -145,6 +146,20 @@ def cmd_audit(a) -> int:
     out = _run_console_commands(resolve_home(a.home), [cmd], check_audit=False)  # shows a broken log too
     sys.stdout.write(out)
     return 1 if out.startswith("fail:") else 0
+
+
+def cmd_recover(a) -> int:
+    """Open a token whose store lost acknowledged changes, accepting the loss (audited)."""
+    from .token import Token
+    if not a.accept_lost_changes:
+        raise CryptobatError("say what to accept: cryptobat recover --accept-lost-changes")
+    t = Token(resolve_home(a.home), accept_lost_changes=True)
+    try:
+        print(f"Token {t.state['serial']} opens at audit entry {t.state['audit']['seq']}; "
+              f"check its policy, keys and officers with: cryptobat status")
+    finally:
+        t.close()
+    return 0
 
 
 def cmd_keyfiles(a) -> int:
@@ -214,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", type=int, default=20, help="entries to show")
     s.set_defaults(fn=cmd_audit)
 
+    s = sub.add_parser("recover", help="open a token whose store lost acknowledged changes")
+    _home_arg(s)
+    s.add_argument("--accept-lost-changes", action="store_true",
+                   help="accept that changes the token had acknowledged are gone (audited)")
+    s.set_defaults(fn=cmd_recover)
+
     s = sub.add_parser("keyfiles", help="write BIND K*.key/.private files for a zone's token keys")
     _home_arg(s)
     s.add_argument("zone")
@@ -271,8 +292,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
+    except BrokenPipeError as e:
+        import os
+        import select
+        try:  # stdout a pipe or socket whose reader is gone (`cryptobat ... | head`): nothing to say
+            p = select.poll()
+            p.register(sys.stdout.fileno(), select.POLLOUT)
+            stdout_closed = any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
+        except (OSError, ValueError, AttributeError):
+            stdout_closed = False
+        if stdout_closed:
+            try:  # and nothing left in stdout's buffer to fail at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
+            return 0
+        print(f"cryptobat: connection closed mid-command ({e.strerror or 'broken pipe'})", file=sys.stderr)
+    except OSError as e:  # one line, as for every other failure
+        print(f"cryptobat: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
     return 1
 
 
