@@ -270,3 +270,24 @@ def test_damaged_files_give_one_line_naming_the_file(tmp_path, damage):
         assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, (args, r.stdout, r.stderr)
         assert "Traceback" not in r.stderr and "cryptobat init" not in r.stderr
         assert str(home / ("state.db" if name in ("header", "empty") else name)) in r.stderr, r.stderr
+
+
+def test_deeply_nested_native_frame_gets_one_error(configured):  # noqa: F811
+    import socket
+    home, _ = configured
+    d = Daemon(home, "--no-pkcs11")
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(home / "native.sock"))
+        body = b"[" * 100000 + b"]" * 100000
+        s.sendall(len(body).to_bytes(4, "big") + body)
+        n = int.from_bytes(s.recv(4), "big")
+        resp = b""
+        while len(resp) < n:
+            resp += s.recv(n - len(resp))
+        assert json.loads(resp) == {"error": "frame is nested too deeply"}
+        s.close()
+        assert " |solo| not present" in cli("console", home=home, input="colist\n").stdout
+    finally:
+        d.stop()
+    assert "RecursionError" not in d.p.stderr.read()

@@ -197,3 +197,10 @@ def test_unknown_and_malformed_console_lines(console):
                  "settime yesterday", "audit x", "keylist extra"):
         out = console.handle(line)
         assert out.count("\n") <= 1 and (out.startswith("fail:") or out == ""), (line, out)
+
+
+def test_qr_file_that_cannot_be_written_enrols_nobody(console, officers, tmp_path):
+    for target in (tmp_path / "no-such-dir" / "qr.png", tmp_path / "qr.gif"):
+        out = console.handle(f"coadd carol --qr {target}")
+        assert out.startswith("fail:") and out.count("\n") == 1, out
+    assert console.handle("colist") == ""  # carol was not enrolled

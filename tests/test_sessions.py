@@ -259,3 +259,26 @@ def test_pending_operations_expire_and_are_bounded(clocked):
     assert con.handle("setmaxval 99") == f"fail: {MAX_PENDING} operations are already pending\n"
     clocked.advance(PENDING_WINDOW + 1)
     assert con.handle("pending") == ""
+
+
+def test_totp_runs_on_real_time_across_settime_and_a_correction(clocked):
+    """settime far from real time used to lock the officers out; a correction back refused their
+    next codes as replayed for as long as the clock had been ahead."""
+    t, c, o = clocked.token, clocked.console, clocked.officers
+    o.add("lamb")
+    o.login("lamb")
+    real = int(clocked.now)
+    assert c.handle(f"settime {real + 86400}").startswith(" Token time set")
+    assert t.now() >= real + 86400
+    c.handle("coreset")
+    clocked.advance(30)
+    o.login("lamb")  # codes from the authenticator app (real time) still work
+    assert c.handle(f"settime {int(clocked.now)}").startswith(" Token time set")  # corrected back
+    c.handle("coreset")
+    clocked.advance(30)
+    code = o.code("lamb")
+    assert c.handle(f"cologin lamb {code}") == " CO lamb Ok\n"
+    c.handle("coreset")
+    assert c.handle(f"cologin lamb {code}") == " Failed\n"  # no code counts twice
+    assert c.handle(f"cologin lamb {code}") == " Failed\n"
+    assert "code replayed" in t.audit_tail(1)[0]

@@ -84,6 +84,17 @@ _UNAUDITED_READS = frozenset({"help", "version", "date", "colist", "keylist", "s
 MAX_LINE = 64 * 1024  # a console line longer than this is refused before it is parsed
 
 
+def _open_qr_file(path: str):
+    """The QR code file, opened before the officer is enrolled; PNG or SVG by its name."""
+    kind = path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    if kind not in ("png", "svg"):
+        raise CryptobatError("the QR code file must end in .png or .svg")
+    try:
+        return open(path, "wb")
+    except OSError as e:
+        raise CryptobatError(f"cannot write the QR code to {path}: {e.strerror}") from None
+
+
 class _Usage(Exception):
     pass
 
@@ -231,15 +242,17 @@ class Console:
             raise _Usage
 
         def run(by: Approval) -> str:
-            secret, uri = self.token.coadd(name, self.session, by)
-            out = f"Added CO: {name}\nSecret: {secret}\n{uri}\n{qr_text(uri)}"
-            if qr_file:
-                try:
-                    segno.make(uri, error="m").save(qr_file, scale=6)
+            qr = _open_qr_file(qr_file) if qr_file else None  # before enrolling: no officer behind a failure
+            try:
+                secret, uri = self.token.coadd(name, self.session, by)
+                out = f"Added CO: {name}\nSecret: {secret}\n{uri}\n{qr_text(uri)}"
+                if qr is not None:
+                    segno.make(uri, error="m").save(qr, kind=qr_file.rsplit(".", 1)[-1].lower(), scale=6)
                     out += f"QR code written to {qr_file}\n"
-                except (OSError, ValueError) as e:
-                    out += f"fail: QR code not written: {e}\n"
-            return out
+                return out
+            finally:
+                if qr is not None:
+                    qr.close()
 
         if len(self.token.state["officers"]) < self.token.state["quorum"]:
             return run(Approval())

@@ -48,6 +48,8 @@ def decode(body: bytes) -> dict:
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError("frame is not JSON") from None
+    except RecursionError:  # a deeply nested frame: no request of ours nests more than three deep
+        raise ProtocolError("frame is nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError("frame is not a JSON object")
     return obj

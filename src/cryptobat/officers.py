@@ -20,6 +20,7 @@ STEP = 30
 DIGITS = 6
 SECRET_CHARS = 32  # base32 characters: 160 bits, RFC 4226's recommended length
 MAX_FAILURES = 5
+USED_STEPS = 16  # time steps remembered per officer against replay
 LOCKOUT = 300
 ISSUER = "Cryptobat"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
@@ -85,12 +86,19 @@ def login(officer: dict, secret: str, code: str, passphrase: str | None, now: in
     if officer.get(until, 0) > now:
         return LoginOutcome(False, "locked out")
     step = match_step(secret, code, now)
+    used = officer.get("used_steps")
+    if used is None:  # records from before used_steps kept only the last one
+        used = [officer["last_step"]] if officer.get("last_step", -1) >= 0 else []
     if step is None:
         why = "bad code"
-    elif step <= officer.get("last_step", -1):
+    elif step in used:
         why = "code replayed"
     else:
-        officer["last_step"] = step  # a code counts once, whatever the passphrase
+        # a code counts once, whatever the passphrase. The steps used are remembered as a set,
+        # not as a high-water mark, so a clock corrected backwards does not refuse every code
+        # until it catches up; a code is valid only within a step of now anyway.
+        officer["used_steps"] = (used + [step])[-USED_STEPS:]
+        officer.pop("last_step", None)
         if officer.get("passphrase") and (passphrase is None
                                           or not check_passphrase(officer["passphrase"], passphrase, pepper)):
             why = "bad passphrase"

@@ -295,7 +295,7 @@ class Token:
             self.require(by, "coadd")
         secret = officers.new_secret()
         sealed = self.custody.seal(secret.encode(), b"officer:" + name.encode()).hex()
-        rec = {"secret": sealed, "passphrase": None, "last_step": -1, "failures": 0,
+        rec = {"secret": sealed, "passphrase": None, "used_steps": [], "failures": 0,
                "locked_until": 0, "enrolled": self.now()}
 
         def add(s: dict) -> None:
@@ -341,7 +341,10 @@ class Token:
         secret = self.custody.unseal(bytes.fromhex(self.state["officers"][name]["secret"]),
                                      b"officer:" + name.encode()).decode()
         rec = copy.deepcopy(self.state["officers"][name])
-        outcome = officers.login(rec, secret, code, passphrase, now, remote=not session.local, pepper=self._pepper)
+        # TOTP runs on real time (the system clock), not token time: a quorum's settime, or a
+        # token clock in tamper state, must not lock the officers out of fixing it
+        outcome = officers.login(rec, secret, code, passphrase, int(self.clock._wall()),
+                                 remote=not session.local, pepper=self._pepper)
         counter = "logins" if outcome.ok else "login_failures"
 
         def apply(s: dict) -> None:
