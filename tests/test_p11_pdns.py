@@ -171,10 +171,19 @@ def signer(tmp_path):
 
 
 def _free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 (PowerDNS binds both)."""
     import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            t.bind(("127.0.0.1", 0))
+            port = t.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError("no port free for both UDP and TCP")
 
 
 def _validate(pdns: Pdns, zone: str, hsm_keys: dict) -> None:

@@ -38,13 +38,6 @@ def _close_token():
         _TOKEN.pop().close()
 
 
-def corpus_dir() -> Path:
-    for c in CORPUS_CANDIDATES:
-        if c.is_dir():
-            return c
-    raise AssertionError(f"p11-kit RPC corpus not found in {CORPUS_CANDIDATES}")
-
-
 class RawClient:
     """Speaks the wire protocol to a Connection, the way p11-kit-client does."""
 
@@ -94,12 +87,66 @@ def healthy(client: RawClient) -> None:
     assert vals[0].rstrip() == token().label.encode()
 
 
-def corpus_files() -> list[Path]:
-    return sorted(p for p in corpus_dir().iterdir() if p.name.startswith("C_"))
+class Input:
+    """One corpus input: a call's request body, named after the call (as p11-kit's files are)."""
+
+    def __init__(self, name: str, body: bytes) -> None:
+        self.name, self.body = name, body
+
+    def read_bytes(self) -> bytes:
+        return self.body
+
+
+# Arguments by request signature token: a plausible value and an abusive one for each.
+_ARGS = {"y": (1, 255), "u": (1, 0xFFFFFFFFFFFFFFFF), "z": ("x", "\xff" * 300), "s": ("x", "y" * 64),
+         "ay": (b"k13", b"\0" * 4096), "au": ([1, 2], list(range(600))),
+         "aA": ([Attribute(C.CKA_LABEL, b"k13")], [Attribute(C.CKA_CLASS, 3)] * 300),
+         "fy": (16, 1 << 31), "fu": (4, 1 << 31), "fA": (2, 1 << 31),
+         "M": (Mechanism(C.CKM_SHA256, None), Mechanism(C.CKM_ECDSA, b"\x00" * 300)), "v": ((2, 40), (255, 255))}
+
+
+def _tokens(sig: str) -> list[str]:
+    out, i = [], 0
+    while i < len(sig):
+        n = 2 if sig[i] in "af" else 1
+        out.append(sig[i:i + n])
+        i += n
+    return out
+
+
+def generated_corpus() -> list[Input]:
+    """Every call of protocol version 0, once with plausible and once with abusive arguments:
+    the robustness tests need no files from outside the repository."""
+    out = []
+    for call in CALLS[1:]:
+        if call.min_version:
+            continue
+        toks = _tokens(call.request)
+        if any(t not in _ARGS for t in toks):
+            continue
+        for which in (0, 1):
+            try:
+                body = encode_request(call.name, [_ARGS[t][which] for t in toks])
+            except (RpcError, ValueError, TypeError, OverflowError, struct.error):
+                continue
+            out.append(Input(f"{call.name}_generated_{which}", body))
+    return out
+
+
+def corpus_files() -> list[Input]:
+    """The generated corpus, plus p11-kit's own fuzz inputs when ../shared has them."""
+    files = generated_corpus()
+    for c in CORPUS_CANDIDATES:
+        if c.is_dir():
+            files += [Input(p.name, p.read_bytes()) for p in sorted(c.iterdir()) if p.name.startswith("C_")]
+            break
+    return files
 
 
 def test_corpus_present():
-    assert len(corpus_files()) > 100
+    gen = generated_corpus()
+    assert len(gen) > 100 and len({i.name.rsplit("_generated", 1)[0] for i in gen}) > 50
+    assert len(corpus_files()) >= len(gen)
 
 
 @pytest.mark.parametrize("version", [0, 2])
