@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import fcntl
 import hashlib
 import os
 import random
+import re
+import secrets
+import stat
 import struct
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -319,6 +323,82 @@ def _pin(path: str | None) -> str | None:
     return pin
 
 
+# ---------------------------------------------------------------- the output file
+#
+# The signed zone is written to ``.NAME.XXXXXXXX.tmp`` beside the output file NAME
+# (eight of [a-z0-9_]), fsynced and renamed over NAME.  Its writer holds an exclusive
+# flock on it from the moment it exists until it is renamed or removed; a run that was
+# killed leaves it unlocked, and the next run writing NAME removes it.
+
+
+def _temp_name_re(out: str) -> re.Pattern:
+    return re.compile(r"\." + re.escape(os.path.basename(out)) + r"\.[a-z0-9_]{8}\.tmp\Z")
+
+
+def clean_stale_temps(out: str) -> list[str]:
+    """Remove the temporary files of runs writing ``out`` whose writer is gone; return their paths.
+
+    Only files of the exact temporary name pattern, in the output's directory, regular,
+    owned by this user and not locked: a writer locks its file before writing to it and
+    checks afterwards that it was not removed in between (:func:`_create_temp`), so a
+    file that can be locked here without waiting has no writer.
+    """
+    d = os.path.dirname(os.path.abspath(out))
+    match = _temp_name_re(out).match
+    try:
+        names = [n for n in os.listdir(d) if match(n)]
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        path = os.path.join(d, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a writer holds it
+            now = os.lstat(path)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _create_temp(out: str) -> tuple[int, str]:
+    """(fd, path) of a new, exclusively flocked temporary file beside ``out``."""
+    d = os.path.dirname(os.path.abspath(out))
+    base = os.path.basename(out)
+    for _ in range(100):
+        path = os.path.join(d, f".{base}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise Fatal(f"cannot create a temporary file in {d}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_nlink:
+                return fd, path
+        except BlockingIOError:
+            pass
+        # a concurrent clean_stale_temps took the new file for stale before it was locked
+        # and removes it (or already did): take another name
+        os.close(fd)
+    raise Fatal(f"cannot create a temporary file in {d}")
+
+
 def main(argv: list[str] | None = None, client=None) -> int:
     """Run the signer; ``client`` is the token to use (default: ``cryptobat.client.connect``)."""
     args = _parser().parse_args(argv)
@@ -474,8 +554,8 @@ def _sign(args, client, verifier, warmer, origin, otext, keys, roles, now, start
         write = stdout_parts.append
         fobj = None
     else:
-        d = os.path.dirname(os.path.abspath(out))
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=d)
+        clean_stale_temps(out)
+        fd, tmp = _create_temp(out)  # locked until renamed into place or removed
         fobj = os.fdopen(fd, "wb")
         write = fobj.write
 
@@ -627,14 +707,12 @@ def _sign(args, client, verifier, warmer, origin, otext, keys, roles, now, start
         progress.update(nsigs, final=True)
         signer.shutdown()
         t_signed = time.monotonic()
-        if fobj is not None:
+        if fobj is not None:  # stays open, and so locked, until renamed into place
             fobj.flush()
             os.fsync(fobj.fileno())
-            fobj.close()
-            fobj = None
             umask = os.umask(0o22)
             os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+            os.fchmod(fobj.fileno(), 0o666 & ~umask)
         verified = 0
         if verifier is not None:
             vcollect(0)
@@ -665,10 +743,14 @@ def _sign(args, client, verifier, warmer, origin, otext, keys, roles, now, start
             verifier.shutdown(wait=True, cancel_futures=True)
         raise
     finally:
-        if fobj is not None:
+        if tmp is not None:  # removed while still locked, then closed
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if fobj is not None:
+                with contextlib.suppress(OSError):
+                    fobj.close()
+        elif fobj is not None:
             fobj.close()
-        if tmp is not None:
-            os.unlink(tmp)
     t_end = time.monotonic()
     if args.stats:
         sign_t = max(t_signed - t_prep, 1e-9)
