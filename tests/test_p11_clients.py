@@ -307,6 +307,7 @@ def test_corpus_over_daemon_socket(daemon, version):
         body = c.raw(path.read_bytes())  # every input gets a reply on the same connection
         cid = struct.unpack(">I", body[:4])[0]
         assert cid == 0 or path.name.startswith(next(x.name for x in BY_NAME.values() if x.id == cid))
+    c.raw(encode_request("C_Initialize", [HANDSHAKE, 0, None], version))  # the corpus finalizes too
     c.ok("C_GetInfo")
     c.close()
     _served(daemon)
