@@ -7,6 +7,7 @@ path (policy check first) as every other transport.
 """
 from __future__ import annotations
 
+import base64
 import os
 import select
 import socket
@@ -17,7 +18,8 @@ from typing import Callable
 
 from .api import KeyInfo, SignResult
 from .client import serving
-from .p11rpc.unix import listen_unix, serve_unix
+from .p11rpc.server import Connection
+from .p11rpc.unix import Handover, listen_unix, serve_unix
 from .p11rpc.unix import serve_stdio as _serve_stdio
 from .serve import Service, group_refused
 
@@ -78,23 +80,69 @@ class _P11Server:
     """Runs serve_unix in a thread; shutdown()/server_close() as the daemon's other servers.
 
     The socket is bound (mode, group) in the caller's thread, so a failure there is the caller's.
+    A restart takes the listener and the clients with :meth:`freeze` (file descriptors and
+    JSON-able state) and serves them on with :meth:`thaw`, in this process or a new one.
     """
 
     def __init__(self, service: Service, path: Path, mode: int = 0o600, group: int | None = None,
-                 gate: Callable[[socket.socket], bool] | None = None) -> None:
+                 gate: Callable[[socket.socket], bool] | None = None, *,
+                 listener: socket.socket | None = None,
+                 adopt: list[tuple[socket.socket, Connection, bytes]] = ()) -> None:
         self.stop = threading.Event()
+        self.handover = Handover()
         ready = threading.Event()
         backend = ServiceBackend(service)
-        try:
-            listener = listen_unix(str(path), mode, group)
-        except PermissionError:
-            if group is None:
-                raise
-            raise group_refused(path, group) from None
+        if listener is None:
+            try:
+                listener = listen_unix(str(path), mode, group)
+            except PermissionError:
+                if group is None:
+                    raise
+                raise group_refused(path, group) from None
         self.thread = threading.Thread(target=serve_unix, args=(str(path), backend, None, ready, self.stop),
-                                       kwargs={"gate": gate, "listener": listener}, name="pkcs11", daemon=True)
+                                       kwargs={"gate": gate, "listener": listener, "handover": self.handover,
+                                               "adopt": list(adopt)}, name="pkcs11", daemon=True)
         self.thread.start()
         ready.wait(10)
+
+    def pause(self) -> None:
+        """Ask the loop to stop reading (see :meth:`freeze`) without waiting for it."""
+        self.handover.request()
+
+    def freeze(self, timeout: float) -> dict | None:
+        """Stop reading at a message boundary once the slow calls running now are done; then
+        ``{"listen": fd, "connections": [{"fd", "state", "unsent"}]}`` with every socket
+        detached (its descriptor stays open, owned by the caller), or None if the calls did not
+        finish within ``timeout`` (serving then goes on as before)."""
+        if not self.handover.requested:
+            self.handover.request()
+        if not self.handover.wait(timeout):
+            return None
+        self.thread.join(10)
+        h = self.handover
+        conns = [{"fd": sock.detach(), "state": conn.export_state(), "unsent": base64.b64encode(unsent).decode()}
+                 for sock, conn, unsent in h.peers]
+        assert h.listener is not None
+        out = {"listen": h.listener.detach(), "connections": conns}
+        h.listener, h.peers = None, []
+        h.close()
+        return out
+
+    @classmethod
+    def thaw(cls, service: Service, path: Path, gate: Callable[[socket.socket], bool] | None,
+             state: dict) -> "_P11Server":
+        """Serve on the listener and clients of a :meth:`freeze` (descriptors in ``state``)."""
+        backend = ServiceBackend(service)
+        adopt = []
+        for c in state["connections"]:
+            sock = socket.socket(fileno=c["fd"])
+            try:
+                conn = Connection.from_state(backend, None, c["state"])
+            except Exception:  # a connection whose state cannot be read is closed, the others go on
+                sock.close()
+                continue
+            adopt.append((sock, conn, base64.b64decode(c["unsent"])))
+        return cls(service, path, gate=gate, listener=socket.socket(fileno=state["listen"]), adopt=adopt)
 
     def shutdown(self) -> None:
         self.stop.set()
@@ -107,6 +155,16 @@ class _P11Server:
 def start_p11(service: Service, path: Path, mode: int = 0o600, group: int | None = None,
               gate: Callable[[socket.socket], bool] | None = None) -> _P11Server:
     return _P11Server(service, path, mode, group, gate)
+
+
+def check_connections(service: Service, state: dict) -> int:
+    """Rebuild (and drop) the PKCS#11 connections of a :meth:`_P11Server.freeze` state without
+    their sockets: how a restart checks that new code reads the state before it takes over."""
+    backend = ServiceBackend(service)
+    for c in state["connections"]:
+        Connection.from_state(backend, None, c["state"])
+        base64.b64decode(c["unsent"], validate=True)
+    return len(state["connections"])
 
 
 def _relay(path: Path) -> int:

@@ -11,6 +11,7 @@ passed ``check_signing_data`` for that key and the digest matches exactly.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import time
 from collections import OrderedDict
@@ -166,6 +167,37 @@ def verify_signature(key: KeyInfo, mech: int, data: bytes, sig: bytes) -> bool:
         return False
 
 
+def _b64(b: bytes | bytearray | None) -> str | None:
+    return None if b is None else base64.b64encode(bytes(b)).decode()
+
+
+def _unb64(s: str | None) -> bytes | None:
+    return None if s is None else base64.b64decode(s, validate=True)
+
+
+def _export_op(op: Op | None) -> dict | None:
+    if op is None:
+        return None
+    return {"mech": op.mech, "key": op.key.label if op.key is not None else None, "data": _b64(op.data),
+            "updated": op.updated, "result": _b64(op.result), "result_for": _b64(op.result_for),
+            "keep": op.keep}
+
+
+def _import_op(d: dict | None, keys: dict[str, KeyInfo]) -> Op | None:
+    if d is None:
+        return None
+    key = None
+    if d["key"] is not None:
+        key = keys.get(d["key"])
+        if key is None:
+            return None
+    op = Op(int(d["mech"]), key, bytearray(_unb64(d["data"]) or b""), bool(d["updated"]),
+            _unb64(d["result"]), _unb64(d["result_for"]), keep=bool(d["keep"]))
+    if op.mech in DIGESTS:  # a digest in progress: its input so far is kept whole (keep), so hash it again
+        op.hasher = hashlib.new(DIGESTS[op.mech], bytes(op.data))
+    return op
+
+
 class Module:
     """PKCS#11 state for one client connection; backend calls go through ``locked``."""
 
@@ -180,6 +212,51 @@ class Module:
         self.next_session = 1
         self.handles: dict[str, int] = {}
         self.next_handle = 1
+
+    # --- handing the connection to a restarted daemon ------------------------------------
+
+    def export_state(self) -> dict:
+        """This client's PKCS#11 state as JSON-able data, for :meth:`from_state` in a restarted daemon.
+
+        Sessions, login, object handles, open find/sign/verify/digest operations and bound
+        digests are kept. A digest whose input grew past what is kept for binding
+        (MAX_DATA) cannot be resumed (a hash object's state cannot be exported); it is dropped.
+        """
+        return {
+            "initialized": self.initialized, "logged_in": self.logged_in,
+            "next_session": self.next_session, "handles": dict(self.handles), "next_handle": self.next_handle,
+            "sessions": [{
+                "handle": s.handle, "rw": s.rw, "find": s.find,
+                "sign": _export_op(s.sign), "verify": _export_op(s.verify),
+                "digest": _export_op(s.digest) if s.digest is None or s.digest.result is not None
+                or s.digest.keep else None,
+                "bound": [[label, _b64(digest), _b64(data)] for (label, digest), data in s.bound.items()],
+            } for s in self.sessions.values()],
+        }
+
+    @classmethod
+    def from_state(cls, backend: Backend, locked: Callable[[Callable[[], Any]], Any] | None,
+                   state: dict) -> "Module":
+        """A Module that carries on where :meth:`export_state` left off, on ``backend``.
+
+        An operation on a key the token no longer holds is dropped (as if never started)."""
+        m = cls(backend, locked)
+        m.initialized = bool(state["initialized"])
+        m.logged_in = bool(state["logged_in"])
+        m.next_session = int(state["next_session"])
+        m.handles = {str(k): int(v) for k, v in state["handles"].items()}
+        m.next_handle = int(state["next_handle"])
+        keys = {k.label: k for k in m._b(backend.keys)} if state["sessions"] else {}
+        for d in state["sessions"]:
+            s = Session(int(d["handle"]), bool(d["rw"]))
+            s.find = None if d["find"] is None else [int(h) for h in d["find"]]
+            s.sign = _import_op(d["sign"], keys)
+            s.verify = _import_op(d["verify"], keys)
+            s.digest = _import_op(d["digest"], keys)
+            for label, digest, data in d["bound"]:
+                s.bound[(str(label), _unb64(digest))] = _unb64(data)
+            m.sessions[s.handle] = s
+        return m
 
     # --- plumbing -------------------------------------------------------------------
 

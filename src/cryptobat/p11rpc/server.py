@@ -7,6 +7,7 @@ stream can no longer be split into messages.
 """
 from __future__ import annotations
 
+import base64
 import logging
 from typing import Any, Callable
 
@@ -32,6 +33,24 @@ class Connection:
         self.version: int | None = None
         self.frames = FrameDecoder()
         self.closed = False
+
+    def export_state(self) -> dict:
+        """The connection as JSON-able data: protocol version, whether it is closed (broken
+        framing), received bytes of a frame not yet complete, and the PKCS#11 state
+        (:meth:`Module.export_state`)."""
+        return {"version": self.version, "closed": self.closed,
+                "pending": base64.b64encode(bytes(self.frames.buf)).decode(), "module": self.module.export_state()}
+
+    @classmethod
+    def from_state(cls, backend: Backend, locked: Callable[[Callable[[], Any]], Any] | None,
+                   state: dict) -> "Connection":
+        """The connection :meth:`export_state` described, carrying on over ``backend``."""
+        c = cls(backend, locked)
+        c.version = None if state["version"] is None else int(state["version"])
+        c.closed = bool(state["closed"])
+        c.frames.buf = bytearray(base64.b64decode(state["pending"], validate=True))
+        c.module = Module.from_state(backend, locked, state["module"])
+        return c
 
     def feed(self, data: bytes) -> bytes:
         """Consume received bytes; return the bytes to send back."""

@@ -64,6 +64,74 @@ class _Peer:
         self.busy = False  # a slow call is running in a helper thread
 
 
+class Handover:
+    """Asks a :func:`serve_unix` loop to stop at a message boundary and give up its clients.
+
+    :meth:`request` makes the loop stop accepting and reading, wait for the slow calls still
+    running in helper threads, and return without closing anything: :attr:`listener` and
+    :attr:`peers` (each ``(socket, Connection, reply bytes not yet sent)``; a partly received
+    frame stays in the Connection) are then set and :attr:`done` is set. :meth:`cancel`
+    before that makes the loop serve on as before. Each client's replies to every request
+    it sent before the stop are in its Connection's answers or in the unsent bytes.
+    """
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self.requested = False
+        self.cancelled = False
+        self.done = threading.Event()
+        self.resumed = threading.Event()
+        self.listener: socket.socket | None = None
+        self.peers: list[tuple[socket.socket, Connection, bytes]] = []
+
+    def request(self) -> None:
+        self.done.clear()
+        self.resumed.clear()
+        self.cancelled = False
+        self.requested = True
+        self._poke()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._poke()
+
+    def wait(self, timeout: float) -> bool:
+        """True once the loop has handed over; False if it did not within ``timeout`` and was
+        cancelled (it serves on). A loop that handed over just as it was cancelled still counts."""
+        if self.done.wait(timeout):
+            return True
+        self.cancel()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.done.wait(0.05):
+                return True
+            if self.resumed.is_set():
+                return False
+        return self.done.is_set()
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._w, b"!")
+        except BlockingIOError:
+            pass
+
+    def _drain(self) -> None:
+        try:
+            while os.read(self._r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 def listen_unix(path: str, mode: int = 0o600, group: int | None = None) -> socket.socket:
     """A listening Unix socket at ``path`` with ``mode`` and ``group`` set before listen(),
     so no client connects while it still has the umask's mode."""
@@ -88,7 +156,8 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
                ready: threading.Event | None = None, stop: threading.Event | None = None,
                spin: float = SPIN_SECONDS, *, mode: int = 0o600, group: int | None = None,
                gate: Callable[[socket.socket], bool] | None = None,
-               listener: socket.socket | None = None) -> None:
+               listener: socket.socket | None = None, handover: Handover | None = None,
+               adopt: list[tuple[socket.socket, Connection, bytes]] = ()) -> None:
     """Serve p11-kit clients on a Unix socket at ``path`` until ``stop`` is set.
 
     ``backend`` is a Backend or a factory called once per client; ``lock`` (e.g. a
@@ -106,6 +175,10 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
     (default 0, env CRYPTOBAT_P11_SPIN_US): on an idle 2-vCPU VM a sleeping thread's wake-up
     costs ~25 us per round trip, but on a loaded machine the spinning steals CPU from the
     clients and measured slower, so it is off unless asked for.
+
+    ``handover`` lets another thread stop the loop at a message boundary and take its clients
+    (see :class:`Handover`); ``adopt`` are clients such a handover gave, served on from where
+    they were (their unsent reply bytes are sent first).
     """
     srv = listener if listener is not None else listen_unix(path, mode, group)
     srv.setblocking(False)
@@ -143,16 +216,68 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
         try:
             p.out = p.conn.feed(data)
         finally:
-            p.busy = False
             try:
                 ep.register(p.fd, OUT)  # the loop sends the reply, then reads again
             except (OSError, ValueError):
                 p.sock.close()
+            p.busy = False  # only now: a handover waits for this, and the reply is in p.out
+            if handover is not None and handover.requested:
+                handover._poke()
+
+    for sock, conn, unsent in adopt:
+        sock.setblocking(False)
+        p = _Peer(sock, conn)
+        p.out = unsent
+        peers[p.fd] = p
+        ep.register(p.fd, OUT if unsent else IN)
+    wake = -1
+    if handover is not None:
+        wake = handover._r
+        ep.register(wake, IN)
+    pausing = False
+    handed = False
+
+    def pause() -> None:
+        """Stop accepting and reading; replies of slow calls still to come wait in p.out."""
+        ep.unregister(srv.fileno())
+        for p in peers.values():
+            if not p.busy:
+                try:
+                    ep.unregister(p.fd)
+                except (OSError, ValueError):
+                    pass
+
+    def unpause() -> None:
+        ep.register(srv.fileno(), IN)
+        for p in list(peers.values()):
+            if not p.busy:
+                try:
+                    ep.register(p.fd, OUT if p.out else IN)
+                except FileExistsError:
+                    ep.modify(p.fd, OUT if p.out else IN)
 
     if ready is not None:
         ready.set()
     try:
         while stop is None or not stop.is_set():
+            if handover is not None and (pausing or handover.requested):
+                if handover.cancelled:
+                    handover.requested = handover.cancelled = False
+                    if pausing:
+                        pausing = False
+                        unpause()
+                    handover.resumed.set()
+                elif not pausing:
+                    pausing = True
+                    pause()
+                if pausing and not any(p.busy for p in peers.values()):
+                    for p in list(peers.values()):
+                        if p.conn.closed and not p.out:
+                            close(p)
+                    handover.listener = srv
+                    handover.peers = [(p.sock, p.conn, p.out) for p in peers.values()]
+                    handed = True
+                    return
             events = poll(0)
             if not events:
                 if spin > 0 and peers:
@@ -162,7 +287,17 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
                 if not events:
                     events = poll(0.2)
             for fd, ev in events:
+                if fd == wake:
+                    handover._drain()
+                    continue
                 p = peers.get(fd)
+                if pausing:  # only a slow call's reply can be due: it stays in p.out for the handover
+                    if p is not None:
+                        try:
+                            ep.unregister(fd)
+                        except (OSError, ValueError):
+                            pass
+                    continue
                 if p is None:
                     if fd == srv.fileno():
                         while True:
@@ -219,15 +354,19 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
                 elif p.conn.closed:
                     close(p)
     finally:
-        for p in list(peers.values()):
-            if not p.busy:
-                close(p)
-        ep.close()
-        srv.close()
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        if handed:
+            ep.close()
+            handover.done.set()
+        else:
+            for p in list(peers.values()):
+                if not p.busy:
+                    close(p)
+            ep.close()
+            srv.close()
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 def serve_stdio(backend: Backend, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> None:
