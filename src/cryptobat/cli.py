@@ -179,14 +179,17 @@ def cmd_keyfiles(a) -> int:
 
 
 def cmd_serve(a) -> int:
-    from .serve import serve
+    from .serve import replace, serve
     home = resolve_home(a.home)
+    if a.replace:
+        return replace(home)
     sockets = Path(a.socket_dir) if a.socket_dir else None
     p11 = None if a.no_pkcs11 else Path(a.pkcs11_socket) if a.pkcs11_socket else (sockets or home) / "pkcs11.sock"
     return serve(home, pty=a.pty, serial_dev=a.serial, baud=a.baud,
                  console_sock=Path(a.console_socket) if a.console_socket else None,
                  native_sock=Path(a.native_socket) if a.native_socket else None, p11_sock=p11,
-                 signer_group=a.signer_group, socket_dir=sockets)
+                 signer_group=a.signer_group, socket_dir=sockets, takeover=a.takeover,
+                 takeover_check=a.takeover_check)
 
 
 def cmd_demo(a) -> int:
@@ -256,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--socket-dir", metavar="DIR",
                    help="put the sockets in DIR (e.g. /run/cryptobat) with links in the home, "
                         "so signers need not reach the (0700) home")
+    s.add_argument("--replace", action="store_true",
+                   help="restart the daemon serving this home, with the code installed now, keeping every "
+                        "PKCS#11 and native connection (console sessions end); the other options are ignored. "
+                        "Exit status 0 if it restarted; if not, it serves on as before (systemd: ExecReload=)")
+    s.add_argument("--takeover", type=int, metavar="FD", help=argparse.SUPPRESS)  # the daemon's own restarts
+    s.add_argument("--takeover-check", action="store_true", help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("demo", help="replay the original device's sessions on a throwaway token")
