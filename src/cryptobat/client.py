@@ -62,7 +62,7 @@ class SocketClient:
             self.sock.connect(path)
         except OSError as e:
             self.sock.close()
-            raise CryptobatError(f"cannot reach Cryptobat at {path}: {e.strerror}") from None
+            raise CryptobatError(f"cannot reach Cryptobat at {path}: {e.strerror or e}") from None
         self._r = self.sock.makefile("rb")
         self._answered = False
         if pin is not None:
@@ -73,11 +73,20 @@ class SocketClient:
                 raise
 
     def _call(self, req: dict) -> dict:
+        # any socket error (EPIPE, ECONNRESET, ...) or a frame cut short is the daemon going away
+        # mid-request: one CryptobatError, never a bare OSError (a BrokenPipeError would pass for
+        # a closed stdout)
+        body = None
         try:
             self.sock.sendall(native.encode(req))
             header = self._r.read(4)
+            if len(header) == 4:
+                n = native.frame_length(header)
+                body = self._r.read(n)
+                if len(body) < n:
+                    body = None
         except OSError as e:
-            header, why = b"", e.strerror
+            header, why = b"", e.strerror or type(e).__name__
         else:
             why = None
         if len(header) < 4:
@@ -85,9 +94,11 @@ class SocketClient:
                 raise CryptobatError(f"Cryptobat at {self.path} closed the connection"
                                      f"{f' ({why})' if why else ''}: is this user allowed on the "
                                      "signer socket (cryptobat serve --signer-group)?")
-            raise CryptobatError("Cryptobat daemon closed the connection")
         self._answered = True
-        resp = native.decode(self._r.read(native.frame_length(header)))
+        if body is None:
+            raise CryptobatError(f"Cryptobat daemon at {self.path} closed the connection mid-request"
+                                 f"{f' ({why})' if why else ''}")
+        resp = native.decode(body)
         if "error" in resp:
             if resp["error"] == native.NOT_LOGGED_IN:
                 raise CryptobatError("not logged in: the daemon wants the signer PIN "
@@ -143,9 +154,12 @@ def _chunks(items: Sequence[tuple[str, bytes]]):
 
 def serving(path: Path) -> bool:
     """True if a daemon answers on the Unix socket ``path`` (a stale socket file does not count)."""
-    if not path.exists():
+    try:  # a home this user may not search is no daemon of theirs either
+        if not path.exists():
+            return False
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError:
         return False
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(str(path))
         return True

@@ -13,8 +13,9 @@ signer sockets also the signer group. Signers still authenticate: the signer
 PIN (PKCS#11 ``C_Login``, native ``login``) or a uid/gid a quorum listed.
 
 Bounds: :data:`MAX_LINE` bytes per console line (on every console transport),
-``native.MAX_FRAME`` per native frame, :data:`MAX_CONNECTIONS` at once on each
-threaded socket.
+``native.MAX_FRAME`` per native frame (:data:`PRELOGIN_FRAME` before login),
+:data:`MAX_CONNECTIONS` at once on each threaded socket; a native connection that stalls
+mid-frame (:data:`NATIVE_FRAME_TIMEOUT`) or idles (:data:`NATIVE_IDLE_TIMEOUT`) is closed.
 
 Restarts (``cryptobat serve --replace``, which asks on the owner-only ``control.sock`` in the
 home, or SIGHUP): the daemon re-executes itself, new code and all, in the same process, and
@@ -56,6 +57,12 @@ from .token import Token, code_hash
 
 MAX_LINE = 64 << 10  # bytes in one console line, without its end
 MAX_CONNECTIONS = 64  # at once, per console or native socket
+LISTEN_BACKLOG = 128  # connects queued on the console and native sockets: a burst is not refused
+PRELOGIN_FRAME = 64 << 10  # bytes in a native frame before login (login, info, time, keys need little)
+# a native connection is closed when a frame it began does not complete within this many seconds,
+# or when it sends nothing for NATIVE_IDLE_TIMEOUT between frames (read at start, from the environment)
+NATIVE_FRAME_TIMEOUT = float(os.environ.get("CRYPTOBAT_NATIVE_FRAME_TIMEOUT", "30"))
+NATIVE_IDLE_TIMEOUT = float(os.environ.get("CRYPTOBAT_NATIVE_IDLE_TIMEOUT", "600"))
 TOO_LONG = b"fail: line too long\n"
 RESTART_NOTICE = b"restarting: the daemon restarts, this console session ends; officers log in again\n"
 PARK_SECONDS = 30.0  # calls under way must finish within this, or the restart is called off
@@ -390,6 +397,7 @@ class NativeHandler(socketserver.BaseRequestHandler):
         self._poll = select.poll()
         self._poll.register(self.request.fileno(), select.POLLIN)
         self._poll.register(self.server.pause.r, select.POLLIN)
+        self._idle_since = self._started = time.monotonic()  # last answer; first byte of the frame under way
 
     def handle(self) -> None:
         while True:
@@ -399,6 +407,9 @@ class NativeHandler(socketserver.BaseRequestHandler):
                 n = native.frame_length(bytes(self.buf[:4]))
             except native.ProtocolError as e:
                 self._send({"error": str(e)})
+                return
+            if n > PRELOGIN_FRAME and not self.authenticated():
+                self._send({"error": f"frame of {n} bytes is over the {PRELOGIN_FRAME} byte limit before login"})
                 return
             if not self._fill(4 + n):
                 return
@@ -416,21 +427,31 @@ class NativeHandler(socketserver.BaseRequestHandler):
             except Exception as e:  # keep serving everyone else
                 resp = {"error": f"internal error: {type(e).__name__}"}
             self._send(resp)
+            self._idle_since = self._started = time.monotonic()
 
     def _send(self, obj: dict) -> None:
         self.request.sendall(native.encode(obj))
 
     def _fill(self, n: int) -> bool:
         """Read until the buffer holds ``n`` bytes: False at end of stream, or when a restart
-        took this connection (then it is no longer this thread's, and stays open)."""
+        took this connection (then it is no longer this thread's, and stays open), or when the
+        frame under way stalled (NATIVE_FRAME_TIMEOUT) or the connection idled (NATIVE_IDLE_TIMEOUT)."""
         while len(self.buf) < n:
-            events = dict(self._poll.poll())
+            if self.buf:
+                left = self._started + NATIVE_FRAME_TIMEOUT - time.monotonic()
+            else:
+                left = self._idle_since + NATIVE_IDLE_TIMEOUT - time.monotonic()
+            if left <= 0:
+                return False
+            events = dict(self._poll.poll(int(left * 1000) + 1))
             if self.server.pause.r in events and self.server.pause.park(self._parked):
                 return False
             if self.request.fileno() in events:
                 data = self.request.recv(max(65536, min(n - len(self.buf), 1 << 20)))
                 if not data:
                     return False
+                if not self.buf:
+                    self._started = time.monotonic()
                 self.buf += data
         return True
 
@@ -470,6 +491,7 @@ class _Server(socketserver.ThreadingUnixStreamServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
     gate: peers.Gate | None = None
     max_connections = MAX_CONNECTIONS
 

@@ -31,7 +31,7 @@ from .codec import Attribute, Buffer, Mechanism, OutArray, encoded_length
 SLOT_ID = 1
 HANDSHAKE = b"PRIVATE-GNOME-KEYRING-PKCS11-PROTOCOL-V-1"
 MAX_DATA = 8 * 1024 * 1024
-MAX_RANDOM = 1024 * 1024
+MAX_RANDOM = 64 * 1024  # per call (PKCS#11 callers wanting more call again): bounds each reply
 MAX_BOUND = 256
 
 _RSA = (5, 7, 8, 10)

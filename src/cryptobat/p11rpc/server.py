@@ -15,7 +15,7 @@ from . import constants as C
 from .calls import CALLS
 from .backend import Backend
 from .codec import RpcError, encode_error, encode_response, parse_request
-from .framing import FrameDecoder, encode_frame, negotiate
+from .framing import HEADER, MAX_BODY, MAX_OPTIONS, Frame, FrameDecoder, encode_frame, negotiate
 from .module import Module, P11Error
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 SLOW_CALLS = frozenset(c.id for c in CALLS if c.name in (
     "C_Login", "C_LoginUser", "C_InitToken", "C_InitToken2", "C_InitPIN", "C_SetPIN", "C_GenerateKey",
     "C_GenerateKeyPair", "C_DestroyObject", "C_GenerateRandom", "C_CreateObject", "C_CopyObject"))
+
+# One :meth:`Connection.feed` answers at most BATCH frames and stops early once its replies
+# reach TURN_BYTES; frames beyond stay buffered (:meth:`Connection.ready`) for the next turn,
+# so a client that pipelines thousands of requests never makes one huge reply in memory.
+BATCH = 64
+TURN_BYTES = 1 << 20
 
 
 class Connection:
@@ -52,8 +58,11 @@ class Connection:
         c.module = Module.from_state(backend, locked, state["module"])
         return c
 
-    def feed(self, data: bytes) -> bytes:
-        """Consume received bytes; return the bytes to send back."""
+    def feed(self, data: bytes, limit: int = BATCH) -> bytes:
+        """Consume received bytes; return the bytes to send back.
+
+        Answers at most ``limit`` complete frames (fewer once the replies reach TURN_BYTES);
+        the rest stay buffered: while :meth:`ready`, call ``feed(b"")`` again for them."""
         if self.closed:
             return b""
         out = bytearray()
@@ -61,20 +70,57 @@ class Connection:
             self.version = negotiate(data[0])
             out.append(self.version)
             data = data[1:]
-        if not data:
-            return bytes(out)
+        buf = self.frames.buf
         try:
-            frames = self.frames.feed(data)
+            if data and not buf and len(data) >= HEADER.size:  # the usual case: exactly one whole frame
+                _, olen, blen = HEADER.unpack_from(data)
+                if len(data) == HEADER.size + olen + blen:
+                    frames = self.frames.feed(data)
+                    if len(frames) == 1 and not out:
+                        f = frames[0]
+                        return encode_frame(f.code, self.handle(f.body))
+                    for f in frames:
+                        out += encode_frame(f.code, self.handle(f.body))
+                    return bytes(out)
+            buf += data
+            n = 0
+            while n < limit and len(out) < TURN_BYTES:
+                f = self._next()
+                if f is None:
+                    break
+                out += encode_frame(f.code, self.handle(f.body))
+                n += 1
         except RpcError as e:
             log.warning("closing p11rpc connection: %s", e)
             self.closed = True
-            return bytes(out)
-        if len(frames) == 1 and not out:
-            f = frames[0]
-            return encode_frame(f.code, self.handle(f.body))
-        for f in frames:
-            out += encode_frame(f.code, self.handle(f.body))
         return bytes(out)
+
+    def _next(self) -> Frame | None:
+        """The first complete frame in the buffer, taken out of it (RpcError on a bad header)."""
+        buf = self.frames.buf
+        if len(buf) < HEADER.size:
+            return None
+        code, olen, blen = HEADER.unpack_from(buf)
+        if code == 0:
+            raise RpcError("frame with call code 0")
+        if olen > MAX_OPTIONS or blen > MAX_BODY:
+            raise RpcError("frame too large")
+        end = HEADER.size + olen + blen
+        if len(buf) < end:
+            return None
+        f = Frame(code, bytes(buf[HEADER.size:HEADER.size + olen]), bytes(buf[HEADER.size + olen:end]))
+        del buf[:end]
+        return f
+
+    def ready(self) -> bool:
+        """Whether a complete frame (or a broken header, which closes) waits in the buffer."""
+        if self.closed:
+            return False
+        buf = self.frames.buf
+        if len(buf) < HEADER.size:
+            return False
+        code, olen, blen = HEADER.unpack_from(buf)
+        return code == 0 or olen > MAX_OPTIONS or blen > MAX_BODY or len(buf) >= HEADER.size + olen + blen
 
     def handle(self, body: bytes) -> bytes:
         """Answer one request body (framing removed)."""
@@ -93,19 +139,39 @@ class Connection:
             return encode_error(C.CKR_GENERAL_ERROR)
 
     def slow(self, data: bytes) -> bool:
-        """Whether the first call starting in ``self.frames`` buffer + ``data`` is in SLOW_CALLS."""
+        """Whether the next :meth:`feed` of ``data`` should run off the event loop: the first
+        complete frame in the buffer + ``data`` is in SLOW_CALLS, or more than one frame is
+        complete (a pipelined batch: it may hide slow calls such as C_Login behind a fast one)."""
         if self.closed:
             return False
         buf = self.frames.buf
-        head = bytes(buf[:4112]) + bytes(data[:4113]) if buf else data
-        if self.version is None:
-            head = head[1:]
-        if len(head) < 16:
-            return False
-        olen = int.from_bytes(head[4:8], "big")
-        if len(head) < 16 + olen:
-            return False
-        return int.from_bytes(head[12 + olen:16 + olen], "big") in SLOW_CALLS
+        view = memoryview(data)
+        if self.version is None and len(view):
+            view = view[1:]
+        nb = len(buf)
+        total = nb + len(view)
+
+        def peek(off: int, n: int) -> bytes:
+            if off >= nb:
+                return bytes(view[off - nb:off - nb + n])
+            if off + n <= nb:
+                return bytes(buf[off:off + n])
+            return bytes(buf[off:]) + bytes(view[:off + n - nb])
+
+        off = 0
+        for i in range(2):
+            if total - off < HEADER.size:
+                return False
+            code, olen, blen = HEADER.unpack(peek(off, HEADER.size))
+            if code == 0 or olen > MAX_OPTIONS or blen > MAX_BODY:
+                return False  # feed closes the connection, quickly
+            end = off + HEADER.size + olen + blen
+            if end > total:
+                return False
+            if i == 0 and blen >= 4 and int.from_bytes(peek(off + HEADER.size + olen, 4), "big") in SLOW_CALLS:
+                return True
+            off = end
+        return True
 
     def close(self) -> None:
         self.closed = True

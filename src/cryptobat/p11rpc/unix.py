@@ -1,6 +1,7 @@
 """Socket and stdio front ends: one :class:`Connection` per client, threads for concurrency."""
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -35,8 +36,12 @@ def serve_connection(conn: Connection, recv: Callable[[], bytes], send: Callable
         if not data:
             break
         out = conn.feed(data)
-        if out:
-            send(out)
+        while True:  # a batch at a time: each is sent (the send waits for the client) before the next
+            if out:
+                send(out)
+            if not conn.ready():
+                break
+            out = conn.feed(b"")
 
 
 def _client(sock: socket.socket, src: BackendSource, lock: Any) -> None:
@@ -49,6 +54,8 @@ def _client(sock: socket.socket, src: BackendSource, lock: Any) -> None:
 
 
 BACKLOG = 1024  # listen() queue: a burst of clients connecting at once must not be refused
+MAX_PEERS = int(os.environ.get("CRYPTOBAT_P11_MAX_CONNECTIONS", "256"))  # beyond: accepted, closed at once
+ACCEPT_PAUSE = 0.1  # out of descriptors: the listener is not polled for this long (it would stay readable)
 # after the last message, poll this long before sleeping (see serve_unix); off by default
 SPIN_SECONDS = float(os.environ.get("CRYPTOBAT_P11_SPIN_US", "0")) / 1e6
 
@@ -171,6 +178,11 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
     deletion, large random requests; :meth:`Connection.slow`) run in a helper thread while
     that client's socket is out of the loop, so they never stall other clients.  Sockets
     are non-blocking: a client that does not read its replies only stops being read from.
+    A client that pipelines many requests is answered a bounded batch at a time
+    (``server.BATCH`` frames, about ``server.TURN_BYTES`` of replies): its further frames
+    wait, unread and unanswered, until the replies so far are sent, so its unsent replies
+    never exceed one batch. Batches of more than one frame run in a helper thread.
+    At most :data:`MAX_PEERS` clients at once; more are closed as soon as accepted.
     When no socket is ready the loop may poll for up to ``spin`` seconds before it sleeps
     (default 0, env CRYPTOBAT_P11_SPIN_US): on an idle 2-vCPU VM a sleeping thread's wake-up
     costs ~25 us per round trip, but on a loaded machine the spinning steals CPU from the
@@ -185,12 +197,16 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
     ep = select.epoll()
     ep.register(srv.fileno(), select.EPOLLIN)
     peers: dict[int, _Peer] = {}
+    todo: set[int] = set()  # peers with complete frames buffered and nothing unsent: a batch each loop turn
+    listening = True
+    resume_at = 0.0  # when to poll the listener again after running out of descriptors
     IN, OUT = select.EPOLLIN, select.EPOLLOUT
     poll = ep.poll
     clock = time.perf_counter
 
     def close(p: _Peer) -> None:
         peers.pop(p.fd, None)
+        todo.discard(p.fd)
         try:
             ep.unregister(p.fd)
         except (OSError, ValueError):
@@ -212,6 +228,41 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
         elif p.conn.closed:
             close(p)
 
+    def turn(p: _Peer, data: bytes = b"") -> None:
+        """Answer one batch of what ``p`` sent (``data`` and its buffer): here, or in a helper thread."""
+        todo.discard(p.fd)
+        if p.conn.slow(data):
+            ep.unregister(p.fd)
+            p.busy = True
+            threading.Thread(target=slow, args=(p, data), name="pkcs11-slow", daemon=True).start()
+            return
+        out = p.conn.feed(data)
+        if out:
+            send(p, out)
+        elif p.conn.closed:
+            close(p)
+        if p.fd in peers and not p.out and p.conn.ready():
+            todo.add(p.fd)  # more frames buffered: the next batch in the next loop turn
+
+    def listen_off() -> None:
+        nonlocal listening
+        if listening:
+            listening = False
+            try:
+                ep.unregister(srv.fileno())
+            except (OSError, ValueError):
+                pass
+
+    def listen_on() -> None:
+        nonlocal listening, resume_at
+        resume_at = 0.0
+        if not listening:
+            listening = True
+            try:
+                ep.register(srv.fileno(), IN)
+            except FileExistsError:
+                pass
+
     def slow(p: _Peer, data: bytes) -> None:
         try:
             p.out = p.conn.feed(data)
@@ -230,6 +281,8 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
         p.out = unsent
         peers[p.fd] = p
         ep.register(p.fd, OUT if unsent else IN)
+        if not unsent and conn.ready():
+            todo.add(p.fd)
     wake = -1
     if handover is not None:
         wake = handover._r
@@ -239,7 +292,7 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
 
     def pause() -> None:
         """Stop accepting and reading; replies of slow calls still to come wait in p.out."""
-        ep.unregister(srv.fileno())
+        listen_off()
         for p in peers.values():
             if not p.busy:
                 try:
@@ -248,7 +301,7 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
                     pass
 
     def unpause() -> None:
-        ep.register(srv.fileno(), IN)
+        listen_on()
         for p in list(peers.values()):
             if not p.busy:
                 try:
@@ -278,14 +331,16 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
                     handover.peers = [(p.sock, p.conn, p.out) for p in peers.values()]
                     handed = True
                     return
+            if resume_at and not pausing and clock() >= resume_at:
+                listen_on()
             events = poll(0)
-            if not events:
+            if not events and not (todo and not pausing):
                 if spin > 0 and peers:
                     until = clock() + spin
                     while not events and clock() < until:
                         events = poll(0)
                 if not events:
-                    events = poll(0.2)
+                    events = poll(min(0.2, max(0.0, resume_at - clock())) if resume_at else 0.2)
             for fd, ev in events:
                 if fd == wake:
                     handover._drain()
@@ -305,9 +360,14 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
                                 sock, _ = srv.accept()
                             except (BlockingIOError, InterruptedError):
                                 break
-                            except OSError:  # out of descriptors: leave it queued, serve the others
+                            except OSError as e:
+                                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                                    # out of descriptors: leave it queued, serve the others, and do
+                                    # not poll the (still readable) listener for a while
+                                    listen_off()
+                                    resume_at = clock() + ACCEPT_PAUSE
                                 break
-                            if gate is not None and not gate(sock):
+                            if len(peers) >= MAX_PEERS or (gate is not None and not gate(sock)):
                                 sock.close()
                                 continue
                             sock.setblocking(False)
@@ -328,10 +388,14 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
                             close(p)
                         else:
                             ep.modify(p.fd, IN)
+                            if p.conn.ready():
+                                todo.add(p.fd)
                     continue
                 if p.out:
                     if ev & (select.EPOLLHUP | select.EPOLLERR):
                         close(p)
+                    continue
+                if fd in todo:  # its buffered frames first: not read from meanwhile
                     continue
                 try:
                     data = p.sock.recv(65536)
@@ -343,16 +407,14 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
                 if not data:
                     close(p)
                     continue
-                if p.conn.slow(data):
-                    ep.unregister(p.fd)
-                    p.busy = True
-                    threading.Thread(target=slow, args=(p, data), name="pkcs11-slow", daemon=True).start()
-                    continue
-                out = p.conn.feed(data)
-                if out:
-                    send(p, out)
-                elif p.conn.closed:
-                    close(p)
+                turn(p, data)
+            if todo and not pausing:
+                for fd in list(todo):
+                    p = peers.get(fd)
+                    if p is None or p.out:
+                        todo.discard(fd)
+                    elif not p.busy:  # busy: its helper thread is just finishing (see slow)
+                        turn(p)
     finally:
         if handed:
             ep.close()
