@@ -800,14 +800,8 @@ def _verifier_pool(nsigs_hint: int):
     from concurrent.futures import ProcessPoolExecutor
 
     ctx = multiprocessing.get_context("forkserver")
-    # the fork server and each verifier die with their parent, so a killed signzone leaves none
-    ctx.set_forkserver_preload(["cryptobat._parentdeath", __name__])
-    return ProcessPoolExecutor(n, mp_context=ctx, initializer=_verifier_init)
-
-
-def _verifier_init() -> None:
-    from .signing import die_with_parent
-    die_with_parent(os.getppid())
+    ctx.set_forkserver_preload([__name__])
+    return ProcessPoolExecutor(n, mp_context=ctx)
 
 
 def _check_sample(origin: dns.name.Name, dk: RRset, samples: list, inception: int) -> None:
