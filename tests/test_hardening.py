@@ -291,3 +291,42 @@ def test_deeply_nested_native_frame_gets_one_error(configured):  # noqa: F811
     finally:
         d.stop()
     assert "RecursionError" not in d.p.stderr.read()
+
+
+def test_a_request_whose_client_left_is_not_signed(configured):  # noqa: F811
+    """200 abandoned 4,096-item requests used to be signed for clients that were gone."""
+    import socket
+    from cryptobat import native
+    from cryptobat.client import SocketClient
+    from test_cli_console import SIGNER_PIN
+    from test_policy import payload
+    home, _ = configured
+    d = Daemon(home, "--no-pkcs11")
+    try:
+        c = SocketClient(str(home / "native.sock"), SIGNER_PIN)
+        k = next(k for k in c.keys() if k.label == "z")
+        now = c.time()
+        c.close()
+
+        def signatures() -> int:
+            line = next(l for l in cli("status", home=home).stdout.splitlines() if l.startswith("counters"))
+            return int(line.split("signatures")[1].split()[0])
+
+        before = signatures()
+        frame = native.encode(native.sign_request([("z", payload(k, now=now))] * 4096))
+        for _ in range(20):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(home / "native.sock"))
+            s.sendall(native.encode(native.login_request(SIGNER_PIN)))
+            n = int.from_bytes(s.recv(4), "big")
+            s.recv(n)
+            s.sendall(frame)
+            s.shutdown(socket.SHUT_WR)
+            s.close()
+        c = SocketClient(str(home / "native.sock"), SIGNER_PIN)  # a client that stays gets its signatures
+        assert c.timed_sign([("z", payload(k, now=now))])[0].ok
+        c.close()
+        time.sleep(1.5)  # counters reach the audit log about once a second
+        assert signatures() - before < 4096, "abandoned requests were signed"
+    finally:
+        d.stop()

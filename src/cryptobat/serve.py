@@ -459,6 +459,15 @@ class NativeHandler(socketserver.BaseRequestHandler):
         return {"fd": self.request.detach(), "logged_in": self.logged_in,
                 "buffer": base64.b64encode(bytes(self.buf)).decode()}
 
+    def _peer_gone(self) -> bool:
+        """True if the client shut its side (end of file waiting, nothing pipelined after it)."""
+        try:
+            return self.request.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"" and not self.buf
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
     def authenticated(self) -> bool:
         """Logged in with the PIN on this connection, or a peer a quorum listed (asked each time,
         so a quorum's change applies to open connections too)."""
@@ -482,7 +491,10 @@ class NativeHandler(socketserver.BaseRequestHandler):
         if op == "sign":
             if not self.authenticated():
                 return {"error": native.NOT_LOGGED_IN}
-            return native.sign_response(svc.timed_sign(native.parse_sign_items(req)))
+            items = native.parse_sign_items(req)
+            if self._peer_gone():  # nobody would read the answer: sign nothing for it
+                return {"error": "client closed the connection"}
+            return native.sign_response(svc.timed_sign(items))
         raise native.ProtocolError(f"unknown op {str(op)[:32]!r}")
 
 
