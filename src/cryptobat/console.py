@@ -196,13 +196,19 @@ class Console:
     def _now(self) -> int:
         return self.token.now()
 
-    def _quorum(self, text: str, run: Callable[[Approval], str]) -> str:
+    def _quorum(self, text: str, run: Callable[[Approval], object], answer: str | None = None) -> str:
         """Run a quorum command with the officers of this session, or hold it for approvals.
 
         With nobody logged in here (or fewer than M officers enrolled) the answer is the
         original's `` Configuration disabled``; otherwise the same line and the id other
         officers approve it by.
         """
+        if answer is not None:  # a token method that returns nothing: the console's answer is fixed
+            act = run
+
+            def run(by: Approval) -> str:
+                act(by)
+                return answer
         now = self._now()
         by = self.session.approval(now)
         try:
@@ -260,7 +266,7 @@ class Console:
 
     def do_codel(self, args: list[str]) -> str:
         name, = _want(args, 1)
-        return self._quorum(f"codel {name}", lambda by: (self.token.codel(name, by), f" Removed CO: {name}\n")[1])
+        return self._quorum(f"codel {name}", lambda by: self.token.codel(name, by), f" Removed CO: {name}\n")
 
     def do_cologin(self, args: list[str]) -> str:
         name, code = _want(args, 2)
@@ -317,19 +323,19 @@ class Console:
     def do_setmaxval(self, args: list[str]) -> str:
         s, = _want(args, 1)
         seconds = _int(s.lstrip("+"), "SECONDS")
-        return self._quorum(f"setmaxval {seconds}", lambda by: (
-            self.token.setmaxval(seconds, by), f" Maximum validity period set to +{seconds} seconds\n")[1])
+        return self._quorum(f"setmaxval {seconds}", lambda by: self.token.setmaxval(seconds, by),
+                            f" Maximum validity period set to +{seconds} seconds\n")
 
     def do_setquorum(self, args: list[str]) -> str:
         m, = _want(args, 1)
         n = _int(m, "M")
-        return self._quorum(f"setquorum {n}", lambda by: (self.token.setquorum(n, by),
-                                                          f" Quorum set to {n} officers\n")[1])
+        return self._quorum(f"setquorum {n}", lambda by: self.token.setquorum(n, by),
+                            f" Quorum set to {n} officers\n")
 
     def do_setpin(self, args: list[str]) -> str:
         def run(pin: str) -> str:
             self.token.check_new_pin(pin)
-            return self._quorum("setpin", lambda by: (self.token.setpin(pin, by), " Signer PIN set\n")[1])
+            return self._quorum("setpin", lambda by: self.token.setpin(pin, by), " Signer PIN set\n")
 
         if args:
             return run(args[0])
@@ -341,28 +347,30 @@ class Console:
         t, = _want(args, 1)
         now = int(time.time())
         when = parse_time(t, now, now)
-        return self._quorum(f"settime {when}", lambda by: (
-            self.token.settime(when, by), f" Token time set\n{format_date(self.token.now())}")[1])
+        def run(by: Approval) -> str:
+            self.token.settime(when, by)
+            return f" Token time set\n{format_date(self.token.now())}"
+
+        return self._quorum(f"settime {when}", run)
 
     def do_setclockgap(self, args: list[str]) -> str:
         s, = _want(args, 1)
         n = _int(s, "SECONDS")
-        return self._quorum(f"setclockgap {n}", lambda by: (
-            self.token.setclockgap(n, by), f" Clock gap allowed across a restart set to {n} seconds\n")[1])
+        return self._quorum(f"setclockgap {n}", lambda by: self.token.setclockgap(n, by),
+                            f" Clock gap allowed across a restart set to {n} seconds\n")
 
     def do_setcompat(self, args: list[str]) -> str:
         label, on = _want(args, 2)
         if on not in ("on", "off"):
             raise _Usage
-        return self._quorum(f"setcompat {label} {on}", lambda by: (
-            self.token.setcompat(label, on == "on", by), f" Compat (hash-only) signing {on} for {label}\n")[1])
+        return self._quorum(f"setcompat {label} {on}", lambda by: self.token.setcompat(label, on == "on", by),
+                            f" Compat (hash-only) signing {on} for {label}\n")
 
     def do_p11window(self, args: list[str]) -> str:
         s, zone = _want(args, 2)
         n = _int(s, "SECONDS")
-        return self._quorum(f"p11window {n} {zone}", lambda by: (
-            self.token.p11window(n, zone, by),
-            f" PKCS#11 key management open for {n} seconds (keys for {zone})\n")[1])
+        return self._quorum(f"p11window {n} {zone}", lambda by: self.token.p11window(n, zone, by),
+                            f" PKCS#11 key management open for {n} seconds (keys for {zone})\n")
 
     def do_keyallow(self, args: list[str]) -> str:
         if len(args) < 5:
@@ -378,22 +386,21 @@ class Console:
     def do_keydisallow(self, args: list[str]) -> str:
         zone, t = _want(args, 2)
         tag = _int(t, "KEYTAG")
-        return self._quorum(f"keydisallow {zone} {tag}", lambda by: (
-            self.token.keydisallow(zone, tag, by), f" Key {tag} no longer allowed in {zone}\n")[1])
+        return self._quorum(f"keydisallow {zone} {tag}", lambda by: self.token.keydisallow(zone, tag, by),
+                            f" Key {tag} no longer allowed in {zone}\n")
 
     def do_cdsdelete(self, args: list[str]) -> str:
         s, zone = _want(args, 2)
         n = _int(s, "SECONDS")
-        return self._quorum(f"cdsdelete {n} {zone}", lambda by: (
-            self.token.cdsdelete(n, zone, by),
-            f" RFC 8078 delete CDS/CDNSKEY for {zone} allowed for {n} seconds\n")[1])
+        return self._quorum(f"cdsdelete {n} {zone}", lambda by: self.token.cdsdelete(n, zone, by),
+                            f" RFC 8078 delete CDS/CDNSKEY for {zone} allowed for {n} seconds\n")
 
     def do_signerpeers(self, args: list[str]) -> str:
         if not args:
             raise _Usage
         peers = [] if args == ["none"] else args
-        return self._quorum(f"signerpeers {' '.join(args)}", lambda by: (
-            self.token.signerpeers(peers, by), f" Signer peers: {' '.join(peers) or 'none'}\n")[1])
+        return self._quorum(f"signerpeers {' '.join(args)}", lambda by: self.token.signerpeers(peers, by),
+                            f" Signer peers: {' '.join(peers) or 'none'}\n")
 
     def do_keygen(self, args: list[str]) -> str:
         if len(args) not in (3, 4):
@@ -423,8 +430,8 @@ class Console:
 
     def do_keydel(self, args: list[str]) -> str:
         label, = _want(args, 1)
-        return self._quorum(shlex.join(["keydel", label]), lambda by: (
-            self.token.keydel(label, by), f" Key {label} deleted\n")[1])
+        return self._quorum(shlex.join(["keydel", label]), lambda by: self.token.keydel(label, by),
+                            f" Key {label} deleted\n")
 
     def do_keylist(self, args: list[str]) -> str:
         out = []
