@@ -63,8 +63,8 @@ class DnssecAlgorithm:
     """One DNSSEC algorithm (RFC 8624 numbering) and everything the token needs to know of it.
 
     ``key_bits`` is (min, max) as PKCS#11 ``CK_MECHANISM_INFO`` states it: the RSA modulus
-    sizes the token generates and advertises (imported keys are taken as they are: RFC 5702
-    has a 512-bit example), or the curve's size. ``public_key_len`` and ``signature_len`` are
+    sizes advertised (the token generates ``rsa_default_bits``, as Knot does; imported keys
+    are taken as they are: RFC 5702 has a 512-bit example), or the curve's size. ``public_key_len`` and ``signature_len`` are
     the DNSKEY public key field and RRSIG signature lengths of fixed-size algorithms (None
     for RSA). ``curve`` is cryptography's curve object for ECDSA and the curve's name for
     EdDSA (cryptography has no curve objects for Edwards curves).
@@ -207,16 +207,16 @@ def public_key_of(dnskey: DNSKEY) -> GenericPublicKey:
     return alg.dnspython.public_cls.from_dnskey(dnskey)
 
 
-def public_key(algorithm: int, key: bytes) -> GenericPublicKey:
+def public_key_from(algorithm: int, key: bytes) -> GenericPublicKey:
     """dnspython's public key for a DNSKEY public key field of ``algorithm``; ValueError if bad."""
     return public_key_of(DNSKEY(dns.rdataclass.IN, dns.rdatatype.DNSKEY, 256, 3, algorithm, key))
 
 
-def verify(algorithm: int, public_key_field: bytes, signature: bytes, data: bytes) -> bool:
+def verify(algorithm: int, public_key: bytes, signature: bytes, data: bytes) -> bool:
     """Whether ``signature`` is ``algorithm``'s DNSSEC signature over ``data`` by the key whose
-    DNSKEY public key field is ``public_key_field``; False for anything malformed."""
+    DNSKEY public key field is ``public_key``; False for anything malformed."""
     try:
-        public_key(algorithm, public_key_field).verify(signature, data)
+        public_key_from(algorithm, public_key).verify(signature, data)
     except (InvalidSignature, ValueError, TypeError, dns.exception.DNSException):
         return False
     return True
