@@ -12,8 +12,9 @@ import os
 import stat
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from . import algorithms
 from .errors import CryptobatError
 
 _RSA_FIELDS = ("Modulus", "PublicExponent", "PrivateExponent", "Prime1", "Prime2",
@@ -47,18 +48,16 @@ def load(text: str):
         raise CryptobatError("this key file names an HSM key; it holds no key to import")
     try:
         alg = int(f["Algorithm"].split()[0])
-        if alg in (5, 7, 8, 10):
+        row = algorithms.TABLE.get(alg)
+        if row is None:
+            raise CryptobatError(f"algorithm {alg} cannot be imported")
+        if row.kind == "rsa":
             n, e, d, p, q, dp, dq, qi = (_int(f[k]) for k in _RSA_FIELDS)
             key = rsa.RSAPrivateNumbers(p, q, d, dp, dq, qi, rsa.RSAPublicNumbers(e, n)).private_key()
-        elif alg in (13, 14):
-            curve = ec.SECP256R1() if alg == 13 else ec.SECP384R1()
-            key = ec.derive_private_key(_int(f["PrivateKey"]), curve)
-        elif alg == 15:
-            key = ed25519.Ed25519PrivateKey.from_private_bytes(base64.b64decode(f["PrivateKey"]))
-        elif alg == 16:
-            key = ed448.Ed448PrivateKey.from_private_bytes(base64.b64decode(f["PrivateKey"]))
+        elif row.kind == "ecdsa":
+            key = ec.derive_private_key(_int(f["PrivateKey"]), row.curve)
         else:
-            raise CryptobatError(f"algorithm {alg} cannot be imported")
+            key = row.dnspython.key_cls.from_private_bytes(base64.b64decode(f["PrivateKey"]))
     except KeyError as e:
         raise CryptobatError(f"private key file lacks the {e.args[0]} field") from None
     except (ValueError, TypeError) as e:
@@ -67,16 +66,9 @@ def load(text: str):
 
 
 def algorithm_of(key) -> int:
-    """The DNSSEC algorithm a PEM key implies (RSA defaults to RSASHA256)."""
-    if isinstance(key, rsa.RSAPrivateKey):
-        return 8
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return {"secp256r1": 13, "secp384r1": 14}.get(key.curve.name, 0)
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return 15
-    if isinstance(key, ed448.Ed448PrivateKey):
-        return 16
-    return 0
+    """The DNSSEC algorithm a PEM key implies (RSA defaults to RSASHA256); 0 for none."""
+    alg = algorithms.by_private_key(key)
+    return 0 if alg is None else alg.number
 
 
 def read_file(path: str, limit: int) -> str:

@@ -18,7 +18,7 @@ from typing import Callable
 
 import segno
 
-from . import __version__, keystore
+from . import __version__, algorithms, keystore
 from .errors import ConfigurationDisabled, CryptobatError
 from .quorum import Approval
 from .timespec import parse_time
@@ -436,7 +436,7 @@ class Console:
     def do_keylist(self, args: list[str]) -> str:
         out = []
         for k in self.token.keys():
-            out.append(f" {k.label}  zone={k.zone} alg={k.algorithm} ({keystore.SUPPORTED[k.algorithm]}) "
+            out.append(f" {k.label}  zone={k.zone} alg={k.algorithm} ({algorithms.by_number(k.algorithm).mnemonic}) "
                        f"role={k.role} tag={k.keytag}{' compat' if k.compat else ''}\n"
                        f"   {k.zone} IN DNSKEY {k.dnskey().to_text()}\n"
                        f"   {k.zone} IN DS {k.ds().to_text()}\n")

@@ -17,14 +17,13 @@ from typing import Protocol
 
 import dns.dnssec  # noqa: F401  (registers dnspython's DNSSEC algorithms)
 import dns.dnssecalgs
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from . import algorithms
 from .errors import CryptobatError, IntegrityError
-
-RSA_BITS = 2048
 
 
 class LoadedKey(Protocol):
@@ -60,25 +59,25 @@ class Custody(Protocol):
 class _DnssecKey:
     """A private key that signs RRSIG signing data per its DNSSEC algorithm (hash inside)."""
 
-    __slots__ = ("_key",)
+    __slots__ = ("_key", "_alg")
 
-    def __init__(self, key: dns.dnssecalgs.GenericPrivateKey) -> None:
+    def __init__(self, key: dns.dnssecalgs.GenericPrivateKey, algorithm: algorithms.DnssecAlgorithm) -> None:
         self._key = key
+        self._alg = algorithm
 
     def sign(self, data: bytes) -> bytes:
         return self._key.sign(data)
 
     def sign_digest(self, digest: bytes) -> bytes:
-        k = self._key.key
-        if isinstance(k, rsa.RSAPrivateKey):
-            h = hashes.SHA256() if len(digest) == 32 else hashes.SHA512()
+        k, alg = self._key.key, self._alg
+        h = alg.hash_algorithm
+        if h is None or len(digest) != h.digest_size:
+            raise CryptobatError("hash-only signing is not defined for this key type")
+        if alg.kind == "rsa":
             return k.sign(digest, padding.PKCS1v15(), Prehashed(h))
-        if isinstance(k, ec.EllipticCurvePrivateKey):
-            h = hashes.SHA256() if len(digest) == 32 else hashes.SHA384()
-            r, s = decode_dss_signature(k.sign(digest, ec.ECDSA(Prehashed(h))))
-            n = (k.curve.key_size + 7) // 8
-            return r.to_bytes(n, "big") + s.to_bytes(n, "big")
-        raise CryptobatError("hash-only signing is not defined for this key type")
+        r, s = decode_dss_signature(k.sign(digest, ec.ECDSA(Prehashed(h))))
+        n = alg.signature_len // 2
+        return r.to_bytes(n, "big") + s.to_bytes(n, "big")
 
 
 class SoftwareCustody:
@@ -120,12 +119,12 @@ class SoftwareCustody:
             raise IntegrityError("sealed data failed authentication") from None
 
     def generate(self, algorithm: int, aad: bytes) -> tuple[bytes, bytes]:
-        cls = dns.dnssecalgs.get_algorithm_cls(algorithm)
-        key = cls.generate(RSA_BITS) if algorithm in (8, 10) else cls.generate()
+        alg = algorithms.by_number(algorithm)
+        key = alg.dnspython.generate(alg.rsa_default_bits) if alg.kind == "rsa" else alg.dnspython.generate()
         return self.import_key(algorithm, key.key, aad)
 
     def import_key(self, algorithm: int, private_key, aad: bytes) -> tuple[bytes, bytes]:
-        key = dns.dnssecalgs.get_algorithm_cls(algorithm)(key=private_key)
+        key = algorithms.by_number(algorithm).dnspython(key=private_key)
         der = private_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                                         serialization.NoEncryption())
         return key.public_key().encode_key_bytes(), self.seal(der, aad)
@@ -133,7 +132,8 @@ class SoftwareCustody:
     def load(self, algorithm: int, blob: bytes, aad: bytes) -> LoadedKey:
         der = self.unseal(blob, aad)
         private = serialization.load_der_private_key(der, password=None)
-        return _DnssecKey(dns.dnssecalgs.get_algorithm_cls(algorithm)(key=private))
+        alg = algorithms.by_number(algorithm)
+        return _DnssecKey(alg.dnspython(key=private), alg)
 
     def mac_key(self) -> bytes:
         return self._mac

@@ -2,33 +2,27 @@
 from __future__ import annotations
 
 import dns.dnssec
+import dns.exception
 import dns.name
-from dns.dnssectypes import Algorithm
 
+from . import algorithms
 from .api import ROLES, KeyInfo
-from .errors import CryptobatError
+from .errors import InvalidArgument
 
-SUPPORTED = {8: "RSASHA256", 10: "RSASHA512", 13: "ECDSAP256SHA256", 14: "ECDSAP384SHA384",
-             15: "ED25519", 16: "ED448"}
+SUPPORTED = {a.number: a.mnemonic for a in algorithms.TABLE.values() if a.generate}
+"""Algorithm number -> mnemonic of every algorithm the token creates and imports keys of."""
 FLAGS = {"ksk": 257, "csk": 257, "zsk": 256}
 
 
 def parse_algorithm(text: str) -> int:
     """``8`` or ``RSASHA256`` (any case) -> 8; only the algorithms the token supports."""
-    try:
-        alg = int(text) if text.isdigit() else int(Algorithm.from_text(text.upper()))
-    except (ValueError, dns.exception.DNSException):
-        alg = -1
-    if alg not in SUPPORTED:
-        names = ", ".join(f"{n} ({m})" for n, m in SUPPORTED.items())
-        raise CryptobatError(f"unsupported algorithm {text!r}; use one of {names}")
-    return alg
+    return algorithms.by_name(text).number
 
 
 def parse_role(text: str) -> str:
     role = text.lower()
     if role not in ROLES:
-        raise CryptobatError(f"role must be one of {', '.join(ROLES)}")
+        raise InvalidArgument(f"role must be one of {', '.join(ROLES)}")
     return role
 
 
@@ -36,7 +30,7 @@ def parse_zone(text: str) -> str:
     try:
         return dns.name.from_text(text).canonicalize().to_text()
     except dns.exception.DNSException as e:
-        raise CryptobatError(f"bad zone name {text!r}: {e}") from None
+        raise InvalidArgument(f"bad zone name {text!r}: {e}") from None
 
 
 def make_info(label: str, zone: str, algorithm: int, role: str, public_key: bytes, compat: bool = False) -> KeyInfo:

@@ -16,7 +16,7 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 
-from . import rrsig
+from . import algorithms, rrsig
 from .api import ROLES, KeyInfo
 from .errors import Refusal
 
@@ -177,10 +177,8 @@ def _ds_set(zone_wire: bytes, dnskeys: frozenset[bytes]) -> frozenset[bytes]:
 
 
 # --- hash-only signing (PKCS#11 CKM_RSA_PKCS / CKM_ECDSA) ---------------------------------
-# DER DigestInfo prefixes (RFC 8017 §9.2 note 1) and hash lengths per DNSSEC algorithm.
-DIGEST_INFO = {8: bytes.fromhex("3031300d060960864801650304020105000420"),
-               10: bytes.fromhex("3051300d060960864801650304020305000440")}
-HASH_LEN = {8: 32, 10: 64, 13: 32, 14: 48}
+# DER DigestInfo prefixes (RFC 8017 §9.2 note 1) of the RSA algorithms the token signs with.
+DIGEST_INFO = {a.number: a.digest_info for a in algorithms.SIGNING if a.digest_info}
 NOT_COMPAT = "hash-only signing refused: key is not in compat mode"
 COMPAT_RATE = 100  # signatures per second per compat key, and the burst allowed
 
@@ -219,13 +217,15 @@ def check_digest(key: KeyInfo, digest: bytes, mechanism: str, bound: bool, polic
             raise Refusal(NOT_COMPAT)
         if not limiter.allow(key.label, t):
             raise Refusal("compat signing rate limit exceeded")
-    if mechanism == "rsa-pkcs" and key.algorithm in DIGEST_INFO:
-        prefix = DIGEST_INFO[key.algorithm]
-        if not digest.startswith(prefix) or len(digest) != len(prefix) + HASH_LEN[key.algorithm]:
+    alg = algorithms.TABLE.get(key.algorithm)
+    kind = alg.kind if alg is not None and alg.sign and alg.hash_len else None
+    if mechanism == "rsa-pkcs" and kind == "rsa":
+        prefix = alg.digest_info
+        if not digest.startswith(prefix) or len(digest) != len(prefix) + alg.hash_len:
             raise Refusal("DigestInfo does not match the key's algorithm")
         return digest[len(prefix):]
-    if mechanism == "ecdsa" and key.algorithm in (13, 14):
-        if len(digest) != HASH_LEN[key.algorithm]:
+    if mechanism == "ecdsa" and kind == "ecdsa":
+        if len(digest) != alg.hash_len:
             raise Refusal("digest length does not match the key's algorithm")
         return digest
     raise Refusal(f"mechanism {mechanism} does not fit algorithm {key.algorithm}")

@@ -6,13 +6,13 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-import dns.dnssec
-import dns.dnssecalgs
+import dns.exception
 import dns.name
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 
+from .. import algorithms
 from ..api import KeyInfo
 
 _KEYNAME = re.compile(r"^K(.+?)\.?\+(\d{1,3})\+(\d{1,5})$")
@@ -34,7 +34,7 @@ class SignKey:
     def name(self) -> str:
         """``zone/ALGNAME/tag`` as dnssec-signzone prints it."""
         zone = self.info.zone.rstrip(".") or "."
-        return f"{zone}/{dns.dnssec.algorithm_to_text(self.info.algorithm)}/{self.info.keytag}"
+        return f"{zone}/{algorithms.by_number(self.info.algorithm).mnemonic}/{self.info.keytag}"
 
 
 @dataclass
@@ -105,7 +105,7 @@ def read_keyfile(path: str) -> KeyFile:
 
 def public_key(dnskey):
     """dnspython's public key for a DNSKEY: ``.verify(signature, data)`` raises InvalidSignature."""
-    return dns.dnssecalgs.get_algorithm_cls_from_dnskey(dnskey).public_cls.from_dnskey(dnskey)
+    return algorithms.public_key_of(dnskey)
 
 
 def make_signkey(info: KeyInfo, sep: bool) -> SignKey:
