@@ -15,7 +15,7 @@ import pytest
 from conftest import Daemon, cli, signing_data
 from test_cli_console import configured  # noqa: F401  (fixture)
 from test_sessions import SockConsole, Codes
-from cryptobat.token import Token
+from cryptobat.home import init_token
 
 
 def _init(home, quorum: int = 1):
@@ -176,7 +176,7 @@ def small_disk(tmp_path):
 def test_full_disk_refuses_changes_and_signing_keeps_status_and_recovers(small_disk):
     from cryptobat.console import Console
     from conftest import Officers
-    t = Token.init(small_disk / "t", quorum=1, workers=1)
+    t = init_token(small_disk / "t", quorum=1)
     try:
         c, o = Console(t), Officers(Console(t))
         o.console = c

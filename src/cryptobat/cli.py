@@ -75,9 +75,9 @@ def _serving(home: Path) -> Path | None:
 
 
 def cmd_init(a) -> int:
-    from .token import Token
+    from .home import init_token
     home = resolve_home(a.home)
-    t = Token.init(home, a.quorum)
+    t = init_token(home, a.quorum)
     print(f"Initialised token {t.state['serial']} at {home} (quorum {a.quorum}, custody {t.custody.name})")
     print("Next: enrol officers with 'cryptobat console' -> coadd NAME")
     t.close()
@@ -90,8 +90,8 @@ def cmd_console(a) -> int:
     if sock:
         return _attach(sock)
     from .console import Console
-    from .token import Token
-    token = Token(home)
+    from .home import open_token
+    token = open_token(home)
     console = Console(token)
     interactive = sys.stdin.isatty()
     import getpass
@@ -126,8 +126,8 @@ def _run_console_commands(home: Path, commands: list[str], check_audit: bool = T
             _attach(sock, commands)
         return buf.getvalue()
     from .console import Console
-    from .token import Token
-    token = Token(home, check_audit=check_audit)
+    from .home import open_token
+    token = open_token(home, check_audit=check_audit)
     try:
         console = Console(token)
         return "".join(console.handle(c) for c in commands)
@@ -150,10 +150,10 @@ def cmd_audit(a) -> int:
 
 def cmd_recover(a) -> int:
     """Open a token whose store lost acknowledged changes, accepting the loss (audited)."""
-    from .token import Token
+    from .home import open_token
     if not a.accept_lost_changes:
         raise CryptobatError("say what to accept: cryptobat recover --accept-lost-changes")
-    t = Token(resolve_home(a.home), accept_lost_changes=True)
+    t = open_token(resolve_home(a.home), accept_lost_changes=True)
     try:
         print(f"Token {t.state['serial']} opens at audit entry {t.state['audit']['seq']}; "
               f"check its policy, keys and officers with: cryptobat status")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -33,11 +34,28 @@ class Client(Protocol):
 
 
 class EmbeddedClient:
-    """The token opened in this process (it holds the store's lock while open)."""
+    """The token opened in this process (it holds the store's lock while open).
+
+    Large batches (a zone) are spread over worker processes this client starts on
+    first use, or early with :meth:`warm`, and stops on :meth:`close`.
+    """
 
     def __init__(self, home: Path) -> None:
-        from .token import Token
-        self.token = Token(home)
+        from .home import open_token
+        self.token = open_token(home)
+        self._engine = None
+        self._engine_lock = threading.Lock()
+
+    def _pool(self):
+        with self._engine_lock:
+            if self._engine is None:
+                from .home import open_engine
+                self._engine = open_engine(self.token)
+            return self._engine
+
+    def warm(self) -> None:
+        """Start the worker processes now, so the first batch does not wait for them."""
+        self._pool().warm()
 
     def keys(self) -> list[KeyInfo]:
         return self.token.keys()
@@ -46,10 +64,16 @@ class EmbeddedClient:
         return self.token.now()
 
     def timed_sign(self, items: Sequence[tuple[str, bytes]]) -> list[SignResult]:
-        return self.token.timed_sign(items)
+        return self.token.timed_sign(items, run=self._pool().run)
 
     def close(self) -> None:
-        self.token.close()
+        with self._engine_lock:
+            engine, self._engine = self._engine, None
+        try:
+            if engine is not None:
+                engine.close()
+        finally:
+            self.token.close()
 
 
 class SocketClient:

@@ -18,11 +18,11 @@ from typing import Callable
 
 import segno
 
-from . import __version__, keystore
+from . import __version__, bindkey, keystore
 from .errors import ConfigurationDisabled, CryptobatError
 from .quorum import Approval
 from .timespec import parse_time
-from .token import Token, code_hash
+from .token import MAX_KEY_FILE, Token, code_hash
 
 HELP = """\
  version                      firmware version and code hash
@@ -422,7 +422,9 @@ class Console:
         role = keystore.parse_role(args[0])
 
         def run(by: Approval) -> str:
-            info = self.token.keyimport(role, args[1], args[2], args[3] if len(args) == 4 else None, by)
+            self.token.require(by, "keyimport")  # the quorum before the file is even opened
+            text = bindkey.read_file(args[2], MAX_KEY_FILE)
+            info = self.token.keyimport(role, args[1], text, args[3] if len(args) == 4 else None, by)
             return (f"ok: key imported label={info.label} zone={info.zone} algorithm={info.algorithm} "
                     f"role={role} tag={info.keytag}\n")
 

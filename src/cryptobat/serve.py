@@ -53,6 +53,8 @@ from . import __version__, native, peers
 from .api import SignResult
 from .console import Console
 from .errors import CryptobatError, TokenBusy
+from .home import open_engine, open_token
+from .signing import Engine
 from .token import Token, code_hash
 
 MAX_LINE = 64 << 10  # bytes in one console line, without its end
@@ -79,6 +81,22 @@ class Service:
         self.token = token
         self.lock = threading.RLock()
         self.pin_lock = threading.Lock()
+        self._engine: Engine | None = None  # the signing worker processes, started with the first batch
+
+    def engine(self) -> Engine:
+        """The daemon's worker pool for large batches; called with ``self.lock`` held."""
+        if self._engine is None:
+            self._engine = open_engine(self.token)
+        return self._engine
+
+    def close(self) -> None:
+        """Stop the worker processes, then close the token (its store lock is free after this)."""
+        engine, self._engine = self._engine, None
+        try:
+            if engine is not None:
+                engine.close()
+        finally:
+            self.token.close()
 
     def console(self, transport: str) -> Console:
         """A console session on this token; it takes ``self.lock`` itself, around each command."""
@@ -102,7 +120,8 @@ class Service:
     def timed_sign(self, items: Sequence[tuple[str, bytes]]) -> list[SignResult]:
         with self.lock:
             job = self.token.sign_job(items)
-        results = self.token.engine.run(job)
+            engine = self.engine()
+        results = engine.run(job)
         with self.lock:
             self.token.account(results)
         return results
@@ -662,7 +681,7 @@ def _open_token(home: Path, wait: float = 0.0) -> Token:
     deadline = time.monotonic() + wait
     while True:
         try:
-            return Token(home)
+            return open_token(home)
         except TokenBusy:
             if time.monotonic() >= deadline:
                 raise
@@ -998,7 +1017,7 @@ class Daemon:
             token = self.service.token
             try:
                 token.audit("stop")
-                token.close()
+                self.service.close()
             except Exception as e:  # a token a failed restart could not reopen is closed already
                 print(f"cryptobat serve: closing the token: {type(e).__name__}: {e}", file=sys.stderr)
 
@@ -1025,7 +1044,7 @@ class Daemon:
                 token.audit("restart", pid=os.getpid(), pkcs11=n11, native=len(state["native"]["connections"]))
             except CryptobatError:
                 pass
-            token.close()  # the store lock is free: the check, then the new code, take the token
+            self.service.close()  # the store lock is free: the check, then the new code, take the token
         try:
             self._finish_check(check, state)
             self._exec(state, requester)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .audit import GENESIS, Head
+from .clock import DEFAULT_GAP
 from .errors import CryptobatError, IntegrityError, TokenBusy
 
 SCHEMA = """
@@ -32,6 +33,18 @@ CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 1), doc TEX
 CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, entry TEXT NOT NULL, hash TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS keycheck (id INTEGER PRIMARY KEY CHECK (id = 1), kcv TEXT NOT NULL);
 """
+def upgrade(state: dict) -> dict:
+    """Fields added since a store was created, with their defaults."""
+    state["clock"].setdefault("max_gap", DEFAULT_GAP)
+    state.setdefault("pin_failures", 0)
+    state.setdefault("allowed_keys", {})  # zone -> [DNSKEY RDATA hex] a quorum allowed (keyallow)
+    state.setdefault("cds_delete", {})  # zone -> token time until which an RFC 8078 delete may be signed
+    state.setdefault("signer_peers", [])  # "uid:N" / "gid:N" allowed on the signer sockets without a PIN
+    state.setdefault("audit_checked", dict(state["audit"]) if state["audit"]["seq"] == 0 else
+                     {"seq": 0, "hash": Head().hash})
+    return state
+
+
 FILES = ("state.db", "state.db-wal", "state.db-shm", "lock", "master.key", "commit")
 _MARKER = "commit"  # the last acknowledged audit head, MAC'd: a store that lost commits is refused
 
@@ -163,7 +176,7 @@ class Store:
         head = Head(**state["audit"])
         if (tuple(last) if last else (0, GENESIS)) != (head.seq, head.hash):
             raise IntegrityError("audit log does not match the state (entries edited or deleted)")
-        return state
+        return upgrade(state)
 
     def commit(self, state: dict, entries: list[tuple[int, str, str]]) -> None:
         """Write ``state`` and append audit ``entries`` atomically."""

@@ -13,7 +13,6 @@ import copy
 import hashlib
 import hmac
 import os
-import stat
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,10 +24,11 @@ from . import keystore, officers, policy
 from .api import KeyInfo, SignResult
 from .audit import Chain, Head
 from .clock import DEFAULT_GAP, DEFAULT_TOLERANCE, TrustedClock, _boottime
-from .custody import Custody, SoftwareCustody
+from .custody import Custody
 from .errors import ConfigurationDisabled, CryptobatError, IntegrityError
 from .quorum import IDLE_TIMEOUT, Approval, PendingOperation, Quorum, Session
-from .signing import Engine, Job, SignKey, sign_one
+from . import signing
+from .signing import Job, KeyCache, SignKey, sign_one
 from .store import Store
 
 MANUFACTURER = "Cryptobat"
@@ -49,84 +49,44 @@ def _no_pending() -> dict:
             "pin_refused": 0}
 
 
-def _new_state(quorum: int, now: int) -> dict:
-    return _upgrade({
+def new_state(quorum: int, now: int) -> dict:
+    """The state of a token just made: no officers, no keys, token time = system time."""
+    return {
         "version": 1,
         "serial": os.urandom(8).hex().upper(),
         "created": now,
         "quorum": quorum,
         "max_validity": None,
         "pin": None,
-        "clock": {"offset": 0, "hwm": now, "tampered": False, "tolerance": DEFAULT_TOLERANCE},
+        "pin_failures": 0,
+        "clock": {"offset": 0, "hwm": now, "tampered": False, "tolerance": DEFAULT_TOLERANCE,
+                  "max_gap": DEFAULT_GAP},
         "idle_timeout": IDLE_TIMEOUT,
         "officers": {},
         "keys": {},
+        "allowed_keys": {},
+        "cds_delete": {},
+        "signer_peers": [],
         "p11_window_until": 0,
         "p11_window_zone": ".",
         "counters": {"signatures": 0, "refusals": 0, "compat_signatures": 0, "logins": 0, "login_failures": 0},
         "audit": {"seq": 0, "hash": Head().hash},
-    })
-
-
-def _upgrade(state: dict) -> dict:
-    """Fields added since a store was created, with their defaults."""
-    state["clock"].setdefault("max_gap", DEFAULT_GAP)
-    state.setdefault("pin_failures", 0)
-    state.setdefault("allowed_keys", {})  # zone -> [DNSKEY RDATA hex] a quorum allowed (keyallow)
-    state.setdefault("cds_delete", {})  # zone -> token time until which an RFC 8078 delete may be signed
-    state.setdefault("signer_peers", [])  # "uid:N" / "gid:N" allowed on the signer sockets without a PIN
-    state.setdefault("audit_checked", dict(state["audit"]) if state["audit"]["seq"] == 0 else
-                     {"seq": 0, "hash": Head().hash})
-    return state
-
-
-def _private_home(home: Path, create: bool) -> None:
-    """Home 0700 and every file in it 0600, whatever the umask or an existing directory's mode."""
-    if create:
-        home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        st = home.stat()
-    except FileNotFoundError:
-        raise CryptobatError(f"no token at {home} (run: cryptobat init)") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise CryptobatError(f"{home} is not a directory")
-    if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(home, 0o700)
+        "audit_checked": {"seq": 0, "hash": Head().hash},
+    }
 
 
 class Token:
-    def __init__(self, home: Path | str, custody_factory: Callable[..., Custody] = SoftwareCustody,
-                 *, wall: Callable[[], float] = time.time, mono: Callable[[], float] = _boottime,
-                 workers: int | None = None, check_audit: bool = True, accept_lost_changes: bool = False,
-                 _create_quorum: int | None = None) -> None:
-        self.home = Path(home)
-        create = _create_quorum is not None
-        lost = None
-        if create and (self.home / "state.db").exists():
-            raise CryptobatError(f"a token already exists at {self.home}")
-        _private_home(self.home, create)
-        old_umask = os.umask(0o077)
-        try:
-            self.custody = custody_factory(self.home, create=True) if create else custody_factory(self.home)
-            self.store = Store(self.home, self.custody.mac_key(), create=create)
-        finally:
-            os.umask(old_umask)
-        try:
-            state = self.store.load()
-            if state is None:
-                if not create:
-                    raise CryptobatError(f"no token at {self.home} (run: cryptobat init)")
-                state = _new_state(_create_quorum, int(wall()))
-            elif create:
-                raise CryptobatError(f"a token already exists at {self.home}")
-            else:
-                state = _upgrade(state)
-                lost = self.store.check_marker(Head(**state["audit"]), accept_lost_changes)
-                if check_audit:
-                    self._verify_audit_since(state)
-        except BaseException:
-            self.store.close()
-            raise
+    """The token's decisions over an opened store and custody (see :mod:`cryptobat.home` to open one).
+
+    Signing runs in this process unless the caller passes another ``run`` (an adapter's
+    :class:`cryptobat.signing.Engine`), so a token starts no processes of its own.
+    """
+
+    def __init__(self, store: Store, custody: Custody, state: dict, *,
+                 wall: Callable[[], float] = time.time, mono: Callable[[], float] = _boottime) -> None:
+        self.store = store
+        self.custody = custody
+        self.home = store.home
         self.state = state
         self.generation = 0  # counts state changes: caches derived from the state key on it
         self._chain = Chain(Head(**state["audit"]))
@@ -134,46 +94,26 @@ class Token:
         self.clock = TrustedClock(c["offset"], c["hwm"], c["tampered"], c["tolerance"], wall, mono,
                                   gap=c["max_gap"])
         self.quorum = Quorum(state["idle_timeout"])
-        self.engine = Engine(self.custody, custody_factory, self.home, workers)
+        self.cache = KeyCache(custody)  # keys unsealed for signing in this process
         self._pending = _no_pending()
         self.limiter = policy.RateLimiter()
         self._pin_key = os.urandom(32)
         self._pepper = hmac.new(self.custody.mac_key(), b"cryptobat passphrase pepper", hashlib.sha256).digest()
         self._pin_ok: tuple[str, bytes] | None = None
-        self._sign_keys: dict[str, tuple[dict, SignKey]] = {}  # label -> (state record, SignKey of it)
+        self._sign_keys: dict[str, tuple[int, SignKey]] = {}  # label -> (generation, SignKey of its record)
         self._policy: tuple[tuple, policy.Policy] | None = None
         self._write_failed = False
         self._last_flush = mono()
         self._mono = mono
         self.started = mono()
-        if create:
-            self._change("init", {"quorum": _create_quorum}, lambda s: None)
-        elif lost:
-            self.audit("accepted-loss", acknowledged=lost[0], kept=lost[1],
-                       why="state.db lost acknowledged changes; the operator accepted the loss")
-
-    @classmethod
-    def init(cls, home: Path | str, quorum: int = 2, **kw) -> "Token":
-        if not 1 <= quorum <= MAX_QUORUM:
-            raise CryptobatError(f"quorum must be between 1 and {MAX_QUORUM}")
-        return cls(home, _create_quorum=quorum, **kw)
 
     def close(self) -> None:
         try:
             self.flush_audit(force=True)
         except CryptobatError:
             pass  # the counts are lost with a full disk; the store itself stays consistent
-        self.engine.close()
+        self.cache.clear()
         self.store.close()
-
-    def _verify_audit_since(self, state: dict) -> None:
-        """Check the audit chain from the head verified at the last start up to the current head."""
-        checked = Head(**state["audit_checked"])
-        n, problem = auditlog.verify(self.store.audit_rows(checked.seq), Head(**state["audit"]), checked)
-        if problem:
-            raise IntegrityError(f"audit log is broken ({problem}); not serving. "
-                                 f"Inspect it with: cryptobat audit verify")
-        state["audit_checked"] = dict(state["audit"])  # saved with the next change
 
     # --- state changes and audit --------------------------------------------
     def _change(self, event: str, fields: dict, mutate: Callable[[dict], object]):
@@ -562,16 +502,16 @@ class Token:
                     lambda s: s["keys"].__setitem__(info.label, rec), by)
         return info
 
-    def keyimport(self, role: str, zone: str, path: str, label: str | None, by: Approval) -> KeyInfo:
-        """Take an existing private key (BIND .private or PEM file) into the token, under quorum.
+    def keyimport(self, role: str, zone: str, key_text: str, label: str | None, by: Approval) -> KeyInfo:
+        """Take an existing private key (the text of a BIND .private or PEM file) into the token.
 
-        The quorum is checked before the file is even opened; see :func:`bindkey.read_file`."""
+        Adapters check the quorum with :meth:`require` before they read the file."""
         from . import bindkey
         self.require(by, "keyimport")
-        algorithm, private_key = bindkey.load(bindkey.read_file(path, MAX_KEY_FILE))
+        algorithm, private_key = bindkey.load(key_text)
         algorithm = algorithm or bindkey.algorithm_of(private_key)
         if algorithm not in keystore.SUPPORTED:
-            raise CryptobatError(f"algorithm {algorithm} is not supported by the token")
+            raise InvalidArgument(f"algorithm {algorithm} is not supported by the token")
         info, rec = self._generate(algorithm, role, zone, label, private_key)
         self._gated("keyimport", {"label": info.label, "zone": info.zone, "algorithm": algorithm,
                                   "role": role, "keytag": info.keytag},
@@ -601,19 +541,19 @@ class Token:
         return p
 
     def _sign_key(self, label: str) -> SignKey | None:
-        """The SignKey of the current record for ``label``; rebuilt whenever the record object changes
-        (every state change deep-copies the records), so it is always derived from the current state."""
+        """The SignKey of the current record for ``label``, rebuilt after every state change
+        (keyed by the state generation), so it is always derived from the current state."""
         recs = self.state["keys"]
         rec = recs.get(label)
         if rec is None:
             return None
         cached = self._sign_keys.get(label)
-        if cached is None or cached[0] is not rec:
+        if cached is None or cached[0] != self.generation:
             if len(self._sign_keys) > 2 * len(recs) + 16:
                 self._sign_keys.clear()
             info = keystore.info_of(rec)
-            cached = self._sign_keys[label] = (rec, SignKey(info, keystore.zone_wire(info.zone),
-                                                            bytes.fromhex(rec["blob"])))
+            cached = self._sign_keys[label] = (self.generation, SignKey(info, keystore.zone_wire(info.zone),
+                                                                        bytes.fromhex(rec["blob"])))
         return cached[1]
 
     def sign_job(self, items: Sequence[tuple[str, bytes]]) -> Job:
@@ -631,16 +571,23 @@ class Token:
                 keys[label] = key
         return Job(self.policy(), now, keys, items)
 
-    def timed_sign(self, items: Sequence[tuple[str, bytes]]) -> list[SignResult]:
-        """Check and sign each (label, RRSIG signing data); results in order."""
-        results = self.engine.run(self.sign_job(items))
+    def run(self, job: Job) -> list[SignResult]:
+        """Sign ``job`` in this process (adapters with worker processes pass their own ``run``)."""
+        return signing.run(self.cache, job)
+
+    def timed_sign(self, items: Sequence[tuple[str, bytes]],
+                   run: Callable[[Job], list[SignResult]] | None = None) -> list[SignResult]:
+        """Check and sign each (label, RRSIG signing data); results in order.
+
+        ``run`` signs the job (e.g. ``engine.run`` to use worker processes); in-process by default."""
+        results = (run or self.run)(self.sign_job(items))
         self.account(results)
         return results
 
     def timed_sign_verbose(self, label: str, data: bytes) -> tuple[SignResult, int]:
         """One payload, with the latest expiration the policy allowed (for the console's report)."""
         job = self.sign_job([(label, data)])
-        result = sign_one(self.engine.cache, job, label, data)
+        result = sign_one(self.cache, job, label, data)
         self.account([result])
         return result, policy.limit(job.policy, job.now)
 
@@ -675,7 +622,7 @@ class Token:
         except CryptobatError as e:
             result = SignResult(reason=str(e))
         else:
-            result = SignResult(signature=self.engine.cache.get(label, key).sign_digest(raw))
+            result = SignResult(signature=self.cache.get(label, key).sign_digest(raw))
         self.account([result], compat=bound is None)
         return result
 
