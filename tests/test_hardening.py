@@ -285,7 +285,7 @@ def test_deeply_nested_native_frame_gets_one_error(configured):  # noqa: F811
         resp = b""
         while len(resp) < n:
             resp += s.recv(n - len(resp))
-        assert json.loads(resp) == {"error": "frame is nested too deeply"}
+        assert json.loads(resp) == {"error": "frame is nested too deeply", "code": "protocol"}
         s.close()
         assert " |solo| not present" in cli("console", home=home, input="colist\n").stdout
     finally:

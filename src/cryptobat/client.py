@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from . import native
+from . import errors, native
 from .api import KeyInfo, SignResult
 from .errors import CryptobatError
 from .home import resolve_home
@@ -124,10 +124,7 @@ class SocketClient:
                                  f"{f' ({why})' if why else ''}")
         resp = native.decode(body)
         if "error" in resp:
-            if resp["error"] == native.NOT_LOGGED_IN:
-                raise CryptobatError("not logged in: the daemon wants the signer PIN "
-                                     "($CRYPTOBAT_PIN, or signzone --pin-file)")
-            raise CryptobatError(resp["error"])
+            raise _error(resp)
         return resp
 
     def login(self, pin: str) -> None:
@@ -156,6 +153,20 @@ class SocketClient:
     def close(self) -> None:
         self._r.close()
         self.sock.close()
+
+
+_BY_CODE = {c.code: c for c in (errors.CryptobatError, errors.InvalidArgument, errors.Conflict, errors.NotFound,
+                                 errors.Refusal, errors.NotPermitted, errors.PinIncorrect, errors.PinLocked,
+                                 errors.LimitReached, errors.StoreError, errors.IntegrityError, errors.TokenBusy,
+                                 native.ProtocolError, native.NotLoggedIn)}
+
+
+def _error(resp: dict) -> CryptobatError:
+    """The exception of the class the daemon named in ``code`` (a daemon without codes: the base class)."""
+    cls = _BY_CODE.get(resp.get("code"), CryptobatError)
+    if cls is native.NotLoggedIn:
+        return cls("not logged in: the daemon wants the signer PIN ($CRYPTOBAT_PIN, or signzone --pin-file)")
+    return cls(str(resp["error"]))
 
 
 _REQUEST_BUDGET = native.MAX_FRAME - 4096  # room for the request's own JSON

@@ -52,7 +52,7 @@ from typing import Callable, Sequence, TextIO
 from . import __version__, native, peers
 from .api import SignResult
 from .console import Console
-from .errors import CryptobatError, TokenBusy
+from .errors import CryptobatError, LimitReached, PinIncorrect, TokenBusy
 from .home import open_engine, open_token
 from .signing import Engine
 from .token import Token, code_hash
@@ -400,7 +400,7 @@ class NativeHandler(socketserver.BaseRequestHandler):
     """
 
     service: Service
-    busy_reply = native.encode({"error": "too many connections"})
+    busy_reply = native.encode(native.error_response(LimitReached("too many connections")))
 
     def setup(self) -> None:
         self.logged_in = False
@@ -425,10 +425,11 @@ class NativeHandler(socketserver.BaseRequestHandler):
             try:
                 n = native.frame_length(bytes(self.buf[:4]))
             except native.ProtocolError as e:
-                self._send({"error": str(e)})
+                self._send(native.error_response(e))
                 return
             if n > PRELOGIN_FRAME and not self.authenticated():
-                self._send({"error": f"frame of {n} bytes is over the {PRELOGIN_FRAME} byte limit before login"})
+                self._send(native.error_response(native.FrameTooLarge(
+                    f"frame of {n} bytes is over the {PRELOGIN_FRAME} byte limit before login")))
                 return
             if not self._fill(4 + n):
                 return
@@ -437,14 +438,14 @@ class NativeHandler(socketserver.BaseRequestHandler):
             try:
                 resp = self.dispatch(native.decode(body))
             except native.ProtocolError as e:
-                self._send({"error": str(e)})
-                if "limit" in str(e):
+                self._send(native.error_response(e))
+                if isinstance(e, LimitReached):
                     return
                 continue
             except CryptobatError as e:
-                resp = {"error": str(e)}
+                resp = native.error_response(e)
             except Exception as e:  # keep serving everyone else
-                resp = {"error": f"internal error: {type(e).__name__}"}
+                resp = native.error_response(CryptobatError(f"internal error: {type(e).__name__}"))
             self._send(resp)
             self._idle_since = self._started = time.monotonic()
 
@@ -498,7 +499,7 @@ class NativeHandler(socketserver.BaseRequestHandler):
             pin = native.parse_pin(req)
             self.logged_in = False
             if not svc.check_pin(pin, "native"):
-                return {"error": native.PIN_INCORRECT}
+                raise PinIncorrect(native.PIN_INCORRECT)
             self.logged_in = True
             return {"ok": True}
         if op == "time":
@@ -509,10 +510,10 @@ class NativeHandler(socketserver.BaseRequestHandler):
             return native.keys_response(svc.call(svc.token.keys))
         if op == "sign":
             if not self.authenticated():
-                return {"error": native.NOT_LOGGED_IN}
+                raise native.NotLoggedIn(native.NOT_LOGGED_IN)
             items = native.parse_sign_items(req)
             if self._peer_gone():  # nobody would read the answer: sign nothing for it
-                return {"error": "client closed the connection"}
+                raise CryptobatError("client closed the connection")
             return native.sign_response(svc.timed_sign(items))
         raise native.ProtocolError(f"unknown op {str(op)[:32]!r}")
 

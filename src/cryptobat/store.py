@@ -26,7 +26,7 @@ from typing import Iterator
 
 from .audit import GENESIS, Head
 from .clock import DEFAULT_GAP
-from .errors import CryptobatError, IntegrityError, TokenBusy
+from .errors import IntegrityError, NotFound, StoreError, TokenBusy
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 1), doc TEXT NOT NULL, mac TEXT NOT NULL);
@@ -57,7 +57,7 @@ class Store:
         path = self.home / "state.db"
         if not create and not path.exists():
             os.close(self._lock)
-            raise CryptobatError(f"no token at {self.home}: {path} is missing (run: cryptobat init, "
+            raise NotFound(f"no token at {self.home}: {path} is missing (run: cryptobat init, "
                                  f"or restore the token's files)")
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -105,7 +105,7 @@ class Store:
             os.pwrite(self._marker, data.ljust(160), 0)
             os.fsync(self._marker)
         except OSError as e:
-            raise CryptobatError(f"cannot record the commit in {self.home / _MARKER}: {e.strerror}") from None
+            raise StoreError(f"cannot record the commit in {self.home / _MARKER}: {e.strerror}") from None
 
     def check_marker(self, head: Head, accept_loss: bool = False) -> tuple[int, int] | None:
         """Refuse a store whose audit head is behind the last acknowledged one.
@@ -142,7 +142,7 @@ class Store:
         try:
             fd = os.open(self.home / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as e:
-            raise CryptobatError(f"cannot open {self.home / 'lock'}: {e.strerror}") from None
+            raise StoreError(f"cannot open {self.home / 'lock'}: {e.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -194,7 +194,7 @@ class Store:
                     db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:  # disk full, I/O error: nothing was changed
-            raise CryptobatError(f"state store write failed ({e}); nothing changed") from None
+            raise StoreError(f"state store write failed ({e}); nothing changed") from None
 
     def audit_rows(self, since: int = 0) -> Iterator[tuple[int, str, str]]:
         try:

@@ -25,7 +25,8 @@ from .api import KeyInfo, SignResult
 from .audit import Chain, Head
 from .clock import DEFAULT_GAP, DEFAULT_TOLERANCE, TrustedClock, _boottime
 from .custody import Custody
-from .errors import ConfigurationDisabled, CryptobatError, IntegrityError
+from .errors import (ConfigurationDisabled, Conflict, CryptobatError, InvalidArgument, NotFound, NotPermitted,
+                     PinIncorrect, StoreError)
 from .quorum import IDLE_TIMEOUT, Approval, PendingOperation, Quorum, Session
 from . import signing
 from .signing import Job, KeyCache, SignKey, sign_one
@@ -205,14 +206,32 @@ class Token:
     def pending(self) -> list[PendingOperation]:
         return self.quorum.pending(self.now())
 
+    # --- what adapters read -----------------------------------------------------
+    def serial(self) -> str:
+        return self.state["serial"]
+
+    def quorum_size(self) -> int:
+        """M: the officers a quorum command needs."""
+        return self.state["quorum"]
+
+    def audit_seq(self) -> int:
+        return self._chain.head.seq
+
+    def can_approve(self) -> bool:
+        """Whether at least M officers are enrolled (else a quorum command can never be approved)."""
+        return len(self.state["officers"]) >= self.state["quorum"]
+
     # --- officers ----------------------------------------------------------------
     def officer_names(self) -> list[str]:
         return list(self.state["officers"])
 
+    def is_officer(self, name: str) -> bool:
+        return name in self.state["officers"]
+
     def _officer(self, name: str) -> dict:
         o = self.state["officers"].get(name)
         if o is None:
-            raise CryptobatError(f"no officer {name!r}")
+            raise NotFound(f"no officer {name!r}")
         return o
 
     def coadd(self, name: str, session: Session, by: Approval) -> tuple[str, str]:
@@ -222,14 +241,14 @@ class Token:
         serial console), never over a socket; after that it takes the quorum.
         """
         if not officers.valid_name(name):
-            raise CryptobatError("officer names are 1-32 letters, digits, '.', '_' or '-'")
+            raise InvalidArgument("officer names are 1-32 letters, digits, '.', '_' or '-'")
         if name in self.state["officers"]:
-            raise CryptobatError(f"officer {name!r} already enrolled")
+            raise Conflict(f"officer {name!r} already enrolled")
         bootstrap = len(self.state["officers"]) < self.state["quorum"]
         if bootstrap and not session.local:
             self.audit("refused", command="coadd", why="first officers are enrolled at the token's own console",
                        session=session.id)
-            raise CryptobatError("the first officers are enrolled on the token's own console "
+            raise NotPermitted("the first officers are enrolled on the token's own console "
                                  "(cryptobat console without a daemon, the pty or the serial line)")
         if not bootstrap:
             self.require(by, "coadd")
@@ -250,7 +269,7 @@ class Token:
     def codel(self, name: str, by: Approval) -> None:
         self._officer(name)
         if len(self.state["officers"]) - 1 < self.state["quorum"]:
-            raise CryptobatError("removing this officer would leave fewer officers than the quorum")
+            raise Conflict("removing this officer would leave fewer officers than the quorum")
         self._gated("codel", {"name": name}, lambda s: s["officers"].pop(name), by)
         self.quorum.forget(name)
 
@@ -262,12 +281,12 @@ class Token:
         rec = self._officer(name)
         now = self.now()
         if name not in session.present(now):
-            raise CryptobatError(f"CO {name} must be logged in on this session to set a passphrase")
+            raise NotPermitted(f"CO {name} must be logged in on this session to set a passphrase")
         if rec["passphrase"] and (old is None or not officers.check_passphrase(rec["passphrase"], old, self._pepper)):
             self.audit("copass", name=name, ok=False, why="old passphrase wrong", session=session.id)
-            raise CryptobatError("old passphrase is wrong")
+            raise PinIncorrect("old passphrase is wrong")
         if len(new) < 8:
-            raise CryptobatError("passphrase must be at least 8 characters")
+            raise InvalidArgument("passphrase must be at least 8 characters")
         record = officers.hash_passphrase(new, self._pepper)
         self._change("copass", {"name": name, "ok": True, "session": session.id},
                      lambda s: s["officers"][name].update(passphrase=record))
@@ -317,20 +336,20 @@ class Token:
     # --- configuration under quorum ----------------------------------------------
     def setmaxval(self, seconds: int, by: Approval) -> None:
         if not 0 < seconds <= 10 * 365 * 86400:
-            raise CryptobatError("maximum validity must be between 1 second and 10 years")
+            raise InvalidArgument("maximum validity must be between 1 second and 10 years")
         self._gated("setmaxval", {"seconds": seconds}, lambda s: s.update(max_validity=seconds), by)
 
     def setquorum(self, m: int, by: Approval) -> None:
         if not 1 <= m <= min(MAX_QUORUM, len(self.state["officers"])):
-            raise CryptobatError("quorum must be at least 1 and at most the number of officers")
+            raise InvalidArgument("quorum must be at least 1 and at most the number of officers")
         self._gated("setquorum", {"quorum": m}, lambda s: s.update(quorum=m), by)
 
     @staticmethod
     def check_new_pin(pin: str) -> None:
         if len(pin) < MIN_PIN:
-            raise CryptobatError(f"PIN must be at least {MIN_PIN} characters")
+            raise InvalidArgument(f"PIN must be at least {MIN_PIN} characters")
         if len(pin) > 256 or not pin.isprintable():
-            raise CryptobatError("PIN must be at most 256 printable characters")
+            raise InvalidArgument("PIN must be at most 256 printable characters")
 
     def setpin(self, pin: str, by: Approval) -> None:
         self.check_new_pin(pin)
@@ -341,7 +360,7 @@ class Token:
     def settime(self, token_time: int, by: Approval) -> None:
         token_time = int(token_time)
         if not MIN_TIME <= token_time < 2**32:
-            raise CryptobatError("time must be between 2020-01-01 and 2106-02-07 (RRSIG time range)")
+            raise InvalidArgument("time must be between 2020-01-01 and 2106-02-07 (RRSIG time range)")
         offset = int(token_time - self.clock._wall())
         self._gated("settime", {"time": token_time},
                     lambda s: s["clock"].update(offset=offset, hwm=token_time, tampered=False), by)
@@ -350,7 +369,7 @@ class Token:
     def setclockgap(self, seconds: int, by: Approval) -> None:
         """How far past the last trusted time the clock may be found at start (downtime allowance)."""
         if not 60 <= seconds <= 365 * 86400:
-            raise CryptobatError("the clock gap allowance is 60 seconds to 365 days")
+            raise InvalidArgument("the clock gap allowance is 60 seconds to 365 days")
         self._gated("setclockgap", {"seconds": seconds}, lambda s: s["clock"].update(max_gap=seconds), by)
         self.clock.gap = seconds
 
@@ -362,7 +381,7 @@ class Token:
     def p11window(self, seconds: int, zone: str, by: Approval) -> None:
         """Open PKCS#11 key generation and deletion for ``seconds``, for ``zone``'s keys only."""
         if not 0 <= seconds <= 3600:
-            raise CryptobatError("the PKCS#11 key management window is 0 to 3600 seconds")
+            raise InvalidArgument("the PKCS#11 key management window is 0 to 3600 seconds")
         zone = keystore.parse_zone(zone)
         until = self.now() + seconds
         self._gated("p11window", {"seconds": seconds, "zone": zone},
@@ -377,7 +396,7 @@ class Token:
         try:
             rd = dns.rdata.from_text("IN", "DNSKEY", dnskey_text)
         except Exception as e:  # dnspython raises many types for bad text
-            raise CryptobatError(f"not DNSKEY RDATA: {e}") from None
+            raise InvalidArgument(f"not DNSKEY RDATA: {e}") from None
         wire = rd.to_digestable().hex()
         tag = dns.dnssec.key_id(rd)
 
@@ -398,14 +417,14 @@ class Token:
                 if dns.dnssec.key_id(dns.rdata.from_wire("IN", "DNSKEY", bytes.fromhex(w), 0,
                                                          len(w) // 2)) != keytag]
         if len(keep) == len(self.state["allowed_keys"].get(zone, [])):
-            raise CryptobatError(f"no allowed key with tag {keytag} for {zone}")
+            raise NotFound(f"no allowed key with tag {keytag} for {zone}")
         self._gated("keydisallow", {"zone": zone, "keytag": keytag},
                     lambda s: s["allowed_keys"].__setitem__(zone, keep), by)
 
     def cdsdelete(self, seconds: int, zone: str, by: Approval) -> None:
         """Open a window in which the zone's KSK signs the RFC 8078 delete CDS/CDNSKEY."""
         if not 0 <= seconds <= 7 * 86400:
-            raise CryptobatError("the CDS delete window is 0 seconds to 7 days")
+            raise InvalidArgument("the CDS delete window is 0 seconds to 7 days")
         zone = keystore.parse_zone(zone)
         until = self.now() + seconds
         self._gated("cdsdelete", {"seconds": seconds, "zone": zone},
@@ -416,7 +435,7 @@ class Token:
         for p in peers:
             kind, _, num = p.partition(":")
             if kind not in ("uid", "gid") or not num.isdigit() or int(num) > 2**32 - 1:
-                raise CryptobatError(f"signer peer {p!r} is not uid:N or gid:N")
+                raise InvalidArgument(f"signer peer {p!r} is not uid:N or gid:N")
         self._gated("signerpeers", {"peers": peers}, lambda s: s.update(signer_peers=list(peers)), by)
 
     def peer_allowed(self, uid: int, gid: int) -> bool:
@@ -461,7 +480,7 @@ class Token:
     def key(self, label: str) -> KeyInfo:
         rec = self.state["keys"].get(label)
         if rec is None:
-            raise CryptobatError(f"no key labelled {label!r}")
+            raise NotFound(f"no key labelled {label!r}")
         return keystore.info_of(rec)
 
     def _generate(self, algorithm: int, role: str, zone: str, label: str | None,
@@ -561,7 +580,7 @@ class Token:
             try:
                 self._flush()
             except CryptobatError as e:
-                raise CryptobatError(f"signing refused: {e}") from None
+                raise StoreError(f"signing refused: {e}") from None
         now = self.now()
         wanted = {label for label, _ in items}
         keys = {}
