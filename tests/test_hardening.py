@@ -151,10 +151,10 @@ def test_settime_far_out_is_refused_before_anything_is_committed(clocked):
     c, o = clocked.console, clocked.officers
     o.add("lamb")
     o.login("lamb")
-    seq = clocked.token.state["audit"]["seq"]
+    seq = clocked.token.state.audit.seq
     assert c.handle("settime 18446744073709551617").startswith("fail:")
     assert c.handle("settime 0").startswith("fail:")
-    assert clocked.token.state["clock"]["offset"] == 0 and clocked.token.state["audit"]["seq"] <= seq + 2
+    assert clocked.token.state.clock.offset == 0 and clocked.token.state.audit.seq <= seq + 2
     assert c.handle("date").endswith(f"{int(clocked.now)}\n")
 
 
@@ -200,7 +200,7 @@ def test_full_disk_refuses_changes_and_signing_keeps_status_and_recovers(small_d
             if out.startswith("fail:"):
                 break
         assert out.startswith("fail: state store write failed"), out
-        assert t.state["max_validity"] != 3000 + i
+        assert t.state.max_validity != 3000 + i
         for _ in range(3):
             with pytest.raises(Exception, match="signing refused"):
                 t.timed_sign([("z", data)])

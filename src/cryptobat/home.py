@@ -17,6 +17,7 @@ from .audit import Head
 from .clock import _boottime
 from .custody import Custody, SoftwareCustody
 from .errors import Conflict, IntegrityError, InvalidArgument, NotFound
+from .state import TokenState
 from .store import Store
 
 
@@ -55,14 +56,15 @@ def _open_files(home: Path, custody_factory: Callable[..., Custody], create: boo
         os.umask(old_umask)
 
 
-def _verify_audit_since(store: Store, state: dict) -> None:
-    """Check the audit chain from the head verified at the last start up to the current head."""
-    checked = Head(**state["audit_checked"])
-    n, problem = auditlog.verify(store.audit_rows(checked.seq), Head(**state["audit"]), checked)
+def _verify_audit_since(store: Store, state: TokenState) -> TokenState:
+    """Check the audit chain from the head verified at the last start up to the current head;
+    the state to serve, with that head as the one verified (saved with the next change)."""
+    checked = Head(state.audit_checked.seq, state.audit_checked.hash)
+    n, problem = auditlog.verify(store.audit_rows(checked.seq), Head(state.audit.seq, state.audit.hash), checked)
     if problem:
         raise IntegrityError(f"audit log is broken ({problem}); not serving. "
                              f"Inspect it with: cryptobat audit verify")
-    state["audit_checked"] = dict(state["audit"])  # saved with the next change
+    return state.replace(audit_checked=state.audit)
 
 
 def open_token(home: Path | str, custody_factory: Callable[..., Custody] = SoftwareCustody, *,
@@ -76,9 +78,9 @@ def open_token(home: Path | str, custody_factory: Callable[..., Custody] = Softw
         state = store.load()
         if state is None:
             raise NotFound(f"no token at {home} (run: cryptobat init)")
-        lost = store.check_marker(Head(**state["audit"]), accept_lost_changes)
+        lost = store.check_marker(Head(state.audit.seq, state.audit.hash), accept_lost_changes)
         if check_audit:
-            _verify_audit_since(store, state)
+            state = _verify_audit_since(store, state)
         token = Token(store, custody, state, wall=wall, mono=mono)
     except BaseException:
         store.close()
