@@ -30,7 +30,6 @@ from cryptobat.client import connect
 from cryptobat.console import Console
 from cryptobat.errors import CryptobatError
 from cryptobat.home import init_token, open_engine, open_token
-from cryptobat.token import Token
 
 ROOT = conftest.ROOT
 

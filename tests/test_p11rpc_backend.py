@@ -1,6 +1,6 @@
 """Real tokens for the PKCS#11 tests: set up through the console, served in-process or by the daemon.
 
-``RealToken`` opens a token with ``Token.init`` and configures it the way officers
+``RealToken`` opens a token with ``home.init_token`` and configures it the way officers
 would at the console (two officers, max validity, signer PIN, keys, one compat key);
 ``backend()`` gives the p11rpc Backend the daemon itself uses
 (``p11serve.ServiceBackend(Service(token))``), so the sans-I/O tests exercise the

@@ -10,7 +10,6 @@ import pytest
 
 from cryptobat import policy
 from cryptobat.home import init_token, open_engine
-from cryptobat.token import Token
 from conftest import Officers, signing_data, validate
 from cryptobat.console import Console
 

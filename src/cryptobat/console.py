@@ -20,7 +20,7 @@ import segno
 
 from . import __version__, bindkey, keystore
 from .errors import (ConfigurationDisabled, CryptobatError, IntegrityError, InvalidArgument, LimitReached, NotFound,
-                     NotPermitted, PinIncorrect)
+                     NotPermitted, PinIncorrect, Refusal)
 from .quorum import Approval
 from .timespec import parse_time
 from .token import MAX_KEY_FILE, Token, code_hash
@@ -494,7 +494,7 @@ class Console:
         if len(data) >= 18:  # echo the header fields the policy looked at, as the original did
             out = f" checking expiration time {int.from_bytes(data[8:12], 'big')} < {limit} and algorithm {data[2]}\n"
         if not result.ok:
-            return out + f"fail: {result.reason}\n"
+            return out + self._answer(Refusal(f"{result.reason}"))
         return out + f" computing hash of {len(data)} bytes:\nok: signature\n{hexdump(result.signature)}DONE\n"
 
     def do_tpmflush(self, args: list[str]) -> str:

@@ -115,4 +115,4 @@ def init_token(home: Path | str, quorum: int = 2, custody_factory: Callable[...,
 def open_engine(token, workers: int | None = None, custody_factory: Callable[..., Custody] = SoftwareCustody):
     """Signing worker processes for ``token``'s large batches; the caller closes them."""
     from .signing import Engine
-    return Engine(token.custody, custody_factory, token.home, workers)
+    return Engine(token.custody, custody_factory, token.home, workers, cache=token.cache)

@@ -1,10 +1,11 @@
 """The token: officers, quorum, policy, keys, clock and audit as plain objects.
 
-No sockets, threads or terminals live here; the console, the native socket
-and PKCS#11 are adapters that call these methods. Every state change goes
-through :meth:`Token._change`, which copies the state, applies the change,
-appends its audit entry and commits both atomically; a refused or failed
-change leaves the state as it was.
+No sockets, threads, terminals or worker processes live here, and no files are
+opened: :mod:`cryptobat.home` opens the store and custody a token is given, and
+the console, the native socket and PKCS#11 are adapters that call these methods.
+Every state change goes through :meth:`Token._change`, which builds the next
+frozen :class:`cryptobat.state.TokenState`, appends its audit entry and commits
+both atomically; a refused or failed change leaves the state as it was.
 """
 from __future__ import annotations
 
