@@ -144,9 +144,9 @@ class Codes:
 def setup(home: Path) -> Codes:
     """A quorum-1 token with OFFICERS officers, max validity, the signer PIN and a CSK for ZONE."""
     from cryptobat.console import Console
-    from cryptobat.token import Token
+    from cryptobat.home import init_token
     codes = Codes()
-    tok = Token.init(home, quorum=1, workers=1)
+    tok = init_token(home, quorum=1)
     try:
         con = Console(tok)
 

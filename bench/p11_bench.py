@@ -98,9 +98,9 @@ def setup_cryptobat(work: Path):
     """A configured token; returns (home, {kind: KeyInfo})."""
     import pyotp
     from cryptobat.console import Console
-    from cryptobat.token import Token
+    from cryptobat.home import init_token
     home = work / "cryptobat"
-    tok = Token.init(home, quorum=2)
+    tok = init_token(home, quorum=2)
     try:
         con = Console(tok)
         for name in ("lamb", "jakob"):

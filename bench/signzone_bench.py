@@ -152,10 +152,10 @@ def setup_cryptobat(d: str) -> tuple[str, str, str]:
     import pyotp
 
     from cryptobat.console import Console
-    from cryptobat.token import Token
+    from cryptobat.home import init_token
 
     home = os.path.join(d, "token")
-    tok = Token.init(home, quorum=1)
+    tok = init_token(home, quorum=1)
     try:
         con = Console(tok)
         out = con.handle("coadd bench")

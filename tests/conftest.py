@@ -15,7 +15,7 @@ import pytest
 
 from cryptobat import rrsig
 from cryptobat.console import Console
-from cryptobat.token import Token
+from cryptobat.home import init_token
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ class Officers:
 
 @pytest.fixture
 def token(tmp_path):
-    t = Token.init(tmp_path / "token", quorum=2, workers=1)
+    t = init_token(tmp_path / "token", quorum=2)
     yield t
     t.close()
 
@@ -110,7 +110,7 @@ class Clocked:
 
     def __init__(self, path: Path, start: float = 1_800_000_000.0) -> None:
         self.now = start
-        self.token = Token.init(path, quorum=1, workers=1, wall=lambda: self.now, mono=lambda: self.now)
+        self.token = init_token(path, quorum=1, wall=lambda: self.now, mono=lambda: self.now)
         self.console = Console(self.token)
         self.officers = Officers(self.console)
 

@@ -15,16 +15,17 @@ import pytest
 
 from cryptobat.console import Console
 from cryptobat.errors import IntegrityError, TokenBusy
+from cryptobat.home import init_token, open_token
 from cryptobat.token import Token
 from conftest import Officers, ROOT, cli
 from test_policy import payload
 
 
 def _ready_token(path, wall=None, mono=None):
-    kw = {"workers": 1}
+    kw = {}
     if wall:
         kw.update(wall=wall, mono=mono)
-    t = Token.init(path, quorum=1, **kw)
+    t = init_token(path, quorum=1, **kw)
     c = Console(t)
     o = Officers(c)
     o.add("solo")
@@ -128,7 +129,7 @@ def test_truncated_audit_tail_refuses_to_open(tmp_path):
     db.commit()
     db.close()
     with pytest.raises(IntegrityError):
-        Token(home)
+        open_token(home)
     r = cli("status", home=home)
     assert r.returncode == 1
     assert r.stderr.strip() == "cryptobat: audit log does not match the state (entries edited or deleted)"
@@ -143,7 +144,7 @@ def test_state_edited_on_disk_is_refused(tmp_path):
     db.commit()
     db.close()
     with pytest.raises(IntegrityError, match="edited outside Cryptobat"):
-        Token(home)
+        open_token(home)
     r = cli("status", home=home)
     assert r.returncode == 1 and "integrity check failed" in r.stderr and "Traceback" not in r.stderr
 
@@ -159,10 +160,10 @@ def test_garbage_state_file_gives_one_line(tmp_path):
 
 def test_second_process_cannot_open_the_store(tmp_path):
     home = _audit_setup(tmp_path)
-    t = Token(home)
+    t = open_token(home)
     try:
         with pytest.raises(TokenBusy):
-            Token(home)
+            open_token(home)
         r = cli("status", home=home)
         assert r.returncode == 1 and "in use by process" in r.stderr
     finally:
@@ -171,9 +172,9 @@ def test_second_process_cannot_open_the_store(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
-    from cryptobat.token import Token
+    from cryptobat.home import open_token
     from test_policy import payload
-    t = Token(sys.argv[1], workers=1)
+    t = open_token(sys.argv[1])
     k = t.key("z")
     i = 0
     while True:
@@ -198,7 +199,7 @@ def test_kill_9_during_writes_never_loses_or_mixes_state(tmp_path):
         time.sleep(rng.random() * 0.05)  # ... then dies at some instant inside a commit or between two
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
-        t = Token(home, workers=1)  # opens: integrity and audit head intact
+        t = open_token(home)  # opens: integrity and audit head intact
         try:
             n, problem = t.audit_verify()
             assert problem is None, problem

@@ -29,7 +29,7 @@ from cryptobat import signing
 from cryptobat.client import connect
 from cryptobat.console import Console
 from cryptobat.errors import CryptobatError
-from cryptobat.token import Token
+from cryptobat.home import init_token, open_engine, open_token
 
 ROOT = conftest.ROOT
 
@@ -128,7 +128,7 @@ def watch(pid: int, into: set[int], stop: threading.Event) -> threading.Thread:
 def make_token(home: Path) -> None:
     """A quorum-1 token set up as the PKCS#11 tests do (signer PIN ``PIN``), with a CSK for testzone."""
     codes = setup_home(home, keys=(), compat=(), quorum=1)
-    tok = Token(home, workers=1)
+    tok = open_token(home)
     try:
         con = Console(tok)
         assert con.handle(f"cologin lamb {codes.code('lamb')}") == " CO lamb Ok\n"
@@ -393,7 +393,8 @@ def test_normal_runs_leave_no_process(tmp_path, reaper):
 def test_workers_outlive_the_thread_that_asked_for_them(tmp_path):
     """A worker's parent-death signal follows the thread that started it: the daemon's connection
     threads come and go, and the workers they used must stay (and be reused) until the token closes."""
-    t = Token.init(tmp_path / "t", quorum=1, workers=2)
+    t = init_token(tmp_path / "t", quorum=1)
+    engine = open_engine(t, workers=2)
     try:
         c = Console(t)
         o = conftest.Officers(c)
@@ -407,7 +408,7 @@ def test_workers_outlive_the_thread_that_asked_for_them(tmp_path):
         pids: list[set[int]] = []
 
         def batch() -> None:
-            assert all(r.ok for r in t.timed_sign(items))
+            assert all(r.ok for r in t.timed_sign(items, run=engine.run))
             pids.append(children(os.getpid()))
 
         for _ in range(2):
@@ -418,6 +419,7 @@ def test_workers_outlive_the_thread_that_asked_for_them(tmp_path):
         assert len(pids) == 2 and pids[0] and pids[0] == pids[1], pids
         assert all(alive(p) for p in pids[0])
     finally:
+        engine.close()
         t.close()
     assert not survivors(pids[0])
 
@@ -425,7 +427,8 @@ def test_workers_outlive_the_thread_that_asked_for_them(tmp_path):
 def test_a_killed_worker_fails_one_batch_not_the_token(tmp_path):
     """A worker killed mid-batch fails that batch with one CryptobatError; one killed while idle
     costs nothing; either way the next batch runs on fresh workers."""
-    t = Token.init(tmp_path / "t", quorum=1, workers=2)
+    t = init_token(tmp_path / "t", quorum=1)
+    engine = open_engine(t, workers=2)
     try:
         c = Console(t)
         o = conftest.Officers(c)
@@ -440,7 +443,7 @@ def test_a_killed_worker_fails_one_batch_not_the_token(tmp_path):
 
         def batch() -> None:
             try:
-                out.append(t.timed_sign(items))
+                out.append(t.timed_sign(items, run=engine.run))
             except CryptobatError as e:
                 out.append(e)
 
@@ -452,12 +455,13 @@ def test_a_killed_worker_fails_one_batch_not_the_token(tmp_path):
         os.kill(victim, signal.SIGKILL)
         th.join(120)
         assert isinstance(out[0], CryptobatError) and "signing worker failed" in str(out[0]), out[0]
-        assert all(r.ok for r in t.timed_sign(items[:1000]))
+        assert all(r.ok for r in t.timed_sign(items[:1000], run=engine.run))
         os.kill(min(children(os.getpid())), signal.SIGKILL)  # idle
         time.sleep(0.2)
-        assert all(r.ok for r in t.timed_sign(items[:1000]))
+        assert all(r.ok for r in t.timed_sign(items[:1000], run=engine.run))
         assert len(children(os.getpid())) == 2
     finally:
+        engine.close()
         t.close()
 
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import Daemon, cli, signing_data
 from test_cli_console import configured  # noqa: F401  (fixture)
 from test_sessions import SockConsole, Codes
-from cryptobat.token import Token
+from cryptobat.home import init_token
 
 
 def _init(home, quorum: int = 1):
@@ -151,10 +151,10 @@ def test_settime_far_out_is_refused_before_anything_is_committed(clocked):
     c, o = clocked.console, clocked.officers
     o.add("lamb")
     o.login("lamb")
-    seq = clocked.token.state["audit"]["seq"]
+    seq = clocked.token.state.audit.seq
     assert c.handle("settime 18446744073709551617").startswith("fail:")
     assert c.handle("settime 0").startswith("fail:")
-    assert clocked.token.state["clock"]["offset"] == 0 and clocked.token.state["audit"]["seq"] <= seq + 2
+    assert clocked.token.state.clock.offset == 0 and clocked.token.state.audit.seq <= seq + 2
     assert c.handle("date").endswith(f"{int(clocked.now)}\n")
 
 
@@ -176,7 +176,7 @@ def small_disk(tmp_path):
 def test_full_disk_refuses_changes_and_signing_keeps_status_and_recovers(small_disk):
     from cryptobat.console import Console
     from conftest import Officers
-    t = Token.init(small_disk / "t", quorum=1, workers=1)
+    t = init_token(small_disk / "t", quorum=1)
     try:
         c, o = Console(t), Officers(Console(t))
         o.console = c
@@ -200,7 +200,7 @@ def test_full_disk_refuses_changes_and_signing_keeps_status_and_recovers(small_d
             if out.startswith("fail:"):
                 break
         assert out.startswith("fail: state store write failed"), out
-        assert t.state["max_validity"] != 3000 + i
+        assert t.state.max_validity != 3000 + i
         for _ in range(3):
             with pytest.raises(Exception, match="signing refused"):
                 t.timed_sign([("z", data)])
@@ -285,7 +285,7 @@ def test_deeply_nested_native_frame_gets_one_error(configured):  # noqa: F811
         resp = b""
         while len(resp) < n:
             resp += s.recv(n - len(resp))
-        assert json.loads(resp) == {"error": "frame is nested too deeply"}
+        assert json.loads(resp) == {"error": "frame is nested too deeply", "code": "protocol"}
         s.close()
         assert " |solo| not present" in cli("console", home=home, input="colist\n").stdout
     finally:

@@ -70,14 +70,14 @@ def test_seed_first_session(console, officers):
 
 
 QUORUM_COMMANDS = [
-    ("setmaxval 3600", lambda t: t.state["max_validity"] == 3600),
-    ("setquorum 1", lambda t: t.state["quorum"] == 1),
-    ("keygen 13 zsk example.com k", lambda t: "k" in t.state["keys"]),
-    ("setpin 123456", lambda t: t.state["pin"] is not None),
+    ("setmaxval 3600", lambda t: t.state.max_validity == 3600),
+    ("setquorum 1", lambda t: t.state.quorum == 1),
+    ("keygen 13 zsk example.com k", lambda t: "k" in t.state.keys),
+    ("setpin 123456", lambda t: t.state.pin is not None),
     ("settime now", lambda t: '"event":"settime"' in t.audit_tail(1)[0]),
-    ("coadd carol", lambda t: "carol" in t.state["officers"]),
-    ("codel jakob", lambda t: "jakob" not in t.state["officers"]),
-    ("p11window 60 example.com", lambda t: t.state["p11_window_until"] > 0),
+    ("coadd carol", lambda t: "carol" in t.state.officers),
+    ("codel jakob", lambda t: "jakob" not in t.state.officers),
+    ("p11window 60 example.com", lambda t: t.state.p11_window_until > 0),
 ]
 
 
@@ -111,7 +111,7 @@ def test_keydel_and_setcompat_need_quorum(ready, console):
     console.handle("coreset")
     assert console.handle("keydel zsk8") == " Configuration disabled\n"
     assert console.handle("setcompat zsk8 on") == " Configuration disabled\n"
-    assert "zsk8" in ready.state["keys"] and not ready.key("zsk8").compat
+    assert "zsk8" in ready.state.keys and not ready.key("zsk8").compat
 
 
 def test_refused_change_leaves_state_and_is_audited(token, console, officers):

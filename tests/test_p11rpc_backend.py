@@ -1,6 +1,6 @@
 """Real tokens for the PKCS#11 tests: set up through the console, served in-process or by the daemon.
 
-``RealToken`` opens a token with ``Token.init`` and configures it the way officers
+``RealToken`` opens a token with ``home.init_token`` and configures it the way officers
 would at the console (two officers, max validity, signer PIN, keys, one compat key);
 ``backend()`` gives the p11rpc Backend the daemon itself uses
 (``p11serve.ServiceBackend(Service(token))``), so the sans-I/O tests exercise the
@@ -27,6 +27,7 @@ from cryptobat.console import Console
 from cryptobat.p11rpc.backend import Backend
 from cryptobat.p11serve import ServiceBackend
 from cryptobat.serve import Service
+from cryptobat.home import init_token, open_token
 from cryptobat.token import Token
 
 PIN = b"123456"
@@ -64,7 +65,7 @@ class OfficerCodes:
 
 def setup_home(home: Path, keys=KEYS, compat=COMPAT, quorum: int = 2) -> OfficerCodes:
     """Initialise a token at ``home`` through its console; return the officers' code source."""
-    tok = Token.init(home, quorum=quorum, workers=1)
+    tok = init_token(home, quorum=quorum)
     codes = OfficerCodes()
     try:
         con = Console(tok)
@@ -90,7 +91,7 @@ class RealToken:
     def __init__(self, home: Path | None = None, **kw) -> None:
         self.home = Path(home or tempfile.mkdtemp(prefix="cbp11-")) / "token"
         self.codes = setup_home(self.home, **kw)
-        self.token = Token(self.home)
+        self.token = open_token(self.home)
         self.service = Service(self.token)
         self.console = Console(self.token)
 

@@ -9,7 +9,7 @@ import dns.rrset
 import pytest
 
 from cryptobat import policy
-from cryptobat.token import Token
+from cryptobat.home import init_token, open_engine
 from conftest import Officers, signing_data, validate
 from cryptobat.console import Console
 
@@ -75,7 +75,7 @@ def test_expiration_beyond_max_validity_refused_at_limit_accepted(ready, keys):
 def test_serial_arithmetic_across_the_2106_wrap(tmp_path):
     """Token time just before 2^32: an expiration that wrapped to a small number is still +300 s."""
     wall = [float(2**32 - 100)]
-    t = Token.init(tmp_path / "t", quorum=1, workers=1, wall=lambda: wall[0])
+    t = init_token(tmp_path / "t", quorum=1, wall=lambda: wall[0])
     try:
         c = Console(t)
         o = Officers(c)
@@ -201,7 +201,8 @@ def test_refusals_are_counted_and_audited(ready, keys):
 
 def test_batch_results_in_order_across_workers(tmp_path):
     """A large batch goes to the worker processes; results still come back in order, each checked."""
-    t = Token.init(tmp_path / "t", quorum=1, workers=2)
+    t = init_token(tmp_path / "t", quorum=1)
+    engine = open_engine(t, workers=2)
     try:
         c = Console(t)
         o = Officers(c)
@@ -214,8 +215,9 @@ def test_batch_results_in_order_across_workers(tmp_path):
         for i in range(600):
             exp = now + (9999 if i % 7 == 0 else 300)
             items.append(("z", payload(k, now=now, exp=exp, rrs=[_rr(rd=bytes([10, 0, i >> 8, i & 255]))])))
-        res = t.timed_sign(items)
+        res = t.timed_sign(items, run=engine.run)
         assert [r.ok for r in res] == [i % 7 != 0 for i in range(600)]
         assert t.counters()["signatures"] == sum(i % 7 != 0 for i in range(600))
     finally:
+        engine.close()
         t.close()

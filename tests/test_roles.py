@@ -255,11 +255,11 @@ def test_native_sign_needs_the_signer_pin(token_home, monkeypatch):
         c.close()
         now = call(s, {"op": "time"})["time"]
         data = make_signing_data(k, now + 3600, now - 60)
-        assert call(s, native.sign_request([("k13", data)])) == {"error": "not logged in"}
+        assert call(s, native.sign_request([("k13", data)])) == {"error": "not logged in", "code": "not-logged-in"}
         assert [x["label"] for x in call(s, {"op": "keys"})["keys"]] == ["k13"]  # public, as PKCS#11's
-        assert call(s, {"op": "login", "pin": "wrong-pin"}) == {"error": "PIN incorrect"}
-        assert call(s, native.sign_request([("k13", data)])) == {"error": "not logged in"}
-        assert call(s, {"op": "login"}) == {"error": "login needs a pin"}
+        assert call(s, {"op": "login", "pin": "wrong-pin"}) == {"error": "PIN incorrect", "code": "pin-incorrect"}
+        assert call(s, native.sign_request([("k13", data)])) == {"error": "not logged in", "code": "not-logged-in"}
+        assert call(s, {"op": "login"}) == {"error": "login needs a pin", "code": "protocol"}
         assert call(s, {"op": "login", "pin": SIGNER_PIN}) == {"ok": True}
         assert [x["label"] for x in call(s, {"op": "keys"})["keys"]] == ["k13"]
         sig, why = call(s, native.sign_request([("k13", data)]))["results"][0]
@@ -288,7 +288,7 @@ def test_listed_signer_peer_needs_no_pin(token_home):
         now = call(s, {"op": "time"})["time"]
         k = next(KeyInfo.from_json(x) for x in call(s, {"op": "keys"})["keys"])
         sign = native.sign_request([("k13", make_signing_data(k, now + 3600, now - 60))])
-        assert call(s, sign) == {"error": "not logged in"}
+        assert call(s, sign) == {"error": "not logged in", "code": "not-logged-in"}
         officers = ConsoleSocket(home / "console.sock")
         for name in codes.secrets:
             assert "Ok" in officers.cmd(f"cologin {name} {codes.code(name)}")
@@ -299,7 +299,7 @@ def test_listed_signer_peer_needs_no_pin(token_home):
         assert c.timed_sign([("k13", make_signing_data(k, now + 3600, now - 60))])[0].ok
         c.close()
         assert "none" in officers.cmd("signerpeers none")
-        assert call(s, sign) == {"error": "not logged in"}
+        assert call(s, sign) == {"error": "not logged in", "code": "not-logged-in"}
         officers.close()
         s.close()
     finally:
@@ -338,7 +338,7 @@ def test_at_most_64_connections_per_socket(token_home):
             assert "serial" in call(s, {"op": "info"})
             held.append(s)
         extra = native_sock(home / "native.sock")
-        assert _recv_all(extra) == native.encode({"error": "too many connections"})  # then closed
+        assert _recv_all(extra) == native.encode({"error": "too many connections", "code": "limit"})  # then closed
         extra.close()
         for _ in range(MAX_CONNECTIONS):
             c = ConsoleSocket(home / "console.sock")

@@ -208,8 +208,8 @@ def test_copass_changes_only_your_own_passphrase_and_needs_the_old_one(clocked):
     assert c.handle("copass lamb") == "" and c.prompt == "Old passphrase: "
     c.handle("first-passphrase"), c.handle("second-passphrase")
     assert c.handle("second-passphrase") == " Passphrase set for CO lamb\n"
-    rec = t.state["officers"]["lamb"]["passphrase"]
-    assert rec["keyed"] and off.check_passphrase(rec, "second-passphrase", t._pepper)
+    rec = t.state.officers["lamb"].passphrase
+    assert rec.keyed and off.check_passphrase(rec, "second-passphrase", t._pepper)
     assert not off.check_passphrase(rec, "second-passphrase")  # the store alone cannot test guesses
 
 
@@ -217,13 +217,13 @@ def test_a_refused_setpin_refreshes_nobody(clocked):
     t, c, o = clocked.token, clocked.console, clocked.officers
     o.add("lamb")
     o.login("lamb")
-    seq = t.state["audit"]["seq"]
+    seq = t.state.audit.seq
     for _ in range(3):
         clocked.advance(t.quorum.idle_timeout // 2)
         assert c.handle("setpin 123").startswith("fail: PIN must be at least 6 characters")
     assert c.handle("colist") == " |lamb| not present\n"  # idle: the refused commands did not refresh
     assert c.handle("setmaxval 60") == " Configuration disabled\n"
-    assert t.state["pin"] is None and t.state["audit"]["seq"] > seq
+    assert t.state.pin is None and t.state.audit.seq > seq
 
 
 def test_remote_failures_do_not_lock_out_the_local_console(tmp_path):

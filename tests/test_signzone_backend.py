@@ -25,6 +25,7 @@ from conftest import Officers
 from cryptobat import cli, rrsig
 from cryptobat.console import Console
 from cryptobat.errors import Refusal
+from cryptobat.home import init_token
 from cryptobat.token import Token
 
 MONTH = 31 * 86400  # covers signzone's default validity (start - 1 h .. + 30 days)
@@ -48,7 +49,7 @@ def make_token(home: Path, zone: str, keydir: Path, *, algs=(13,), roles=("ksk",
     """A real token for ``zone``: a key per role per algorithm (keygen; KSK+ZSK unless ``roles``)
     plus ``imports`` ((role, file)); key files for all of the zone's keys are written to
     ``keydir`` by ``cryptobat keyfiles``."""
-    tok = Token.init(home, quorum=1, workers=1)
+    tok = init_token(home, quorum=1)
     try:
         officers = Officers(Console(tok))
         officers.add("lamb")

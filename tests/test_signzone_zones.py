@@ -282,9 +282,9 @@ def test_seed_command_verbatim(tmp_path, tmp_path_factory, seed_keys):
 def test_signzone_through_the_daemon(tmp_path, monkeypatch):
     """``cryptobat serve`` holds the token; ``cryptobat signzone --hsm unix:...`` signs through it
     after logging in with the signer PIN (``--pin-file`` or ``$CRYPTOBAT_PIN``)."""
-    from cryptobat.token import Token
+    from cryptobat.home import open_token
     rt, zf, ksks, zsks = _setup(tmp_path, [13], max_validity=7200)
-    tok = Token(rt.home)
+    tok = open_token(rt.home)
     try:
         assert rt.open_console(tok).handle("setpin signer-pin-1") == " Signer PIN set\n"
     finally:

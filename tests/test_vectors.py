@@ -19,6 +19,7 @@ import dns.rrset
 import pytest
 
 from cryptobat.console import Console
+from cryptobat.home import init_token
 from cryptobat.token import Token
 from conftest import Officers
 
@@ -44,7 +45,7 @@ def _rr(text):
 
 
 def _token_at(tmp_path, when: int, maxval: int) -> tuple[Token, Console]:
-    t = Token.init(tmp_path / "t", quorum=1, workers=1, wall=lambda: float(when), mono=lambda: 0.0)
+    t = init_token(tmp_path / "t", quorum=1, wall=lambda: float(when), mono=lambda: 0.0)
     c = Console(t)
     o = Officers(c)
     o.add("solo")

@@ -75,10 +75,10 @@ def _serving(home: Path) -> Path | None:
 
 
 def cmd_init(a) -> int:
-    from .token import Token
+    from .home import init_token
     home = resolve_home(a.home)
-    t = Token.init(home, a.quorum)
-    print(f"Initialised token {t.state['serial']} at {home} (quorum {a.quorum}, custody {t.custody.name})")
+    t = init_token(home, a.quorum)
+    print(f"Initialised token {t.serial()} at {home} (quorum {a.quorum}, custody {t.custody.name})")
     print("Next: enrol officers with 'cryptobat console' -> coadd NAME")
     t.close()
     return 0
@@ -90,8 +90,8 @@ def cmd_console(a) -> int:
     if sock:
         return _attach(sock)
     from .console import Console
-    from .token import Token
-    token = Token(home)
+    from .home import open_token
+    token = open_token(home)
     console = Console(token)
     interactive = sys.stdin.isatty()
     import getpass
@@ -115,47 +115,54 @@ def cmd_console(a) -> int:
     return 0
 
 
-def _run_console_commands(home: Path, commands: list[str], check_audit: bool = True) -> str:
-    """Run console commands on the token, in process or through a daemon serving it."""
+def _run_console_commands(home: Path, commands: list[str], check_audit: bool = True) -> tuple[str, bool]:
+    """Run console commands on the token, in process or through a daemon serving it; return
+    their answers and whether any failed."""
     sock = _serving(home)
     if sock:
         import io
         from contextlib import redirect_stdout
+
+        from .console import failed
         buf = io.StringIO()
         with redirect_stdout(buf):
             _attach(sock, commands)
-        return buf.getvalue()
+        return buf.getvalue(), failed(buf.getvalue())
     from .console import Console
-    from .token import Token
-    token = Token(home, check_audit=check_audit)
+    from .home import open_token
+    token = open_token(home, check_audit=check_audit)
     try:
         console = Console(token)
-        return "".join(console.handle(c) for c in commands)
+        out, bad = [], False
+        for c in commands:
+            out.append(console.handle(c))
+            bad = bad or console.error is not None
+        return "".join(out), bad
     finally:
         token.close()
 
 
 def cmd_status(a) -> int:
-    out = _run_console_commands(resolve_home(a.home), ["status"])
+    out, bad = _run_console_commands(resolve_home(a.home), ["status"])
     sys.stdout.write(out)
-    return 1 if out.startswith("fail:") else 0
+    return 1 if bad else 0
 
 
 def cmd_audit(a) -> int:
     cmd = "audit verify" if a.action == "verify" else f"audit {a.n}"
-    out = _run_console_commands(resolve_home(a.home), [cmd], check_audit=False)  # shows a broken log too
+    out, bad = _run_console_commands(resolve_home(a.home), [cmd], check_audit=False)  # shows a broken log too
     sys.stdout.write(out)
-    return 1 if out.startswith("fail:") else 0
+    return 1 if bad else 0
 
 
 def cmd_recover(a) -> int:
     """Open a token whose store lost acknowledged changes, accepting the loss (audited)."""
-    from .token import Token
+    from .home import open_token
     if not a.accept_lost_changes:
         raise CryptobatError("say what to accept: cryptobat recover --accept-lost-changes")
-    t = Token(resolve_home(a.home), accept_lost_changes=True)
+    t = open_token(resolve_home(a.home), accept_lost_changes=True)
     try:
-        print(f"Token {t.state['serial']} opens at audit entry {t.state['audit']['seq']}; "
+        print(f"Token {t.serial()} opens at audit entry {t.audit_seq()}; "
               f"check its policy, keys and officers with: cryptobat status")
     finally:
         t.close()

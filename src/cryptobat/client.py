@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from . import native
+from . import errors, native
 from .api import KeyInfo, SignResult
 from .errors import CryptobatError
 from .home import resolve_home
@@ -33,11 +34,28 @@ class Client(Protocol):
 
 
 class EmbeddedClient:
-    """The token opened in this process (it holds the store's lock while open)."""
+    """The token opened in this process (it holds the store's lock while open).
+
+    Large batches (a zone) are spread over worker processes this client starts on
+    first use, or early with :meth:`warm`, and stops on :meth:`close`.
+    """
 
     def __init__(self, home: Path) -> None:
-        from .token import Token
-        self.token = Token(home)
+        from .home import open_token
+        self.token = open_token(home)
+        self._engine = None
+        self._engine_lock = threading.Lock()
+
+    def _pool(self):
+        with self._engine_lock:
+            if self._engine is None:
+                from .home import open_engine
+                self._engine = open_engine(self.token)
+            return self._engine
+
+    def warm(self) -> None:
+        """Start the worker processes now, so the first batch does not wait for them."""
+        self._pool().warm()
 
     def keys(self) -> list[KeyInfo]:
         return self.token.keys()
@@ -46,10 +64,16 @@ class EmbeddedClient:
         return self.token.now()
 
     def timed_sign(self, items: Sequence[tuple[str, bytes]]) -> list[SignResult]:
-        return self.token.timed_sign(items)
+        return self.token.timed_sign(items, run=self._pool().run)
 
     def close(self) -> None:
-        self.token.close()
+        with self._engine_lock:
+            engine, self._engine = self._engine, None
+        try:
+            if engine is not None:
+                engine.close()
+        finally:
+            self.token.close()
 
 
 class SocketClient:
@@ -100,10 +124,7 @@ class SocketClient:
                                  f"{f' ({why})' if why else ''}")
         resp = native.decode(body)
         if "error" in resp:
-            if resp["error"] == native.NOT_LOGGED_IN:
-                raise CryptobatError("not logged in: the daemon wants the signer PIN "
-                                     "($CRYPTOBAT_PIN, or signzone --pin-file)")
-            raise CryptobatError(resp["error"])
+            raise _error(resp)
         return resp
 
     def login(self, pin: str) -> None:
@@ -132,6 +153,20 @@ class SocketClient:
     def close(self) -> None:
         self._r.close()
         self.sock.close()
+
+
+_BY_CODE = {c.code: c for c in (errors.CryptobatError, errors.InvalidArgument, errors.Conflict, errors.NotFound,
+                                 errors.Refusal, errors.NotPermitted, errors.PinIncorrect, errors.PinLocked,
+                                 errors.LimitReached, errors.StoreError, errors.IntegrityError, errors.TokenBusy,
+                                 native.ProtocolError, native.NotLoggedIn)}
+
+
+def _error(resp: dict) -> CryptobatError:
+    """The exception of the class the daemon named in ``code`` (a daemon without codes: the base class)."""
+    cls = _BY_CODE.get(resp.get("code"), CryptobatError)
+    if cls is native.NotLoggedIn:
+        return cls("not logged in: the daemon wants the signer PIN ($CRYPTOBAT_PIN, or signzone --pin-file)")
+    return cls(str(resp["error"]))
 
 
 _REQUEST_BUDGET = native.MAX_FRAME - 4096  # room for the request's own JSON

@@ -18,11 +18,12 @@ from typing import Callable
 
 import segno
 
-from . import __version__, algorithms, keystore
-from .errors import ConfigurationDisabled, CryptobatError
+from . import __version__, algorithms, bindkey, keystore
+from .errors import (ConfigurationDisabled, CryptobatError, IntegrityError, InvalidArgument, LimitReached, NotFound,
+                     NotPermitted, PinIncorrect, Refusal)
 from .quorum import Approval
 from .timespec import parse_time
-from .token import Token, code_hash
+from .token import MAX_KEY_FILE, Token, code_hash
 
 HELP = """\
  version                      firmware version and code hash
@@ -88,11 +89,18 @@ def _open_qr_file(path: str):
     """The QR code file, opened before the officer is enrolled; PNG or SVG by its name."""
     kind = path.rsplit(".", 1)[-1].lower() if "." in path else ""
     if kind not in ("png", "svg"):
-        raise CryptobatError("the QR code file must end in .png or .svg")
+        raise InvalidArgument("the QR code file must end in .png or .svg")
     try:
         return open(path, "wb")
     except OSError as e:
         raise CryptobatError(f"cannot write the QR code to {path}: {e.strerror}") from None
+
+
+def failed(answer: str) -> bool:
+    """Whether a console answer relayed as text (the daemon's console socket) reports a failure:
+    the console protocol starts those, and only those, with ``fail:``; in process, use
+    :attr:`Console.error`."""
+    return answer.startswith("fail:")
 
 
 class _Usage(Exception):
@@ -107,7 +115,7 @@ def _want(args: list[str], n: int) -> list[str]:
 
 def _int(text: str, what: str) -> int:
     if not (text.isascii() and text.isdigit()) or len(text) > 12:
-        raise CryptobatError(f"{what} must be a number")
+        raise InvalidArgument(f"{what} must be a number")
     return int(text)
 
 
@@ -129,6 +137,7 @@ class Console:
         self._pending_prompt = ""
         self._lock = lock or contextlib.nullcontext()
         self.closed = False
+        self.error: CryptobatError | None = None  # why the last line failed, if it did
 
     @property
     def prompt(self) -> str:
@@ -149,10 +158,12 @@ class Console:
         self.closed = True
 
     def handle(self, line: str) -> str:
-        """Process one line; return the text to print (may be empty)."""
+        """Process one line; return the text to print (may be empty). :attr:`error` says
+        whether (and why) it failed, for callers that act on the outcome."""
+        self.error = None
         if len(line) > MAX_LINE:
             self._pending = None
-            return "fail: line too long\n"
+            return self._answer(LimitReached("line too long"))
         if self._pending is not None:
             then, self._pending = self._pending, None
             with self._lock:
@@ -160,13 +171,13 @@ class Console:
         try:
             words = shlex.split(line)
         except ValueError:
-            return "fail: unbalanced quotes\n"
+            return self._answer(InvalidArgument("unbalanced quotes"))
         if not words:
             return ""
         cmd, args = words[0].lower(), words[1:]
         fn = getattr(self, "do_" + cmd, None)
         if fn is None or not cmd.isascii():
-            return f"fail: unknown command {cmd[:32]!r} (try help)\n"
+            return self._answer(NotFound(f"unknown command {cmd[:32]!r} (try help)"))
         with self._lock:
             return self._run(lambda: fn(args), cmd)
 
@@ -178,13 +189,19 @@ class Console:
                     self.token.audit("command", command=cmd, session=self.session.id)
             return out
         except _Usage:
-            return f"fail: usage: {self._usage(cmd or '')}\n"
-        except ConfigurationDisabled as e:
-            return f" {e}\n"
+            return self._answer(InvalidArgument(f"usage: {self._usage(cmd or '')}"))
         except CryptobatError as e:
-            return f"fail: {e}\n"
+            return self._answer(e)
         except Exception as e:  # the console must keep serving whatever happens
-            return f"fail: internal error: {type(e).__name__}\n"
+            return self._answer(CryptobatError(f"internal error: {type(e).__name__}"))
+
+    def _answer(self, e: CryptobatError) -> str:
+        """The console's one translation of an error: the original's line for a missing quorum,
+        ``fail: <why>`` for anything else."""
+        self.error = e
+        if isinstance(e, ConfigurationDisabled):
+            return f" {e}\n"
+        return f"fail: {e}\n"
 
     @staticmethod
     def _usage(cmd: str) -> str:
@@ -214,10 +231,10 @@ class Console:
         try:
             out = run(by)
         except ConfigurationDisabled:
-            if not by.approvers or len(self.token.state["officers"]) < self.token.state["quorum"]:
+            if not by.approvers or not self.token.can_approve():
                 raise  # nobody here, or not enough officers enrolled to ever approve it
             op = self.token.hold(self.session, text, run)
-            m = self.token.state["quorum"]
+            m = self.token.quorum_size()
             return (f" Configuration disabled\n pending {op.id}: {text} ({len(op.approvals)} of {m} approvals);"
                     f" other officers may: approve {op.id}\n")
         self.session.refresh(by.names(), now)
@@ -230,7 +247,7 @@ class Console:
     def do_version(self, args: list[str]) -> str:
         up = int(self.token.uptime())
         return (f"Cryptobat firmware version {__version__}.{code_hash()} (c) Cryptobat "
-                f"rst:{self.token.custody.name}\nuptime:{up}s serial:{self.token.state['serial']}\n")
+                f"rst:{self.token.custody.name}\nuptime:{up}s serial:{self.token.serial()}\n")
 
     def do_date(self, args: list[str]) -> str:
         return format_date(self._now())
@@ -260,7 +277,7 @@ class Console:
                 if qr is not None:
                     qr.close()
 
-        if len(self.token.state["officers"]) < self.token.state["quorum"]:
+        if not self.token.can_approve():
             return run(Approval())
         return self._quorum(f"coadd {name}", run)
 
@@ -270,7 +287,7 @@ class Console:
 
     def do_cologin(self, args: list[str]) -> str:
         name, code = _want(args, 2)
-        if name in self.token.state["officers"] and self.token.has_passphrase(name):
+        if self.token.is_officer(name) and self.token.has_passphrase(name):
             return self._ask("Passphrase: ", lambda p: self._login(name, code, p))
         return self._login(name, code, None)
 
@@ -281,7 +298,7 @@ class Console:
     def do_copass(self, args: list[str]) -> str:
         name, = _want(args, 1)
         if name not in self.token.present(self.session):
-            raise CryptobatError(f"CO {name} must be logged in on this session to set a passphrase")
+            raise NotPermitted(f"CO {name} must be logged in on this session to set a passphrase")
 
         def new(old: str | None) -> str:
             return self._ask("New passphrase: ", lambda p1: self._ask("Repeat passphrase: ",
@@ -289,7 +306,7 @@ class Console:
 
         def second(old: str | None, p1: str, p2: str) -> str:
             if p1 != p2:
-                return "fail: passphrases differ\n"
+                raise InvalidArgument("passphrases differ")
             self.token.copass(name, old, p1, self.session)
             return f" Passphrase set for CO {name}\n"
 
@@ -302,7 +319,7 @@ class Console:
         return ""
 
     def do_pending(self, args: list[str]) -> str:
-        now, m = self._now(), self.token.state["quorum"]
+        now, m = self._now(), self.token.quorum_size()
         return "".join(f" {op.id}  {op.text}  ({len(op.approvals)} of {m}: "
                        f"{', '.join(f'{n}@{s}' for n, s in sorted(op.approvals.items()))})  "
                        f"expires in {op.expires - now} s\n" for op in self.token.pending())
@@ -311,7 +328,7 @@ class Console:
         i, = _want(args, 1)
         op, out = self.token.approve(self.session, _int(i, "ID"))
         if out is None:
-            return (f" Approved {op.id}: {op.text} ({len(op.approvals)} of {self.token.state['quorum']} "
+            return (f" Approved {op.id}: {op.text} ({len(op.approvals)} of {self.token.quorum_size()} "
                     f"approvals)\n")
         return f" Approved {op.id}: {op.text}; running it\n{out}"
 
@@ -422,7 +439,9 @@ class Console:
         role = keystore.parse_role(args[0])
 
         def run(by: Approval) -> str:
-            info = self.token.keyimport(role, args[1], args[2], args[3] if len(args) == 4 else None, by)
+            self.token.require(by, "keyimport")  # the quorum before the file is even opened
+            text = bindkey.read_file(args[2], MAX_KEY_FILE)
+            info = self.token.keyimport(role, args[1], text, args[3] if len(args) == 4 else None, by)
             return (f"ok: key imported label={info.label} zone={info.zone} algorithm={info.algorithm} "
                     f"role={role} tag={info.keytag}\n")
 
@@ -445,7 +464,7 @@ class Console:
     def do_signerlogin(self, args: list[str]) -> str:
         def check(pin: str) -> str:
             if not self.token.check_pin(pin, source=self.session.id):
-                return "fail: PIN incorrect\n"
+                raise PinIncorrect("PIN incorrect")
             self.session.signer = True
             return "ok: signer logged in\n"
         return self._ask("PIN: ", check)
@@ -453,7 +472,7 @@ class Console:
     def do_tpmloadkey(self, args: list[str]) -> str:
         label, = _want(args, 1)
         if not self.session.signer:
-            raise CryptobatError("signing needs the signer PIN on this session: signerlogin")
+            raise NotPermitted("signing needs the signer PIN on this session: signerlogin")
         self.token.key(label)
         handle = secrets.token_hex(4).upper()
         self.handles[handle] = label
@@ -462,26 +481,26 @@ class Console:
     def do_tpmtimedsign(self, args: list[str]) -> str:
         handle, hexdata = _want(args, 2)
         if not self.session.signer:
-            raise CryptobatError("signing needs the signer PIN on this session: signerlogin")
+            raise NotPermitted("signing needs the signer PIN on this session: signerlogin")
         label = self.handles.get(handle.upper())
         if label is None:
-            return f"fail: no key loaded with handle {handle}\n"
+            raise NotFound(f"no key loaded with handle {handle}")
         try:
             data = bytes.fromhex(hexdata)
         except ValueError:
-            return "fail: signing data is not hex\n"
+            raise InvalidArgument("signing data is not hex") from None
         result, limit = self.token.timed_sign_verbose(label, data)
         out = ""
         if len(data) >= 18:  # echo the header fields the policy looked at, as the original did
             out = f" checking expiration time {int.from_bytes(data[8:12], 'big')} < {limit} and algorithm {data[2]}\n"
         if not result.ok:
-            return out + f"fail: {result.reason}\n"
+            return out + self._answer(Refusal(f"{result.reason}"))
         return out + f" computing hash of {len(data)} bytes:\nok: signature\n{hexdump(result.signature)}DONE\n"
 
     def do_tpmflush(self, args: list[str]) -> str:
         handle, = _want(args, 1)
         if self.handles.pop(handle.upper(), None) is None:
-            return f"fail: no key loaded with handle {handle}\n"
+            raise NotFound(f"no key loaded with handle {handle}")
         return "ok: flushed\n"
 
     def do_tpmreset(self, args: list[str]) -> str:
@@ -491,7 +510,9 @@ class Console:
     def do_audit(self, args: list[str]) -> str:
         if args == ["verify"]:
             n, problem = self.token.audit_verify()
-            return f"fail: audit log: {problem}\n" if problem else f"ok: audit log verified, {n} entries\n"
+            if problem:
+                raise IntegrityError(f"audit log: {problem}")
+            return f"ok: audit log verified, {n} entries\n"
         n = _int(args[0], "N") if args else 20
         return "".join(e + "\n" for e in self.token.audit_tail(n))
 

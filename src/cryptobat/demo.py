@@ -19,6 +19,7 @@ import pyotp
 
 from . import keyfiles
 from .console import Console
+from .home import init_token
 from .token import Token
 
 ZONE = """\
@@ -55,7 +56,7 @@ def run(keep: str | None = None, out=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     home = work / "token"
     out.write(f"# A throwaway token in {home} (quorum 2, as the original device)\n")
-    token = Token.init(home, quorum=2)
+    token = init_token(home, quorum=2)
     try:
         s = _Session(Console(token), out)
         s("version")

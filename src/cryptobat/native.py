@@ -8,8 +8,9 @@ succeeds on the connection (or the token lists the peer's uid/gid as a signer),
 ``keys`` and ``sign`` answer ``{"error": "not logged in"}``. ``sign`` takes
 ``items``, a list of at most :data:`MAX_ITEMS` ``[label, base64 signing data]``,
 and answers ``results``, one ``[base64 signature or null, reason or null]`` per
-item, in order. Errors are ``{"error": "one line"}``. Pure encode/decode;
-sockets live in the adapters.
+item, in order. Errors are ``{"error": "one line", "code": "word"}``: ``code`` is
+the :class:`cryptobat.errors.CryptobatError` class's ``code``, so a client decides
+by it, never by the text. Pure encode/decode; sockets live in the adapters.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import json
 import struct
 
 from .api import KeyInfo, SignResult
-from .errors import CryptobatError
+from .errors import CryptobatError, InvalidArgument, LimitReached, NotPermitted
 
 MAX_FRAME = 32 << 20  # signzone's 8192-RRset batches are a few MiB; clients split larger ones
 MAX_ITEMS = 32768  # per sign request: its answer (a signature per item) stays under MAX_FRAME too
@@ -27,8 +28,25 @@ PIN_INCORRECT = "PIN incorrect"
 _LEN = struct.Struct("!I")
 
 
-class ProtocolError(CryptobatError):
-    pass
+class ProtocolError(InvalidArgument):
+    """A frame or request that is not this API's."""
+
+    code = "protocol"
+
+
+class FrameTooLarge(ProtocolError, LimitReached):
+    """A frame over a size limit: the rest of the stream cannot be trusted, the connection ends."""
+
+    code = "limit"
+
+
+class NotLoggedIn(NotPermitted):
+    code = "not-logged-in"
+
+
+def error_response(e: CryptobatError) -> dict:
+    """The answer for a refused request: its one line, and its code for programs."""
+    return {"error": str(e), "code": e.code}
 
 
 def encode(obj: dict) -> bytes:
@@ -39,7 +57,7 @@ def encode(obj: dict) -> bytes:
 def frame_length(header: bytes) -> int:
     (n,) = _LEN.unpack(header)
     if n > MAX_FRAME:
-        raise ProtocolError(f"frame of {n} bytes is over the {MAX_FRAME} byte limit")
+        raise FrameTooLarge(f"frame of {n} bytes is over the {MAX_FRAME} byte limit")
     return n
 
 

@@ -12,9 +12,11 @@ import hashlib
 import hmac
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyotp
+
+from .state import Officer, Secret
 
 STEP = 30
 DIGITS = 6
@@ -56,16 +58,16 @@ def _derive(passphrase: str, salt: bytes, pepper: bytes | None) -> str:
     return (hmac.new(pepper, h, hashlib.sha256).digest() if pepper is not None else h).hex()
 
 
-def hash_passphrase(passphrase: str, pepper: bytes | None = None) -> dict:
+def hash_passphrase(passphrase: str, pepper: bytes | None = None) -> Secret:
     """scrypt, then keyed with ``pepper`` (a key the custody holds): a copy of the store alone
     does not let anyone try 6-digit PINs or passphrases offline."""
     salt = os.urandom(16)
-    return {"salt": salt.hex(), "hash": _derive(passphrase, salt, pepper), "keyed": pepper is not None}
+    return Secret(salt.hex(), _derive(passphrase, salt, pepper), pepper is not None)
 
 
-def check_passphrase(record: dict, passphrase: str, pepper: bytes | None = None) -> bool:
-    h = _derive(passphrase, bytes.fromhex(record["salt"]), pepper if record.get("keyed") else None)
-    return hmac.compare_digest(h, record["hash"])
+def check_passphrase(record: Secret, passphrase: str, pepper: bytes | None = None) -> bool:
+    h = _derive(passphrase, bytes.fromhex(record.salt), pepper if record.keyed else None)
+    return hmac.compare_digest(h, record.hash)
 
 
 @dataclass
@@ -74,21 +76,19 @@ class LoginOutcome:
     why: str  # for the audit log only; the console answers just Ok / Failed
 
 
-def login(officer: dict, secret: str, code: str, passphrase: str | None, now: int,
-          remote: bool = False, pepper: bytes | None = None) -> LoginOutcome:
-    """Check both factors and update ``officer`` (a state record) in place.
+def login(officer: Officer, secret: str, code: str, passphrase: str | None, now: int,
+          remote: bool = False, pepper: bytes | None = None) -> tuple[Officer, LoginOutcome]:
+    """Check both factors; return the officer's record as it is after this attempt, and the outcome.
 
     Failures count separately for remote sessions (the console socket) and for the
     token's own terminals (local, pty, serial): whoever reaches the socket can lock an
     officer out of the socket, never out of the console at the token itself.
     """
     fails, until = ("remote_failures", "remote_locked_until") if remote else ("failures", "locked_until")
-    if officer.get(until, 0) > now:
-        return LoginOutcome(False, "locked out")
+    if getattr(officer, until) > now:
+        return officer, LoginOutcome(False, "locked out")
     step = match_step(secret, code, now)
-    used = officer.get("used_steps")
-    if used is None:  # records from before used_steps kept only the last one
-        used = [officer["last_step"]] if officer.get("last_step", -1) >= 0 else []
+    used = officer.used_steps
     if step is None:
         why = "bad code"
     elif step in used:
@@ -97,17 +97,14 @@ def login(officer: dict, secret: str, code: str, passphrase: str | None, now: in
         # a code counts once, whatever the passphrase. The steps used are remembered as a set,
         # not as a high-water mark, so a clock corrected backwards does not refuse every code
         # until it catches up; a code is valid only within a step of now anyway.
-        officer["used_steps"] = (used + [step])[-USED_STEPS:]
-        officer.pop("last_step", None)
-        if officer.get("passphrase") and (passphrase is None
-                                          or not check_passphrase(officer["passphrase"], passphrase, pepper)):
+        officer = replace(officer, used_steps=(*used, step)[-USED_STEPS:])
+        if officer.passphrase and (passphrase is None
+                                   or not check_passphrase(officer.passphrase, passphrase, pepper)):
             why = "bad passphrase"
         else:
-            officer[fails] = 0
-            return LoginOutcome(True, "ok")
-    officer[fails] = officer.get(fails, 0) + 1
-    if officer[fails] >= MAX_FAILURES:
-        officer[until] = now + LOCKOUT
-        officer[fails] = 0
+            return replace(officer, **{fails: 0}), LoginOutcome(True, "ok")
+    n = getattr(officer, fails) + 1
+    if n >= MAX_FAILURES:
         why += f"; locked out for {LOCKOUT} s"
-    return LoginOutcome(False, why)
+        return replace(officer, **{fails: 0, until: now + LOCKOUT}), LoginOutcome(False, why)
+    return replace(officer, **{fails: n}), LoginOutcome(False, why)

@@ -191,8 +191,8 @@ def serve_stdio(home: Path) -> int:
     sock = home / "pkcs11.sock"
     if serving(sock):
         return _relay(sock)
-    from .token import Token
-    token = Token(home)
+    from .home import open_token
+    token = open_token(home)
     try:
         _serve_stdio(ServiceBackend(Service(token)))
     finally:

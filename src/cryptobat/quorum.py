@@ -20,7 +20,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import ConfigurationDisabled, CryptobatError
+from .errors import ConfigurationDisabled, Conflict, LimitReached, NotFound, NotPermitted
 
 IDLE_TIMEOUT = 600
 PENDING_WINDOW = 600  # seconds an operation waits for its approvals
@@ -141,9 +141,9 @@ class Quorum:
     def hold(self, session: Session, text: str, run: Callable[[Approval], str], now: int) -> PendingOperation:
         here = session.present(now)
         if not here:
-            raise CryptobatError("no officer logged in on this session")
+            raise NotPermitted("no officer logged in on this session")
         if len(self.pending(now)) >= MAX_PENDING:
-            raise CryptobatError(f"{MAX_PENDING} operations are already pending")
+            raise LimitReached(f"{MAX_PENDING} operations are already pending")
         op = PendingOperation(next(self._op_ids), text, session.id, now + PENDING_WINDOW, run,
                               {n: session.id for n in sorted(here)})
         self._pending[op.id] = op
@@ -152,7 +152,7 @@ class Quorum:
     def get(self, op_id: int, now: int) -> PendingOperation:
         op = next((o for o in self.pending(now) if o.id == op_id), None)
         if op is None:
-            raise CryptobatError(f"no pending operation {op_id}")
+            raise NotFound(f"no pending operation {op_id}")
         return op
 
     def approve(self, session: Session, op_id: int, now: int) -> tuple[PendingOperation, list[str]]:
@@ -163,7 +163,7 @@ class Quorum:
             raise ConfigurationDisabled()
         new = sorted(here - set(op.approvals))
         if not new:
-            raise CryptobatError(f"operation {op_id} is already approved by {', '.join(sorted(here))}")
+            raise Conflict(f"operation {op_id} is already approved by {', '.join(sorted(here))}")
         for n in new:
             op.approvals[n] = session.id
         session.refresh(set(new), now)

@@ -52,7 +52,9 @@ from typing import Callable, Sequence, TextIO
 from . import __version__, native, peers
 from .api import SignResult
 from .console import Console
-from .errors import CryptobatError, TokenBusy
+from .errors import CryptobatError, LimitReached, PinIncorrect, TokenBusy
+from .home import open_engine, open_token
+from .signing import Engine
 from .token import Token, code_hash
 
 MAX_LINE = 64 << 10  # bytes in one console line, without its end
@@ -79,6 +81,22 @@ class Service:
         self.token = token
         self.lock = threading.RLock()
         self.pin_lock = threading.Lock()
+        self._engine: Engine | None = None  # the signing worker processes, started with the first batch
+
+    def engine(self) -> Engine:
+        """The daemon's worker pool for large batches; called with ``self.lock`` held."""
+        if self._engine is None:
+            self._engine = open_engine(self.token)
+        return self._engine
+
+    def close(self) -> None:
+        """Stop the worker processes, then close the token (its store lock is free after this)."""
+        engine, self._engine = self._engine, None
+        try:
+            if engine is not None:
+                engine.close()
+        finally:
+            self.token.close()
 
     def console(self, transport: str) -> Console:
         """A console session on this token; it takes ``self.lock`` itself, around each command."""
@@ -102,7 +120,8 @@ class Service:
     def timed_sign(self, items: Sequence[tuple[str, bytes]]) -> list[SignResult]:
         with self.lock:
             job = self.token.sign_job(items)
-        results = self.token.engine.run(job)
+            engine = self.engine()
+        results = engine.run(job)
         with self.lock:
             self.token.account(results)
         return results
@@ -381,7 +400,7 @@ class NativeHandler(socketserver.BaseRequestHandler):
     """
 
     service: Service
-    busy_reply = native.encode({"error": "too many connections"})
+    busy_reply = native.encode(native.error_response(LimitReached("too many connections")))
 
     def setup(self) -> None:
         self.logged_in = False
@@ -406,10 +425,11 @@ class NativeHandler(socketserver.BaseRequestHandler):
             try:
                 n = native.frame_length(bytes(self.buf[:4]))
             except native.ProtocolError as e:
-                self._send({"error": str(e)})
+                self._send(native.error_response(e))
                 return
             if n > PRELOGIN_FRAME and not self.authenticated():
-                self._send({"error": f"frame of {n} bytes is over the {PRELOGIN_FRAME} byte limit before login"})
+                self._send(native.error_response(native.FrameTooLarge(
+                    f"frame of {n} bytes is over the {PRELOGIN_FRAME} byte limit before login")))
                 return
             if not self._fill(4 + n):
                 return
@@ -418,14 +438,14 @@ class NativeHandler(socketserver.BaseRequestHandler):
             try:
                 resp = self.dispatch(native.decode(body))
             except native.ProtocolError as e:
-                self._send({"error": str(e)})
-                if "limit" in str(e):
+                self._send(native.error_response(e))
+                if isinstance(e, LimitReached):
                     return
                 continue
             except CryptobatError as e:
-                resp = {"error": str(e)}
+                resp = native.error_response(e)
             except Exception as e:  # keep serving everyone else
-                resp = {"error": f"internal error: {type(e).__name__}"}
+                resp = native.error_response(CryptobatError(f"internal error: {type(e).__name__}"))
             self._send(resp)
             self._idle_since = self._started = time.monotonic()
 
@@ -479,7 +499,7 @@ class NativeHandler(socketserver.BaseRequestHandler):
             pin = native.parse_pin(req)
             self.logged_in = False
             if not svc.check_pin(pin, "native"):
-                return {"error": native.PIN_INCORRECT}
+                raise PinIncorrect(native.PIN_INCORRECT)
             self.logged_in = True
             return {"ok": True}
         if op == "time":
@@ -490,10 +510,10 @@ class NativeHandler(socketserver.BaseRequestHandler):
             return native.keys_response(svc.call(svc.token.keys))
         if op == "sign":
             if not self.authenticated():
-                return {"error": native.NOT_LOGGED_IN}
+                raise native.NotLoggedIn(native.NOT_LOGGED_IN)
             items = native.parse_sign_items(req)
             if self._peer_gone():  # nobody would read the answer: sign nothing for it
-                return {"error": "client closed the connection"}
+                raise CryptobatError("client closed the connection")
             return native.sign_response(svc.timed_sign(items))
         raise native.ProtocolError(f"unknown op {str(op)[:32]!r}")
 
@@ -662,7 +682,7 @@ def _open_token(home: Path, wait: float = 0.0) -> Token:
     deadline = time.monotonic() + wait
     while True:
         try:
-            return Token(home)
+            return open_token(home)
         except TokenBusy:
             if time.monotonic() >= deadline:
                 raise
@@ -998,7 +1018,7 @@ class Daemon:
             token = self.service.token
             try:
                 token.audit("stop")
-                token.close()
+                self.service.close()
             except Exception as e:  # a token a failed restart could not reopen is closed already
                 print(f"cryptobat serve: closing the token: {type(e).__name__}: {e}", file=sys.stderr)
 
@@ -1025,7 +1045,7 @@ class Daemon:
                 token.audit("restart", pid=os.getpid(), pkcs11=n11, native=len(state["native"]["connections"]))
             except CryptobatError:
                 pass
-            token.close()  # the store lock is free: the check, then the new code, take the token
+            self.service.close()  # the store lock is free: the check, then the new code, take the token
         try:
             self._finish_check(check, state)
             self._exec(state, requester)

@@ -1,7 +1,7 @@
 """Timed signing: run the policy check, then sign, for a batch of payloads.
 
 The same :func:`run` serves the token in-process and its worker processes
-(the token spreads large batches over every core); either way each payload
+(an adapter's Engine spreads large batches over every core); either way each payload
 passes :func:`cryptobat.policy.check` before its key signs it.
 
 Worker processes hold unsealed keys, so they live no longer than they must:
@@ -412,8 +412,9 @@ class _Keeper:
 class Engine:
     """Signs batches, in-process for small ones and across worker processes for large ones."""
 
-    def __init__(self, custody: Custody, custody_factory, home: Path, workers: int | None = None) -> None:
-        self.cache = KeyCache(custody)
+    def __init__(self, custody: Custody, custody_factory, home: Path, workers: int | None = None,
+                 cache: KeyCache | None = None) -> None:
+        self.cache = cache if cache is not None else KeyCache(custody)  # a token's own: keys unsealed once
         self._factory = custody_factory
         self._home = str(home)
         self.workers = (os.cpu_count() or 1) if workers is None else workers

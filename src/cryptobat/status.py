@@ -13,40 +13,40 @@ def _ago(now: int, t: int) -> str:
 
 
 def render(token: Token, session: Session | None = None) -> str:
-    s = token.state
+    s = token.snapshot()
     now = token.now()
     here = token.present(session)
-    mv = s["max_validity"]
+    mv = s.max_validity
     rows = [
-        ("token", f"{token.info()['label']}  serial {s['serial']}  custody {token.custody.name}"),
+        ("token", f"{token.info()['label']}  serial {s.serial}  custody {token.custody.name}"),
         ("home", str(token.home)),
         ("clock", f"{_ago(now, now)} ({now})" + ("  TAMPER: signing refused until settime" if token.policy().clock_tampered else "  trusted")),
-        ("quorum", f"{s['quorum']} of {len(s['officers'])} officers, {len(here)} present"),
+        ("quorum", f"{s.quorum} of {len(s.officers)} officers, {len(here)} present"),
         ("policy", f"max validity +{mv} s" if mv else "no max validity set: signing disabled"),
-        ("signer PIN", ("set" if s["pin"] else "not set") + (
+        ("signer PIN", ("set" if s.pin else "not set") + (
             "  LOCKED after wrong PINs: a quorum must setpin" if token.pin_locked() else
-            f"  {s['pin_failures']} wrong in a row" if s["pin_failures"] else "")),
-        ("clock gap", f"{s['clock']['max_gap']} s allowed across a restart"),
+            f"  {s.pin_failures} wrong in a row" if s.pin_failures else "")),
+        ("clock gap", f"{s.clock.max_gap} s allowed across a restart"),
     ]
     pend = token.pending()
     if pend:
         rows.append(("pending", ", ".join(f"{op.id}: {op.text}" for op in pend)))
-    if s["signer_peers"]:
-        rows.append(("signer peers", " ".join(s["signer_peers"])))
+    if s.signer_peers:
+        rows.append(("signer peers", " ".join(s.signer_peers)))
     c = token.counters()
     rows.append(("counters", f"signatures {c['signatures']}  refusals {c['refusals']}  "
                              f"compat {c['compat_signatures']}  logins {c['logins']}  failed logins {c['login_failures']}"))
-    if s["p11_window_until"] > now:
-        rows.append(("pkcs11", f"key management window open for {s['p11_window_until'] - now} s"))
+    if s.p11_window_until > now:
+        rows.append(("pkcs11", f"key management window open for {s.p11_window_until - now} s"))
     width = max(len(k) for k, _ in rows)
     out = [f"{k:<{width}}  {v}" for k, v in rows]
     out.append("")
     out.append(f"{'officer':<16} {'present':<8} {'factors':<20} state")
-    for name, o in s["officers"].items():
-        factors = "TOTP + passphrase" if o["passphrase"] else "TOTP only"
-        state = "; ".join(f"{where} locked until {_ago(now, o.get(k, 0))}"
-                          for where, k in (("console", "locked_until"), ("remote", "remote_locked_until"))
-                          if o.get(k, 0) > now) or "ok"
+    for name, o in s.officers.items():
+        factors = "TOTP + passphrase" if o.passphrase else "TOTP only"
+        state = "; ".join(f"{where} locked until {_ago(now, until)}"
+                          for where, until in (("console", o.locked_until), ("remote", o.remote_locked_until))
+                          if until > now) or "ok"
         out.append(f"{name:<16} {'yes' if name in here else 'no':<8} {factors:<20} {state}")
     out.append("")
     out.append(f"{'key':<28} {'zone':<20} {'alg':<18} {'role':<5} {'tag':>5}  mode")

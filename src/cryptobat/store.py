@@ -15,6 +15,7 @@ a store whose audit head is behind its marker is refused.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import hmac
@@ -22,16 +23,86 @@ import json
 import os
 import sqlite3
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
+from .api import KeyInfo
 from .audit import GENESIS, Head
-from .errors import CryptobatError, IntegrityError, TokenBusy
+from .clock import DEFAULT_GAP
+from .errors import IntegrityError, NotFound, StoreError, TokenBusy
+from .state import AuditHead, ClockRecord, Counters, KeyRecord, Officer, Secret, TokenState, frozen
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 1), doc TEXT NOT NULL, mac TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, entry TEXT NOT NULL, hash TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS keycheck (id INTEGER PRIMARY KEY CHECK (id = 1), kcv TEXT NOT NULL);
 """
+def upgrade(state: dict) -> dict:
+    """Fields added since a store was created, with their defaults."""
+    state["clock"].setdefault("max_gap", DEFAULT_GAP)
+    state.setdefault("pin_failures", 0)
+    state.setdefault("allowed_keys", {})  # zone -> [DNSKEY RDATA hex] a quorum allowed (keyallow)
+    state.setdefault("cds_delete", {})  # zone -> token time until which an RFC 8078 delete may be signed
+    state.setdefault("signer_peers", [])  # "uid:N" / "gid:N" allowed on the signer sockets without a PIN
+    state.setdefault("audit_checked", dict(state["audit"]) if state["audit"]["seq"] == 0 else
+                     {"seq": 0, "hash": Head().hash})
+    for o in state["officers"].values():
+        if "used_steps" not in o:  # records from before used_steps kept only the last one
+            last = o.get("last_step", -1)
+            o["used_steps"] = [last] if last >= 0 else []
+        o.pop("last_step", None)
+    return state
+
+
+def _secret(d: dict | None) -> Secret | None:
+    return None if d is None else Secret(d["salt"], d["hash"], bool(d.get("keyed", False)))
+
+
+def _officer(d: dict) -> Officer:
+    return Officer(secret=d["secret"], passphrase=_secret(d.get("passphrase")),
+                   used_steps=tuple(d["used_steps"]), failures=d.get("failures", 0),
+                   locked_until=d.get("locked_until", 0), remote_failures=d.get("remote_failures", 0),
+                   remote_locked_until=d.get("remote_locked_until", 0), enrolled=d.get("enrolled", 0))
+
+
+def _key(d: dict) -> KeyRecord:
+    return KeyRecord(KeyInfo.from_json({k: v for k, v in d.items() if k not in ("blob", "created")}),
+                     d["blob"], d["created"])
+
+
+def from_json(d: dict) -> TokenState:
+    """The typed state of a stored document (upgraded to the current schema first)."""
+    d = upgrade(d)
+    return TokenState(
+        version=d["version"], serial=d["serial"], created=d["created"], quorum=d["quorum"],
+        max_validity=d["max_validity"], pin=_secret(d["pin"]), pin_failures=d["pin_failures"],
+        clock=ClockRecord(**{k: d["clock"][k] for k in ("offset", "hwm", "tampered", "tolerance", "max_gap")}),
+        idle_timeout=d["idle_timeout"],
+        officers=frozen({n: _officer(o) for n, o in d["officers"].items()}),
+        keys=frozen({label: _key(k) for label, k in d["keys"].items()}),
+        allowed_keys=frozen({z: tuple(w) for z, w in d["allowed_keys"].items()}),
+        cds_delete=frozen(d["cds_delete"]), signer_peers=tuple(d["signer_peers"]),
+        p11_window_until=d["p11_window_until"], p11_window_zone=d["p11_window_zone"],
+        counters=Counters(**d["counters"]), audit=AuditHead(**d["audit"]),
+        audit_checked=AuditHead(**d["audit_checked"]))
+
+
+def _plain(value):
+    """Records as the stored JSON has them: dicts and lists."""
+    if isinstance(value, KeyRecord):
+        return {**value.info.to_json(), "blob": value.blob, "created": value.created}
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def to_json(state: TokenState) -> dict:
+    return _plain(state)
+
+
 FILES = ("state.db", "state.db-wal", "state.db-shm", "lock", "master.key", "commit")
 _MARKER = "commit"  # the last acknowledged audit head, MAC'd: a store that lost commits is refused
 
@@ -44,7 +115,7 @@ class Store:
         path = self.home / "state.db"
         if not create and not path.exists():
             os.close(self._lock)
-            raise CryptobatError(f"no token at {self.home}: {path} is missing (run: cryptobat init, "
+            raise NotFound(f"no token at {self.home}: {path} is missing (run: cryptobat init, "
                                  f"or restore the token's files)")
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -92,7 +163,7 @@ class Store:
             os.pwrite(self._marker, data.ljust(160), 0)
             os.fsync(self._marker)
         except OSError as e:
-            raise CryptobatError(f"cannot record the commit in {self.home / _MARKER}: {e.strerror}") from None
+            raise StoreError(f"cannot record the commit in {self.home / _MARKER}: {e.strerror}") from None
 
     def check_marker(self, head: Head, accept_loss: bool = False) -> tuple[int, int] | None:
         """Refuse a store whose audit head is behind the last acknowledged one.
@@ -129,7 +200,7 @@ class Store:
         try:
             fd = os.open(self.home / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as e:
-            raise CryptobatError(f"cannot open {self.home / 'lock'}: {e.strerror}") from None
+            raise StoreError(f"cannot open {self.home / 'lock'}: {e.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -143,7 +214,7 @@ class Store:
     def _mac(self, doc: str) -> str:
         return hmac.new(self._mac_key, doc.encode(), hashlib.sha256).hexdigest()
 
-    def load(self) -> dict | None:
+    def load(self) -> TokenState | None:
         """Return the verified state, or None for a new store."""
         path = self.home / "state.db"
         try:
@@ -163,11 +234,11 @@ class Store:
         head = Head(**state["audit"])
         if (tuple(last) if last else (0, GENESIS)) != (head.seq, head.hash):
             raise IntegrityError("audit log does not match the state (entries edited or deleted)")
-        return state
+        return from_json(state)
 
-    def commit(self, state: dict, entries: list[tuple[int, str, str]]) -> None:
+    def commit(self, state: TokenState, entries: list[tuple[int, str, str]]) -> None:
         """Write ``state`` and append audit ``entries`` atomically."""
-        doc = json.dumps(state, sort_keys=True, separators=(",", ":"))
+        doc = json.dumps(to_json(state), sort_keys=True, separators=(",", ":"))
         mac = self._mac(doc)
         db = self.db
         try:
@@ -181,7 +252,7 @@ class Store:
                     db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:  # disk full, I/O error: nothing was changed
-            raise CryptobatError(f"state store write failed ({e}); nothing changed") from None
+            raise StoreError(f"state store write failed ({e}); nothing changed") from None
 
     def audit_rows(self, since: int = 0) -> Iterator[tuple[int, str, str]]:
         try:

@@ -1,20 +1,21 @@
 """The token: officers, quorum, policy, keys, clock and audit as plain objects.
 
-No sockets, threads or terminals live here; the console, the native socket
-and PKCS#11 are adapters that call these methods. Every state change goes
-through :meth:`Token._change`, which copies the state, applies the change,
-appends its audit entry and commits both atomically; a refused or failed
-change leaves the state as it was.
+No sockets, threads, terminals or worker processes live here, and no files are
+opened: :mod:`cryptobat.home` opens the store and custody a token is given, and
+the console, the native socket and PKCS#11 are adapters that call these methods.
+Every state change goes through :meth:`Token._change`, which builds the next
+frozen :class:`cryptobat.state.TokenState`, appends its audit entry and commits
+both atomically; a refused or failed change leaves the state as it was.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import hashlib
 import hmac
 import os
-import stat
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,10 +26,13 @@ from . import keystore, officers, policy
 from .api import KeyInfo, SignResult
 from .audit import Chain, Head
 from .clock import DEFAULT_GAP, DEFAULT_TOLERANCE, TrustedClock, _boottime
-from .custody import Custody, SoftwareCustody
-from .errors import ConfigurationDisabled, CryptobatError, IntegrityError
+from .custody import Custody
+from .errors import (ConfigurationDisabled, Conflict, CryptobatError, InvalidArgument, NotFound, NotPermitted,
+                     PinIncorrect, StoreError)
 from .quorum import IDLE_TIMEOUT, Approval, PendingOperation, Quorum, Session
-from .signing import Engine, Job, SignKey, sign_one
+from . import signing
+from .signing import Job, KeyCache, SignKey, sign_one
+from .state import AuditHead, ClockRecord, KeyRecord, Officer, TokenState, with_item, without
 from .store import Store
 
 MANUFACTURER = "Cryptobat"
@@ -49,139 +53,60 @@ def _no_pending() -> dict:
             "pin_refused": 0}
 
 
-def _new_state(quorum: int, now: int) -> dict:
-    return _upgrade({
-        "version": 1,
-        "serial": os.urandom(8).hex().upper(),
-        "created": now,
-        "quorum": quorum,
-        "max_validity": None,
-        "pin": None,
-        "clock": {"offset": 0, "hwm": now, "tampered": False, "tolerance": DEFAULT_TOLERANCE},
-        "idle_timeout": IDLE_TIMEOUT,
-        "officers": {},
-        "keys": {},
-        "p11_window_until": 0,
-        "p11_window_zone": ".",
-        "counters": {"signatures": 0, "refusals": 0, "compat_signatures": 0, "logins": 0, "login_failures": 0},
-        "audit": {"seq": 0, "hash": Head().hash},
-    })
-
-
-def _upgrade(state: dict) -> dict:
-    """Fields added since a store was created, with their defaults."""
-    state["clock"].setdefault("max_gap", DEFAULT_GAP)
-    state.setdefault("pin_failures", 0)
-    state.setdefault("allowed_keys", {})  # zone -> [DNSKEY RDATA hex] a quorum allowed (keyallow)
-    state.setdefault("cds_delete", {})  # zone -> token time until which an RFC 8078 delete may be signed
-    state.setdefault("signer_peers", [])  # "uid:N" / "gid:N" allowed on the signer sockets without a PIN
-    state.setdefault("audit_checked", dict(state["audit"]) if state["audit"]["seq"] == 0 else
-                     {"seq": 0, "hash": Head().hash})
-    return state
-
-
-def _private_home(home: Path, create: bool) -> None:
-    """Home 0700 and every file in it 0600, whatever the umask or an existing directory's mode."""
-    if create:
-        home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        st = home.stat()
-    except FileNotFoundError:
-        raise CryptobatError(f"no token at {home} (run: cryptobat init)") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise CryptobatError(f"{home} is not a directory")
-    if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(home, 0o700)
+def new_state(quorum: int, now: int) -> TokenState:
+    """The state of a token just made: no officers, no keys, token time = system time."""
+    return TokenState(serial=os.urandom(8).hex().upper(), created=now, quorum=quorum,
+                      clock=ClockRecord(offset=0, hwm=now, tampered=False, tolerance=DEFAULT_TOLERANCE,
+                                        max_gap=DEFAULT_GAP),
+                      idle_timeout=IDLE_TIMEOUT)
 
 
 class Token:
-    def __init__(self, home: Path | str, custody_factory: Callable[..., Custody] = SoftwareCustody,
-                 *, wall: Callable[[], float] = time.time, mono: Callable[[], float] = _boottime,
-                 workers: int | None = None, check_audit: bool = True, accept_lost_changes: bool = False,
-                 _create_quorum: int | None = None) -> None:
-        self.home = Path(home)
-        create = _create_quorum is not None
-        lost = None
-        if create and (self.home / "state.db").exists():
-            raise CryptobatError(f"a token already exists at {self.home}")
-        _private_home(self.home, create)
-        old_umask = os.umask(0o077)
-        try:
-            self.custody = custody_factory(self.home, create=True) if create else custody_factory(self.home)
-            self.store = Store(self.home, self.custody.mac_key(), create=create)
-        finally:
-            os.umask(old_umask)
-        try:
-            state = self.store.load()
-            if state is None:
-                if not create:
-                    raise CryptobatError(f"no token at {self.home} (run: cryptobat init)")
-                state = _new_state(_create_quorum, int(wall()))
-            elif create:
-                raise CryptobatError(f"a token already exists at {self.home}")
-            else:
-                state = _upgrade(state)
-                lost = self.store.check_marker(Head(**state["audit"]), accept_lost_changes)
-                if check_audit:
-                    self._verify_audit_since(state)
-        except BaseException:
-            self.store.close()
-            raise
+    """The token's decisions over an opened store and custody (see :mod:`cryptobat.home` to open one).
+
+    Signing runs in this process unless the caller passes another ``run`` (an adapter's
+    :class:`cryptobat.signing.Engine`), so a token starts no processes of its own.
+    """
+
+    def __init__(self, store: Store, custody: Custody, state: TokenState, *,
+                 wall: Callable[[], float] = time.time, mono: Callable[[], float] = _boottime) -> None:
+        self.store = store
+        self.custody = custody
+        self.home = store.home
         self.state = state
         self.generation = 0  # counts state changes: caches derived from the state key on it
-        self._chain = Chain(Head(**state["audit"]))
-        c = state["clock"]
-        self.clock = TrustedClock(c["offset"], c["hwm"], c["tampered"], c["tolerance"], wall, mono,
-                                  gap=c["max_gap"])
-        self.quorum = Quorum(state["idle_timeout"])
-        self.engine = Engine(self.custody, custody_factory, self.home, workers)
+        self._chain = Chain(Head(state.audit.seq, state.audit.hash))
+        c = state.clock
+        self.clock = TrustedClock(c.offset, c.hwm, c.tampered, c.tolerance, wall, mono, gap=c.max_gap)
+        self.quorum = Quorum(state.idle_timeout)
+        self.cache = KeyCache(custody)  # keys unsealed for signing in this process
         self._pending = _no_pending()
         self.limiter = policy.RateLimiter()
         self._pin_key = os.urandom(32)
         self._pepper = hmac.new(self.custody.mac_key(), b"cryptobat passphrase pepper", hashlib.sha256).digest()
         self._pin_ok: tuple[str, bytes] | None = None
-        self._sign_keys: dict[str, tuple[dict, SignKey]] = {}  # label -> (state record, SignKey of it)
+        self._sign_keys: dict[str, tuple[int, SignKey]] = {}  # label -> (generation, SignKey of its record)
         self._policy: tuple[tuple, policy.Policy] | None = None
         self._write_failed = False
         self._last_flush = mono()
         self._mono = mono
         self.started = mono()
-        if create:
-            self._change("init", {"quorum": _create_quorum}, lambda s: None)
-        elif lost:
-            self.audit("accepted-loss", acknowledged=lost[0], kept=lost[1],
-                       why="state.db lost acknowledged changes; the operator accepted the loss")
-
-    @classmethod
-    def init(cls, home: Path | str, quorum: int = 2, **kw) -> "Token":
-        if not 1 <= quorum <= MAX_QUORUM:
-            raise CryptobatError(f"quorum must be between 1 and {MAX_QUORUM}")
-        return cls(home, _create_quorum=quorum, **kw)
 
     def close(self) -> None:
         try:
             self.flush_audit(force=True)
         except CryptobatError:
             pass  # the counts are lost with a full disk; the store itself stays consistent
-        self.engine.close()
+        self.cache.clear()
         self.store.close()
 
-    def _verify_audit_since(self, state: dict) -> None:
-        """Check the audit chain from the head verified at the last start up to the current head."""
-        checked = Head(**state["audit_checked"])
-        n, problem = auditlog.verify(self.store.audit_rows(checked.seq), Head(**state["audit"]), checked)
-        if problem:
-            raise IntegrityError(f"audit log is broken ({problem}); not serving. "
-                                 f"Inspect it with: cryptobat audit verify")
-        state["audit_checked"] = dict(state["audit"])  # saved with the next change
-
     # --- state changes and audit --------------------------------------------
-    def _change(self, event: str, fields: dict, mutate: Callable[[dict], object]):
-        new = copy.deepcopy(self.state)
-        result = mutate(new)
+    def _change(self, event: str, fields: dict,
+                change: Callable[[TokenState], TokenState] = lambda s: s) -> TokenState:
+        """Apply ``change`` to the state, audit it as ``event``, and commit both; returns the new state."""
         chain = Chain(self._chain.head)
         entries = [chain.append(self._time_for_audit(), event, auditlog.bounded(fields))]
-        new["audit"] = {"seq": chain.head.seq, "hash": chain.head.hash}
+        new = change(self.state).replace(audit=AuditHead(chain.head.seq, chain.head.hash))
         try:
             self.store.commit(new, entries)
         except CryptobatError:
@@ -195,25 +120,23 @@ class Token:
             self._write_failed = True
             raise
         self._write_failed = False
-        return result
+        return new
 
     def _time_for_audit(self) -> int:
         return int(self.clock._wall() + self.clock.offset)
 
     def audit(self, event: str, **fields) -> None:
-        self._change(event, fields, lambda s: None)
+        self._change(event, fields)
 
     def now(self) -> int:
         """Token time; records a detected clock tamper or an advanced high-water mark."""
         r = self.clock.read()
         if r.tamper:
-            def mark(s: dict) -> None:
-                s["clock"].update(tampered=True)
-            self._change("clock-tamper", {"why": r.tamper}, mark)
+            self._change("clock-tamper", {"why": r.tamper}, lambda s: s.with_clock(tampered=True))
         elif r.persist_hwm:
             hwm = self.clock.hwm
             with contextlib.suppress(CryptobatError):  # a full disk must not stop reading the time
-                self._change("clock", {"hwm": hwm}, lambda s: s["clock"].update(hwm=hwm))
+                self._change("clock", {"hwm": hwm}, lambda s: s.with_clock(hwm=hwm))
         return r.now
 
     # --- quorum: sessions, approvals, pending operations -----------------------------
@@ -222,16 +145,17 @@ class Token:
 
     def require(self, by: Approval, event: str) -> set[str]:
         """The officers of ``by`` that make up the quorum for ``event``; a refusal is audited."""
-        names = by.names() & set(self.state["officers"])
-        if len(names) < self.state["quorum"]:
+        names = by.names() & set(self.state.officers)
+        if len(names) < self.state.quorum:
             self.audit("refused", command=event, why="no quorum", **by.audit_fields())
             raise ConfigurationDisabled()
         return names
 
-    def _gated(self, event: str, fields: dict, mutate: Callable[[dict], object], by: Approval):
+    def _gated(self, event: str, fields: dict, change: Callable[[TokenState], TokenState],
+               by: Approval) -> TokenState:
         """A state change that needs the quorum; the audit names every approving officer and session."""
         self.require(by, event)
-        return self._change(event, {**fields, **by.audit_fields()}, mutate)
+        return self._change(event, {**fields, **by.audit_fields()}, change)
 
     def hold(self, session: Session, text: str, run: Callable[[Approval], str]) -> PendingOperation:
         """Keep a quorum command typed on ``session`` for other officers to approve."""
@@ -248,8 +172,8 @@ class Token:
         now = self.now()
         op, names = self.quorum.approve(session, op_id, now)
         self.audit("approve", id=op.id, command=op.text, officers=names, session=session.id)
-        enrolled = set(self.state["officers"])
-        if len(set(op.approvals) & enrolled) < self.state["quorum"]:
+        enrolled = set(self.state.officers)
+        if len(set(op.approvals) & enrolled) < self.state.quorum:
             return op, None
         self.quorum.drop(op.id)
         return op, op.run(op.approval())
@@ -265,14 +189,36 @@ class Token:
     def pending(self) -> list[PendingOperation]:
         return self.quorum.pending(self.now())
 
+    # --- what adapters read -----------------------------------------------------
+    def snapshot(self) -> TokenState:
+        """The current state: frozen, so a reader's copy never changes under it."""
+        return self.state
+
+    def serial(self) -> str:
+        return self.state.serial
+
+    def quorum_size(self) -> int:
+        """M: the officers a quorum command needs."""
+        return self.state.quorum
+
+    def audit_seq(self) -> int:
+        return self._chain.head.seq
+
+    def can_approve(self) -> bool:
+        """Whether at least M officers are enrolled (else a quorum command can never be approved)."""
+        return len(self.state.officers) >= self.state.quorum
+
     # --- officers ----------------------------------------------------------------
     def officer_names(self) -> list[str]:
-        return list(self.state["officers"])
+        return list(self.state.officers)
 
-    def _officer(self, name: str) -> dict:
-        o = self.state["officers"].get(name)
+    def is_officer(self, name: str) -> bool:
+        return name in self.state.officers
+
+    def _officer(self, name: str) -> Officer:
+        o = self.state.officers.get(name)
         if o is None:
-            raise CryptobatError(f"no officer {name!r}")
+            raise NotFound(f"no officer {name!r}")
         return o
 
     def coadd(self, name: str, session: Session, by: Approval) -> tuple[str, str]:
@@ -282,74 +228,71 @@ class Token:
         serial console), never over a socket; after that it takes the quorum.
         """
         if not officers.valid_name(name):
-            raise CryptobatError("officer names are 1-32 letters, digits, '.', '_' or '-'")
-        if name in self.state["officers"]:
-            raise CryptobatError(f"officer {name!r} already enrolled")
-        bootstrap = len(self.state["officers"]) < self.state["quorum"]
+            raise InvalidArgument("officer names are 1-32 letters, digits, '.', '_' or '-'")
+        if name in self.state.officers:
+            raise Conflict(f"officer {name!r} already enrolled")
+        bootstrap = len(self.state.officers) < self.state.quorum
         if bootstrap and not session.local:
             self.audit("refused", command="coadd", why="first officers are enrolled at the token's own console",
                        session=session.id)
-            raise CryptobatError("the first officers are enrolled on the token's own console "
+            raise NotPermitted("the first officers are enrolled on the token's own console "
                                  "(cryptobat console without a daemon, the pty or the serial line)")
         if not bootstrap:
             self.require(by, "coadd")
         secret = officers.new_secret()
         sealed = self.custody.seal(secret.encode(), b"officer:" + name.encode()).hex()
-        rec = {"secret": sealed, "passphrase": None, "used_steps": [], "failures": 0,
-               "locked_until": 0, "enrolled": self.now()}
+        rec = Officer(secret=sealed, enrolled=self.now())
 
-        def add(s: dict) -> None:
-            s["officers"][name] = rec
+        def add(s: TokenState) -> TokenState:
+            return s.with_officer(name, rec)
 
         if bootstrap:
             self._change("coadd", {"name": name, "bootstrap": True, "session": session.id}, add)
         else:
             self._gated("coadd", {"name": name}, add, by)
-        return secret, officers.provisioning_uri(name, secret, self.state["serial"])
+        return secret, officers.provisioning_uri(name, secret, self.state.serial)
 
     def codel(self, name: str, by: Approval) -> None:
         self._officer(name)
-        if len(self.state["officers"]) - 1 < self.state["quorum"]:
-            raise CryptobatError("removing this officer would leave fewer officers than the quorum")
-        self._gated("codel", {"name": name}, lambda s: s["officers"].pop(name), by)
+        if len(self.state.officers) - 1 < self.state.quorum:
+            raise Conflict("removing this officer would leave fewer officers than the quorum")
+        self._gated("codel", {"name": name}, lambda s: s.replace(officers=without(s.officers, name)), by)
         self.quorum.forget(name)
 
     def has_passphrase(self, name: str) -> bool:
-        return bool(self._officer(name)["passphrase"])
+        return bool(self._officer(name).passphrase)
 
     def copass(self, name: str, old: str | None, new: str, session: Session) -> None:
         """An officer sets their own passphrase: logged in on ``session``, and knowing the old one."""
         rec = self._officer(name)
         now = self.now()
         if name not in session.present(now):
-            raise CryptobatError(f"CO {name} must be logged in on this session to set a passphrase")
-        if rec["passphrase"] and (old is None or not officers.check_passphrase(rec["passphrase"], old, self._pepper)):
+            raise NotPermitted(f"CO {name} must be logged in on this session to set a passphrase")
+        if rec.passphrase and (old is None or not officers.check_passphrase(rec.passphrase, old, self._pepper)):
             self.audit("copass", name=name, ok=False, why="old passphrase wrong", session=session.id)
-            raise CryptobatError("old passphrase is wrong")
+            raise PinIncorrect("old passphrase is wrong")
         if len(new) < 8:
-            raise CryptobatError("passphrase must be at least 8 characters")
+            raise InvalidArgument("passphrase must be at least 8 characters")
         record = officers.hash_passphrase(new, self._pepper)
         self._change("copass", {"name": name, "ok": True, "session": session.id},
-                     lambda s: s["officers"][name].update(passphrase=record))
+                     lambda s: s.with_officer(name, replace(s.officers[name], passphrase=record)))
         session.refresh({name}, now)
 
     def cologin(self, name: str, code: str, passphrase: str | None, session: Session) -> bool:
-        if name not in self.state["officers"]:
+        if name not in self.state.officers:
             self.audit("cologin", name=name, ok=False, why="unknown officer", session=session.id)
             return False
         now = self.now()
-        secret = self.custody.unseal(bytes.fromhex(self.state["officers"][name]["secret"]),
-                                     b"officer:" + name.encode()).decode()
-        rec = copy.deepcopy(self.state["officers"][name])
+        rec = self.state.officers[name]
+        secret = self.custody.unseal(bytes.fromhex(rec.secret), b"officer:" + name.encode()).decode()
         # TOTP runs on real time (the system clock), not token time: a quorum's settime, or a
         # token clock in tamper state, must not lock the officers out of fixing it
-        outcome = officers.login(rec, secret, code, passphrase, int(self.clock._wall()),
+        rec, outcome = officers.login(rec, secret, code, passphrase, int(self.clock._wall()),
                                  remote=not session.local, pepper=self._pepper)
         counter = "logins" if outcome.ok else "login_failures"
 
-        def apply(s: dict) -> None:
-            s["officers"][name] = rec
-            s["counters"][counter] += 1
+        def apply(s: TokenState) -> TokenState:
+            return s.with_officer(name, rec).replace(counters=s.counters.add(**{counter: 1}))
 
         self._change("cologin", {"name": name, "ok": outcome.ok, "why": outcome.why, "session": session.id}, apply)
         if outcome.ok:
@@ -368,7 +311,7 @@ class Token:
 
     def colist(self, session: Session) -> list[tuple[str, bool]]:
         here = session.present(self.now())
-        return [(n, n in here) for n in self.state["officers"]]
+        return [(n, n in here) for n in self.state.officers]
 
     def coreset(self, session: Session) -> None:
         session.reset()
@@ -377,56 +320,56 @@ class Token:
     # --- configuration under quorum ----------------------------------------------
     def setmaxval(self, seconds: int, by: Approval) -> None:
         if not 0 < seconds <= 10 * 365 * 86400:
-            raise CryptobatError("maximum validity must be between 1 second and 10 years")
-        self._gated("setmaxval", {"seconds": seconds}, lambda s: s.update(max_validity=seconds), by)
+            raise InvalidArgument("maximum validity must be between 1 second and 10 years")
+        self._gated("setmaxval", {"seconds": seconds}, lambda s: s.replace(max_validity=seconds), by)
 
     def setquorum(self, m: int, by: Approval) -> None:
-        if not 1 <= m <= min(MAX_QUORUM, len(self.state["officers"])):
-            raise CryptobatError("quorum must be at least 1 and at most the number of officers")
-        self._gated("setquorum", {"quorum": m}, lambda s: s.update(quorum=m), by)
+        if not 1 <= m <= min(MAX_QUORUM, len(self.state.officers)):
+            raise InvalidArgument("quorum must be at least 1 and at most the number of officers")
+        self._gated("setquorum", {"quorum": m}, lambda s: s.replace(quorum=m), by)
 
     @staticmethod
     def check_new_pin(pin: str) -> None:
         if len(pin) < MIN_PIN:
-            raise CryptobatError(f"PIN must be at least {MIN_PIN} characters")
+            raise InvalidArgument(f"PIN must be at least {MIN_PIN} characters")
         if len(pin) > 256 or not pin.isprintable():
-            raise CryptobatError("PIN must be at most 256 printable characters")
+            raise InvalidArgument("PIN must be at most 256 printable characters")
 
     def setpin(self, pin: str, by: Approval) -> None:
         self.check_new_pin(pin)
         record = officers.hash_passphrase(pin, self._pepper)
-        self._gated("setpin", {}, lambda s: s.update(pin=record, pin_failures=0), by)
+        self._gated("setpin", {}, lambda s: s.replace(pin=record, pin_failures=0), by)
         self._pin_ok = None
 
     def settime(self, token_time: int, by: Approval) -> None:
         token_time = int(token_time)
         if not MIN_TIME <= token_time < 2**32:
-            raise CryptobatError("time must be between 2020-01-01 and 2106-02-07 (RRSIG time range)")
+            raise InvalidArgument("time must be between 2020-01-01 and 2106-02-07 (RRSIG time range)")
         offset = int(token_time - self.clock._wall())
         self._gated("settime", {"time": token_time},
-                    lambda s: s["clock"].update(offset=offset, hwm=token_time, tampered=False), by)
+                    lambda s: s.with_clock(offset=offset, hwm=token_time, tampered=False), by)
         self.clock.set(offset, token_time)
 
     def setclockgap(self, seconds: int, by: Approval) -> None:
         """How far past the last trusted time the clock may be found at start (downtime allowance)."""
         if not 60 <= seconds <= 365 * 86400:
-            raise CryptobatError("the clock gap allowance is 60 seconds to 365 days")
-        self._gated("setclockgap", {"seconds": seconds}, lambda s: s["clock"].update(max_gap=seconds), by)
+            raise InvalidArgument("the clock gap allowance is 60 seconds to 365 days")
+        self._gated("setclockgap", {"seconds": seconds}, lambda s: s.with_clock(max_gap=seconds), by)
         self.clock.gap = seconds
 
     def setcompat(self, label: str, on: bool, by: Approval) -> None:
         self.key(label)
         self._gated("setcompat", {"label": label, "on": on},
-                    lambda s: s["keys"][label].update(compat=on), by)
+                    lambda s: s.with_key(replace(s.keys[label], info=replace(s.keys[label].info, compat=on))), by)
 
     def p11window(self, seconds: int, zone: str, by: Approval) -> None:
         """Open PKCS#11 key generation and deletion for ``seconds``, for ``zone``'s keys only."""
         if not 0 <= seconds <= 3600:
-            raise CryptobatError("the PKCS#11 key management window is 0 to 3600 seconds")
+            raise InvalidArgument("the PKCS#11 key management window is 0 to 3600 seconds")
         zone = keystore.parse_zone(zone)
         until = self.now() + seconds
         self._gated("p11window", {"seconds": seconds, "zone": zone},
-                    lambda s: s.update(p11_window_until=until, p11_window_zone=zone), by)
+                    lambda s: s.replace(p11_window_until=until, p11_window_zone=zone), by)
 
     def keyallow(self, zone: str, dnskey_text: str, by: Approval) -> int:
         """Let the zone's KSKs sign DNSKEY/CDS/CDNSKEY sets holding a key the token does not hold
@@ -437,14 +380,13 @@ class Token:
         try:
             rd = dns.rdata.from_text("IN", "DNSKEY", dnskey_text)
         except Exception as e:  # dnspython raises many types for bad text
-            raise CryptobatError(f"not DNSKEY RDATA: {e}") from None
+            raise InvalidArgument(f"not DNSKEY RDATA: {e}") from None
         wire = rd.to_digestable().hex()
         tag = dns.dnssec.key_id(rd)
 
-        def add(s: dict) -> None:
-            keys = s["allowed_keys"].setdefault(zone, [])
-            if wire not in keys:
-                keys.append(wire)
+        def add(s: TokenState) -> TokenState:
+            keys = s.allowed_keys.get(zone, ())
+            return s.replace(allowed_keys=with_item(s.allowed_keys, zone, keys if wire in keys else (*keys, wire)))
 
         self._gated("keyallow", {"zone": zone, "keytag": tag, "flags": rd.flags, "algorithm": int(rd.algorithm)},
                     add, by)
@@ -454,42 +396,42 @@ class Token:
         import dns.dnssec
         import dns.rdata
         zone = keystore.parse_zone(zone)
-        keep = [w for w in self.state["allowed_keys"].get(zone, [])
+        keep = tuple(w for w in self.state.allowed_keys.get(zone, ())
                 if dns.dnssec.key_id(dns.rdata.from_wire("IN", "DNSKEY", bytes.fromhex(w), 0,
-                                                         len(w) // 2)) != keytag]
-        if len(keep) == len(self.state["allowed_keys"].get(zone, [])):
-            raise CryptobatError(f"no allowed key with tag {keytag} for {zone}")
+                                                         len(w) // 2)) != keytag)
+        if len(keep) == len(self.state.allowed_keys.get(zone, ())):
+            raise NotFound(f"no allowed key with tag {keytag} for {zone}")
         self._gated("keydisallow", {"zone": zone, "keytag": keytag},
-                    lambda s: s["allowed_keys"].__setitem__(zone, keep), by)
+                    lambda s: s.replace(allowed_keys=with_item(s.allowed_keys, zone, keep)), by)
 
     def cdsdelete(self, seconds: int, zone: str, by: Approval) -> None:
         """Open a window in which the zone's KSK signs the RFC 8078 delete CDS/CDNSKEY."""
         if not 0 <= seconds <= 7 * 86400:
-            raise CryptobatError("the CDS delete window is 0 seconds to 7 days")
+            raise InvalidArgument("the CDS delete window is 0 seconds to 7 days")
         zone = keystore.parse_zone(zone)
         until = self.now() + seconds
         self._gated("cdsdelete", {"seconds": seconds, "zone": zone},
-                    lambda s: s["cds_delete"].__setitem__(zone, until), by)
+                    lambda s: s.replace(cds_delete=with_item(s.cds_delete, zone, until)), by)
 
     def signerpeers(self, peers: list[str], by: Approval) -> None:
         """Unix users/groups whose connections to the signer sockets need no PIN."""
         for p in peers:
             kind, _, num = p.partition(":")
             if kind not in ("uid", "gid") or not num.isdigit() or int(num) > 2**32 - 1:
-                raise CryptobatError(f"signer peer {p!r} is not uid:N or gid:N")
-        self._gated("signerpeers", {"peers": peers}, lambda s: s.update(signer_peers=list(peers)), by)
+                raise InvalidArgument(f"signer peer {p!r} is not uid:N or gid:N")
+        self._gated("signerpeers", {"peers": peers}, lambda s: s.replace(signer_peers=tuple(peers)), by)
 
     def peer_allowed(self, uid: int, gid: int) -> bool:
-        peers = self.state["signer_peers"]
+        peers = self.state.signer_peers
         return f"uid:{uid}" in peers or f"gid:{gid}" in peers
 
     def keygen_allowed(self) -> bool:
-        return self.state["p11_window_until"] > self.now()
+        return self.state.p11_window_until > self.now()
 
     def _window_zone(self, zone: str) -> str:
         if not self.keygen_allowed():
             raise PermissionError("no PKCS#11 key management window open")
-        wz = self.state["p11_window_zone"]
+        wz = self.state.p11_window_zone
         if zone and keystore.parse_zone(zone) != wz:
             raise PermissionError(f"the PKCS#11 key management window is for {wz}, not {zone}")
         return wz
@@ -502,7 +444,7 @@ class Token:
         info, rec = self._generate(algorithm, keystore.parse_role(role), zone, label or None)
         self._change("p11-keygen", {"label": info.label, "zone": info.zone, "algorithm": algorithm,
                                     "role": info.role, "keytag": info.keytag},
-                     lambda s: s["keys"].__setitem__(info.label, rec))
+                     lambda s: s.with_key(rec))
         return info
 
     def delete_key(self, label: str) -> None:
@@ -512,23 +454,23 @@ class Token:
         except PermissionError as e:
             self.audit("refused", command="p11-keydel", label=label, why=str(e))
             raise
-        self._change("p11-keydel", {"label": label}, lambda s: s["keys"].pop(label))
+        self._change("p11-keydel", {"label": label}, lambda s: s.replace(keys=without(s.keys, label)))
 
     # --- keys -----------------------------------------------------------------------
     def keys(self) -> list[KeyInfo]:
-        return [keystore.info_of(r) for r in self.state["keys"].values()]
+        return [r.info for r in self.state.keys.values()]
 
     def key(self, label: str) -> KeyInfo:
-        rec = self.state["keys"].get(label)
+        rec = self.state.keys.get(label)
         if rec is None:
-            raise CryptobatError(f"no key labelled {label!r}")
-        return keystore.info_of(rec)
+            raise NotFound(f"no key labelled {label!r}")
+        return rec.info
 
     def _generate(self, algorithm: int, role: str, zone: str, label: str | None,
                   private_key=None) -> tuple[KeyInfo, dict]:
         """Create (or, given ``private_key``, import) a key; return its info and state record."""
         zone = keystore.parse_zone(zone)
-        if label is not None and (label in self.state["keys"] or not label.isprintable() or " " in label
+        if label is not None and (label in self.state.keys or not label.isprintable() or " " in label
                                   or len(label) > MAX_LABEL):
             raise CryptobatError(f"label {label[:MAX_LABEL]!r} is taken, too long or not printable")
         tags = {k.keytag for k in self.keys() if k.zone == zone}
@@ -547,73 +489,73 @@ class Token:
             raise CryptobatError("could not find a free key tag")
         if label is None:
             final = keystore.default_label(zone, role, info.keytag)
-            while final in self.state["keys"]:
+            while final in self.state.keys:
                 final += "x"
             # reseal under the final label so the label stays bound to the key
             blob = self.custody.seal(self.custody.unseal(blob, tmp.encode()), final.encode())
             info = keystore.make_info(final, zone, algorithm, role, public)
-        return info, keystore.record(info, blob, self.now())
+        return info, KeyRecord(info, blob.hex(), self.now())
 
     def keygen(self, algorithm: int, role: str, zone: str, label: str | None, by: Approval) -> KeyInfo:
         self.require(by, "keygen")  # before the (slow) generation
         info, rec = self._generate(algorithm, role, zone, label)
         self._gated("keygen", {"label": info.label, "zone": info.zone, "algorithm": algorithm,
                                "role": role, "keytag": info.keytag},
-                    lambda s: s["keys"].__setitem__(info.label, rec), by)
+                    lambda s: s.with_key(rec), by)
         return info
 
-    def keyimport(self, role: str, zone: str, path: str, label: str | None, by: Approval) -> KeyInfo:
-        """Take an existing private key (BIND .private or PEM file) into the token, under quorum.
+    def keyimport(self, role: str, zone: str, key_text: str, label: str | None, by: Approval) -> KeyInfo:
+        """Take an existing private key (the text of a BIND .private or PEM file) into the token.
 
-        The quorum is checked before the file is even opened; see :func:`bindkey.read_file`."""
+        Adapters check the quorum with :meth:`require` before they read the file."""
         from . import bindkey
         self.require(by, "keyimport")
-        algorithm, private_key = bindkey.load(bindkey.read_file(path, MAX_KEY_FILE))
+        algorithm, private_key = bindkey.load(key_text)
         algorithm = algorithm or bindkey.algorithm_of(private_key)
         if algorithm not in keystore.SUPPORTED:
-            raise CryptobatError(f"algorithm {algorithm} is not supported by the token")
+            raise InvalidArgument(f"algorithm {algorithm} is not supported by the token")
         info, rec = self._generate(algorithm, role, zone, label, private_key)
         self._gated("keyimport", {"label": info.label, "zone": info.zone, "algorithm": algorithm,
                                   "role": role, "keytag": info.keytag},
-                    lambda s: s["keys"].__setitem__(info.label, rec), by)
+                    lambda s: s.with_key(rec), by)
         return info
 
     def keydel(self, label: str, by: Approval) -> None:
         self.key(label)
-        self._gated("keydel", {"label": label}, lambda s: s["keys"].pop(label), by)
+        self._gated("keydel", {"label": label}, lambda s: s.replace(keys=without(s.keys, label)), by)
 
     # --- signing ------------------------------------------------------------------------
     def policy(self) -> policy.Policy:
         """The policy every signature is checked against, rebuilt only when the state changes."""
-        tampered = self.clock.tampered or self.state["clock"]["tampered"]
+        tampered = self.clock.tampered or self.state.clock.tampered
         cached = self._policy
         if cached is not None and cached[0] == (self.generation, tampered):
             return cached[1]
         zone_keys: dict[bytes, set[bytes]] = {}
         for k in self.keys():
             zone_keys.setdefault(keystore.zone_wire(k.zone), set()).add(k.dnskey().to_digestable())
-        for zone, wires in self.state["allowed_keys"].items():
+        for zone, wires in self.state.allowed_keys.items():
             zone_keys.setdefault(keystore.zone_wire(zone), set()).update(bytes.fromhex(w) for w in wires)
-        p = policy.Policy(self.state["max_validity"], tampered,
+        p = policy.Policy(self.state.max_validity, tampered,
                           zone_keys={z: frozenset(v) for z, v in zone_keys.items()},
-                          delete_until={keystore.zone_wire(z): t for z, t in self.state["cds_delete"].items()})
+                          delete_until={keystore.zone_wire(z): t for z, t in self.state.cds_delete.items()})
         self._policy = ((self.generation, tampered), p)
         return p
 
     def _sign_key(self, label: str) -> SignKey | None:
-        """The SignKey of the current record for ``label``; rebuilt whenever the record object changes
-        (every state change deep-copies the records), so it is always derived from the current state."""
-        recs = self.state["keys"]
+        """The SignKey of the current record for ``label``, rebuilt after every state change
+        (keyed by the state generation), so it is always derived from the current state."""
+        recs = self.state.keys
         rec = recs.get(label)
         if rec is None:
             return None
         cached = self._sign_keys.get(label)
-        if cached is None or cached[0] is not rec:
+        if cached is None or cached[0] != self.generation:
             if len(self._sign_keys) > 2 * len(recs) + 16:
                 self._sign_keys.clear()
-            info = keystore.info_of(rec)
-            cached = self._sign_keys[label] = (rec, SignKey(info, keystore.zone_wire(info.zone),
-                                                            bytes.fromhex(rec["blob"])))
+            info = rec.info
+            cached = self._sign_keys[label] = (self.generation, SignKey(info, keystore.zone_wire(info.zone),
+                                                                        bytes.fromhex(rec.blob)))
         return cached[1]
 
     def sign_job(self, items: Sequence[tuple[str, bytes]]) -> Job:
@@ -621,7 +563,7 @@ class Token:
             try:
                 self._flush()
             except CryptobatError as e:
-                raise CryptobatError(f"signing refused: {e}") from None
+                raise StoreError(f"signing refused: {e}") from None
         now = self.now()
         wanted = {label for label, _ in items}
         keys = {}
@@ -631,16 +573,23 @@ class Token:
                 keys[label] = key
         return Job(self.policy(), now, keys, items)
 
-    def timed_sign(self, items: Sequence[tuple[str, bytes]]) -> list[SignResult]:
-        """Check and sign each (label, RRSIG signing data); results in order."""
-        results = self.engine.run(self.sign_job(items))
+    def run(self, job: Job) -> list[SignResult]:
+        """Sign ``job`` in this process (adapters with worker processes pass their own ``run``)."""
+        return signing.run(self.cache, job)
+
+    def timed_sign(self, items: Sequence[tuple[str, bytes]],
+                   run: Callable[[Job], list[SignResult]] | None = None) -> list[SignResult]:
+        """Check and sign each (label, RRSIG signing data); results in order.
+
+        ``run`` signs the job (e.g. ``engine.run`` to use worker processes); in-process by default."""
+        results = (run or self.run)(self.sign_job(items))
         self.account(results)
         return results
 
     def timed_sign_verbose(self, label: str, data: bytes) -> tuple[SignResult, int]:
         """One payload, with the latest expiration the policy allowed (for the console's report)."""
         job = self.sign_job([(label, data)])
-        result = sign_one(self.engine.cache, job, label, data)
+        result = sign_one(self.cache, job, label, data)
         self.account([result])
         return result, policy.limit(job.policy, job.now)
 
@@ -675,7 +624,7 @@ class Token:
         except CryptobatError as e:
             result = SignResult(reason=str(e))
         else:
-            result = SignResult(signature=self.engine.cache.get(label, key).sign_digest(raw))
+            result = SignResult(signature=self.cache.get(label, key).sign_digest(raw))
         self.account([result], compat=bound is None)
         return result
 
@@ -713,18 +662,16 @@ class Token:
         if p["pin_refused"]:
             fields["pin_refused"] = p["pin_refused"]
 
-        def count(s: dict) -> None:
-            c = s["counters"]
-            c["signatures"] += p["signatures"]
-            c["compat_signatures"] += p["compat_signatures"]
-            c["refusals"] += p["refusals"]
+        def count(s: TokenState) -> TokenState:
+            return s.replace(counters=s.counters.add(signatures=p["signatures"], refusals=p["refusals"],
+                                                     compat_signatures=p["compat_signatures"]))
 
         self._change("refused-sign" if p["refusals"] else "sign", fields, count)
         self._pending = _no_pending()
         self._last_flush = self._mono()
 
     def counters(self) -> dict:
-        c = dict(self.state["counters"])
+        c = dataclasses.asdict(self.state.counters)
         for k in ("signatures", "compat_signatures", "refusals"):
             c[k] += self._pending[k]
         return c
@@ -742,43 +689,43 @@ class Token:
         lock = lock or contextlib.nullcontext()
         text = pin.decode(errors="replace") if isinstance(pin, bytes) else pin
         with lock:
-            rec = self.state["pin"]
+            rec = self.state.pin
             why = "no PIN set" if rec is None else "PIN locked" if self.pin_locked() else None
             if why:  # no scrypt spent; counted, audited with the next flush (at most once a second)
                 self._pending["pin_refused"] += 1
                 self.flush_audit()
                 return False
-            tag = (rec["hash"], hmac.new(self._pin_key, text.encode(), hashlib.sha256).digest())
+            tag = (rec.hash, hmac.new(self._pin_key, text.encode(), hashlib.sha256).digest())
             cached = self._pin_ok
         ok = (cached is not None and hmac.compare_digest(cached[1], tag[1]) and cached[0] == tag[0]) \
             or officers.check_passphrase(rec, text, self._pepper)
         with lock:
-            if self.state["pin"] != rec:
+            if self.state.pin != rec:
                 return False  # the PIN changed meanwhile
             if ok:
                 self._pin_ok = tag
-                if self.state["pin_failures"]:
-                    self._change("pin", {"ok": True, "source": source}, lambda s: s.update(pin_failures=0))
+                if self.state.pin_failures:
+                    self._change("pin", {"ok": True, "source": source}, lambda s: s.replace(pin_failures=0))
             else:
-                n = self.state["pin_failures"] + 1
+                n = self.state.pin_failures + 1
                 self._change("pin", {"ok": False, "failures": n, "source": source,
                                      **({"why": "PIN now locked"} if n >= MAX_PIN_FAILURES else {})},
-                             lambda s: s.update(pin_failures=n))
+                             lambda s: s.replace(pin_failures=n))
         return ok
 
     def pin_locked(self) -> bool:
-        return self.state["pin_failures"] >= MAX_PIN_FAILURES
+        return self.state.pin_failures >= MAX_PIN_FAILURES
 
     def pin_tries_left(self) -> int:
-        return max(0, MAX_PIN_FAILURES - self.state["pin_failures"])
+        return max(0, MAX_PIN_FAILURES - self.state.pin_failures)
 
     def random(self, n: int) -> bytes:
         return os.urandom(n)
 
     def info(self) -> dict:
-        return {"label": f"Cryptobat {self.state['serial'][:8]}", "serial": self.state["serial"],
+        return {"label": f"Cryptobat {self.state.serial[:8]}", "serial": self.state.serial,
                 "manufacturer": MANUFACTURER, "model": MODEL, "time": self.now(),
-                "pin_tries_left": self.pin_tries_left(), "pin_failures": self.state["pin_failures"]}
+                "pin_tries_left": self.pin_tries_left(), "pin_failures": self.state.pin_failures}
 
     # --- audit ------------------------------------------------------------------------------
     def audit_verify(self) -> tuple[int, str | None]:
