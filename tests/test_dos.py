@@ -24,9 +24,7 @@ from cryptobat.p11rpc.module import HANDSHAKE, MAX_RANDOM, SLOT_ID
 from cryptobat.p11rpc.server import Connection
 from cryptobat.p11rpc.unix import MAX_PEERS
 from cryptobat.serve import MAX_CONNECTIONS, PRELOGIN_FRAME, _Server
-from conftest import cli
-from test_p11_clients import SockClient
-from test_p11rpc_backend import PIN, ConsoleSocket, Daemon, setup_home
+from support import PIN, ConsoleSocket, Daemon, SockClient, cli, setup_home
 
 KEYS = (("13", "k13"),)
 FRAME_TIMEOUT = "2"  # seconds a native frame may stall in this module's daemon
@@ -39,7 +37,7 @@ def daemon(tmp_path_factory):
     old = os.environ.get("CRYPTOBAT_NATIVE_FRAME_TIMEOUT")
     os.environ["CRYPTOBAT_NATIVE_FRAME_TIMEOUT"] = FRAME_TIMEOUT
     try:
-        d = Daemon(home, codes)
+        d = Daemon(home, codes=codes)
     finally:
         if old is None:
             os.environ.pop("CRYPTOBAT_NATIVE_FRAME_TIMEOUT")
@@ -220,7 +218,7 @@ def test_out_of_descriptors_recovers(tmp_path):
     os.environ["CRYPTOBAT_P11_MAX_CONNECTIONS"] = "100000"
     resource.setrlimit(resource.RLIMIT_NOFILE, (96, hard))  # the daemon inherits it
     try:
-        d = Daemon(home, codes)
+        d = Daemon(home, codes=codes)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         if old is None:
