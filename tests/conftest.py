@@ -11,7 +11,8 @@ import pytest
 
 from cryptobat.console import Console
 from cryptobat.token import Token
-from support import CONFIGURED_PIN, PIN_TEXT, ZONES, Clocked, Codes, Hsm, Officers, Pdns, cli, configure, free_port, need
+from support import (CONFIGURED_PIN, PIN_TEXT, ZONES, Clocked, Codes, Hsm, Officers, Pdns, cli, configure, free_port,
+                     need)
 
 
 @pytest.fixture

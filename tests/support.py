@@ -40,6 +40,7 @@ import pytest
 
 from cryptobat import native, rrsig
 from cryptobat.api import KeyInfo
+from cryptobat.client import serving
 from cryptobat.console import Console
 from cryptobat.p11rpc import constants as C
 from cryptobat.p11rpc.calls import BY_NAME, CALLS
@@ -283,7 +284,8 @@ def cli(*args: str, home: Path | None = None, input: str | None = None, env: dic
 
 
 class Daemon:
-    """`cryptobat serve` in a subprocess, up once its sockets (and the pty link, with --pty) exist.
+    """`cryptobat serve` in a subprocess, up once its sockets (and the pty link, with --pty) exist
+    and the native API answers.
 
     ``codes`` are the officers' apps, for :meth:`quorum`; stderr goes to ``log`` if given
     (else to a pipe, read once the daemon stopped)."""
@@ -300,7 +302,8 @@ class Daemon:
         want += [] if "--no-pkcs11" in args else [self.p11]
         want += [home / "console.pty"] if "--pty" in args else []
         deadline = time.time() + timeout
-        while not all(p.exists() for p in want):
+        # native.sock is bound after console.sock; a stale one (a killed daemon's) answers nobody
+        while not (all(p.exists() for p in want) and serving(home / "native.sock")):
             if time.time() > deadline or self.p.poll() is not None:
                 self.kill()
                 raise RuntimeError(f"daemon did not start: {log.read_text() if log else self.p.stderr.read()}")
@@ -465,7 +468,8 @@ def payload(key, *, tc=dns.rdatatype.A, alg=None, labels=None, ttl=300, exp=None
             rrs=None, now=0, trailer=b"") -> bytes:
     """RFC 4034 §3.1.8.1 signing data built field by field, so each can be made wrong."""
     owner, a = "www.testzone.", dns.rdatatype.A
-    rrs = rrs if rrs is not None else [(owner, a, 1, ttl, bytes([192, 0, 2, 1])), (owner, a, 1, ttl, bytes([192, 0, 2, 2]))]
+    if rrs is None:
+        rrs = [(owner, a, 1, ttl, bytes([192, 0, 2, 1])), (owner, a, 1, ttl, bytes([192, 0, 2, 2]))]
     if labels is None:
         labels = len(dns.name.from_text(rrs[0][0]).labels) - 1 if rrs else 2
     head = struct.pack("!HBBIIIH", tc, key.algorithm if alg is None else alg, labels, ttl,

@@ -31,7 +31,7 @@ from cryptobat.p11rpc.calls import BY_NAME
 from cryptobat.p11rpc.codec import encode_request, parse_response
 from cryptobat.p11rpc.framing import HEADER, encode_frame
 from cryptobat.p11rpc.module import HANDSHAKE, SLOT_ID
-from support import (PIN, ConsoleSocket, Daemon, SockClient, cli, client_module, corpus_files, setup_home,
+from support import (PIN, ROOT, ConsoleSocket, Daemon, SockClient, cli, client_module, corpus_files, setup_home,
                      signing_data, valid_requests, validate)
 
 KEYS = (("8", "k8"), ("13", "k13"), ("13", "c13"), ("14", "k14"), ("15", "k15"))
@@ -227,7 +227,7 @@ def _stdio_env(home: Path) -> dict:
     configuration in a process running as root, as CI's does.)
     """
     env = dict(os.environ, P11_KIT_SERVER_ADDRESS=f"|{sys.executable} -m cryptobat --home {home} p11-stdio")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     return env
 
 
@@ -353,7 +353,7 @@ def test_twenty_clients_sign_for_ten_seconds(daemon):
 def test_bench_runs_with_tiny_counts(tmp_path):
     """bench/p11_bench.py must keep working; needs SoftHSMv2 and p11-kit (fails, not skips, without)."""
     out = tmp_path / "rows.json"
-    r = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "p11_bench.py"),
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "p11_bench.py"),
                         "--seconds", "0.3", "--clients", "1", "--json", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert "| mechanism | clients |" in r.stdout, r.stdout + r.stderr

@@ -33,8 +33,8 @@ from cryptobat.p11rpc.codec import encode_request, parse_response
 from cryptobat.p11rpc.framing import FrameDecoder, encode_frame
 from cryptobat.p11rpc.module import HANDSHAKE, SLOT_ID
 from cryptobat.serve import RESTART_NOTICE
-from support import (DAY, PIN, ROOT, ConsoleSocket, Daemon, as_user, cli, client_module, pdns_validates, setup_home,
-                     signing_data, validate)
+from support import (DAY, PIN, ROOT, ConsoleSocket, Daemon, as_user, cli, client_module, pdns_validates,
+                     setup_home, signing_data, validate)
 
 KEYS = (("8", "k8"), ("13", "k13"))
 
