@@ -49,73 +49,12 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 from cryptobat.client import connect  # noqa: E402
 from cryptobat.errors import CryptobatError  # noqa: E402
-from support import PIN_TEXT as PIN, Codes, Daemon, cli, make_token  # noqa: E402
+from support import (PIN_TEXT as PIN, Codes, Daemon, cli, cmdline, descendants, make_token,  # noqa: E402
+                     mentioning, survivors)
 
 ZONE = "testzone."
 OFFICERS = 12
 TRACEBACK = "Traceback (most recent call last)"
-
-
-# ---------------------------------------------------------------- processes
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            out += [int(x) for x in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
-        except OSError:
-            pass
-    return out
-
-
-def descendants(pid: int) -> set[int]:
-    seen: set[int] = set()
-    todo = children(pid)
-    while todo:
-        p = todo.pop()
-        if p not in seen:
-            seen.add(p)
-            todo += children(p)
-    return seen
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie waiting for its reaper counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return "?"
-
-
-def mentioning(text: str) -> set[int]:
-    """Processes (not this one) whose command line mentions ``text``."""
-    found = set()
-    for d in os.listdir("/proc"):
-        if d.isdigit() and int(d) != os.getpid() and text in cmdline(int(d)):
-            found.add(int(d))
-    return found
-
-
-def survivors(pids: set[int], timeout: float) -> set[int]:
-    """Those of ``pids`` still running after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    left = {p for p in pids if alive(p)}
-    while left and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = {p for p in left if alive(p)}
-    return left
 
 
 # ---------------------------------------------------------------- the token
@@ -391,7 +330,7 @@ class Campaign:
         r["workers_at_kills"] += len(family)
 
         # nothing the daemon started may outlive it
-        left = survivors(family, 5.0) | (mentioning(str(self.home)) - {os.getpid()})
+        left = set(survivors(family, 5.0)) | mentioning(str(self.home))
         for p in left:
             self.problem(f"trial {n}: orphan {p}: {cmdline(p)[:160]}")
             try:

@@ -21,7 +21,6 @@ import glob
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support import PIN_TEXT as PIN, Daemon, client_module, make_token  # noqa: E402
+from support import PIN_TEXT as PIN, Daemon, client_module, make_token, stop_process  # noqa: E402
 
 WORKER = r"""
 import hashlib, json, sys, time, pkcs11
@@ -197,12 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if daemon is not None:
             daemon.stop()
-        if server is not None and server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(20)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        if server is not None:
+            stop_process(server)
         shutil.rmtree(work, ignore_errors=True)
 
 

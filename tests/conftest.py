@@ -11,7 +11,7 @@ import pytest
 
 from cryptobat.console import Console
 from cryptobat.token import Token
-from support import (CONFIGURED_PIN, PIN_TEXT, ZONES, Clocked, Codes, Hsm, Officers, Pdns, cli, configure, free_port,
+from support import (CONFIGURED_PIN, ZONE_KEYS, Clocked, Codes, Hsm, Officers, Pdns, cli, configure, free_port,
                      need)
 
 
@@ -70,9 +70,7 @@ def signer(tmp_path):
     made: list = []
 
     def make(maxval: int) -> tuple[Hsm, Pdns]:
-        keygen = [f"{alg} {role} {zone} {zone.split('.')[1]}-{role}"
-                  for zone, (alg, _) in ZONES.items() for role in ("ksk", "zsk")]
-        hsm = Hsm(tmp_path / "token", maxval, keygen)
+        hsm = Hsm(tmp_path / "token", maxval, ZONE_KEYS)
         made.append(hsm)
         base = Path(tempfile.mkdtemp(prefix="cryptobat-pdns-"))  # not under pytest's 0700 dir
         made.append(base)
@@ -82,14 +80,7 @@ def signer(tmp_path):
         # as root, PowerDNS runs as another user: the socket's group (and the daemon's peer check) let it in
         group = ["--signer-group", grp.getgrgid(pdns.user.pw_gid).gr_name] if pdns.user else []
         hsm.start(base / "pkcs11.sock", *group)
-        for zone, (_, name) in ZONES.items():
-            pdns.util("create-zone", zone, "ns1." + zone)
-            pdns.util("add-record", zone, "ns1", "A", "192.0.2.1")
-            pdns.util("add-record", zone, "www", "A", "192.0.2.80")
-            for role in ("ksk", "zsk"):
-                out = pdns.util("hsm", "assign", zone, name, role, "cryptobat", hsm.label, PIN_TEXT,
-                                f"{zone.split('.')[1]}-{role}")
-                assert f"Module cryptobat slot {hsm.label} assigned to {zone.rstrip('.')}" in out, out
+        pdns.add_zones(hsm.label)
         pdns.start()
         return hsm, pdns
 

@@ -62,6 +62,8 @@ KEYS = (("8", "k8"), ("13", "k13"), ("14", "k14"), ("15", "k15"))  # setup_home'
 COMPAT = ("k14",)
 STEP = 30  # RFC 6238 time step
 ZONES = {"example.org.": (8, "rsasha256"), "example.net.": (13, "ecdsa256")}  # the PowerDNS tests' zones
+ZONE_KEYS = [f"{alg} {role} {zone} {zone.split('.')[1]}-{role}"  # keygen arguments: org-ksk, org-zsk, ...
+             for zone, (alg, _) in ZONES.items() for role in ("ksk", "zsk")]
 SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 
 
@@ -272,6 +274,17 @@ def zone_token(home: Path, zone: str, keydir: Path, *, algs=(13,), roles=("ksk",
 
 # ---------------------------------------------------------------- the command and the daemon
 
+def stop_process(p: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM, then SIGKILL if it is still there after ``timeout`` seconds."""
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def cli(*args: str, home: Path | None = None, input: str | None = None, env: dict | None = None,
         timeout: float = 60, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run the real ``cryptobat`` command."""
@@ -340,13 +353,7 @@ class Daemon:
         self._close_log()
 
     def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
+        stop_process(self.p)
         self._close_log()
 
     def _close_log(self) -> None:
@@ -435,6 +442,63 @@ def client_module() -> str:
         if os.path.exists(p := os.path.join(d, "p11-kit-client.so")):
             return p
     raise AssertionError("p11-kit-client.so not found: apt-get install p11-kit-modules")
+
+
+# ---------------------------------------------------------------- processes, from /proc
+
+def children(pid: int) -> set[int]:
+    out: set[int] = set()
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            out |= {int(x) for x in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()}
+        except OSError:
+            pass
+    return out
+
+
+def descendants(pid: int) -> set[int]:
+    seen: set[int] = set()
+    todo = list(children(pid))
+    while todo:
+        p = todo.pop()
+        if p not in seen:
+            seen.add(p)
+            todo += children(p)
+    return seen
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"  # a zombie is dead, waiting for its reaper
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def mentioning(text: str) -> set[int]:
+    return {int(d) for d in os.listdir("/proc")
+            if d.isdigit() and int(d) != os.getpid() and alive(int(d)) and text in cmdline(int(d))}
+
+
+def survivors(pids: set[int], timeout: float = 5.0) -> dict[int, str]:
+    """Those of ``pids`` still running after ``timeout`` seconds, with their command lines."""
+    deadline = time.monotonic() + timeout
+    left = {p for p in pids if alive(p)}
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = {p for p in left if alive(p)}
+    return {p: cmdline(p)[:200] for p in left}
 
 
 # ---------------------------------------------------------------- what is signed
@@ -532,6 +596,15 @@ class SockClient(WireClient):
 
     def close(self) -> None:
         self.s.close()
+
+
+def p11_served(daemon: Daemon) -> None:
+    """The daemon still serves PKCS#11: a fresh connection initialises and reads the token's info."""
+    c = SockClient(daemon.p11)
+    c.ok("C_Initialize", HANDSHAKE, 0, None)
+    assert c.ok("C_GetTokenInfo", SLOT_ID)[1].rstrip() == b"Cryptobat"
+    c.close()
+    assert daemon.alive()
 
 
 CORPUS_CANDIDATES = [ROOT.parent / "shared" / "corpus" / "p11-kit-rpc", ROOT / "shared" / "corpus" / "p11-kit-rpc",
@@ -674,14 +747,8 @@ class Hsm:
         return d.p11
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
 
 
 class Pdns:
@@ -726,6 +793,17 @@ class Pdns:
         assert r.returncode == 0, f"pdnsutil {args}: {r.stdout}{r.stderr}"
         return r.stdout + r.stderr
 
+    def add_zones(self, label: str) -> None:
+        """The ZONES, signed with the keys "org-ksk", "org-zsk", ... of the token ``label``."""
+        for zone, (_, name) in ZONES.items():
+            self.util("create-zone", zone, "ns1." + zone)
+            self.util("add-record", zone, "ns1", "A", "192.0.2.1")
+            self.util("add-record", zone, "www", "A", "192.0.2.80")
+            for role in ("ksk", "zsk"):
+                out = self.util("hsm", "assign", zone, name, role, "cryptobat", label, PIN_TEXT,
+                                f"{zone.split('.')[1]}-{role}")
+                assert f"Module cryptobat slot {label} assigned to {zone.rstrip('.')}" in out, out
+
     def start(self) -> None:
         self.log = open(self.base / "pdns.log", "w")
         self.proc = subprocess.Popen(["pdns_server", f"--config-dir={self.base}"], stdout=self.log,
@@ -740,13 +818,8 @@ class Pdns:
         return (self.base / "pdns.log").read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
         if self.proc is not None:
             self.log.close()
 

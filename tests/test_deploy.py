@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from support import (DAY, PIN_TEXT, ROOT, ZONES, Hsm, Pdns, as_user, free_port, need, need_root, pdns_mechanisms,
-                     pdns_validates)
+from support import (DAY, PIN_TEXT, ROOT, ZONE_KEYS, Hsm, Pdns, as_user, free_port, need, need_root,
+                     pdns_mechanisms, pdns_validates)
 
 UNIT = ROOT / "contrib" / "systemd" / "cryptobat.service"
 SERIAL_DROPIN = ROOT / "contrib" / "systemd" / "cryptobat.service.d" / "serial.conf"
@@ -218,9 +218,7 @@ def deployed():
     made: list = [base]
     try:
         python, env = _python_for(cryptobat, base / "pylib")
-        keygen = [f"{alg} {role} {zone} {zone.split('.')[1]}-{role}"
-                  for zone, (alg, _) in ZONES.items() for role in ("ksk", "zsk")]
-        tok = TokenAsCryptobat(base / "token", base / "run", 14 * DAY, keygen, python, env)
+        tok = TokenAsCryptobat(base / "token", base / "run", 14 * DAY, ZONE_KEYS, python, env)
         made.append(tok)
         tok.start()
         pbase = Path(tempfile.mkdtemp(prefix="cryptobat-pdns-"))
@@ -229,14 +227,7 @@ def deployed():
         pdns = Pdns(pbase, base / "run" / "pkcs11.sock", free_port())
         assert pdns.user is not None and pdns.user.pw_name == "pdns"
         made.append(pdns)
-        for zone, (_, name) in ZONES.items():
-            pdns.util("create-zone", zone, "ns1." + zone)
-            pdns.util("add-record", zone, "ns1", "A", "192.0.2.1")
-            pdns.util("add-record", zone, "www", "A", "192.0.2.80")
-            for role in ("ksk", "zsk"):
-                out = pdns.util("hsm", "assign", zone, name, role, "cryptobat", tok.label, PIN_TEXT,
-                                f"{zone.split('.')[1]}-{role}")
-                assert f"Module cryptobat slot {tok.label} assigned to {zone.rstrip('.')}" in out, out
+        pdns.add_zones(tok.label)
         pdns.start()
         yield tok, pdns, base
     finally:

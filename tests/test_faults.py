@@ -24,64 +24,8 @@ import pytest
 from cryptobat import signing
 from cryptobat.client import connect
 from cryptobat.errors import CryptobatError
-from support import MAX_VALIDITY, PIN, ROOT, Daemon, cli, make_signing_data, make_token
-
-
-# ---------------------------------------------------------------- processes, from /proc
-
-def children(pid: int) -> set[int]:
-    out: set[int] = set()
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            out |= {int(x) for x in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()}
-        except OSError:
-            pass
-    return out
-
-
-def descendants(pid: int) -> set[int]:
-    seen: set[int] = set()
-    todo = list(children(pid))
-    while todo:
-        p = todo.pop()
-        if p not in seen:
-            seen.add(p)
-            todo += children(p)
-    return seen
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"  # a zombie is dead, waiting for its reaper
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def mentioning(text: str) -> set[int]:
-    return {int(d) for d in os.listdir("/proc")
-            if d.isdigit() and int(d) != os.getpid() and alive(int(d)) and text in cmdline(int(d))}
-
-
-def survivors(pids: set[int], timeout: float = 5.0) -> dict[int, str]:
-    """Those of ``pids`` still running after ``timeout`` seconds, with their command lines."""
-    deadline = time.monotonic() + timeout
-    left = {p for p in pids if alive(p)}
-    while left and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = {p for p in left if alive(p)}
-    return {p: cmdline(p)[:200] for p in left}
+from support import (MAX_VALIDITY, PIN, ROOT, Daemon, alive, children, cli, cmdline, descendants,
+                     make_signing_data, make_token, mentioning, survivors)
 
 
 def wait_for(cond, timeout: float, what: str) -> None:

@@ -31,8 +31,8 @@ from cryptobat.p11rpc.calls import BY_NAME
 from cryptobat.p11rpc.codec import encode_request, parse_response
 from cryptobat.p11rpc.framing import HEADER, encode_frame
 from cryptobat.p11rpc.module import HANDSHAKE, SLOT_ID
-from support import (PIN, ROOT, ConsoleSocket, Daemon, SockClient, cli, client_module, corpus_files, setup_home,
-                     signing_data, valid_requests, validate)
+from support import (PIN, ROOT, ConsoleSocket, Daemon, SockClient, cli, client_module, corpus_files, p11_served,
+                     setup_home, signing_data, valid_requests, validate)
 
 KEYS = (("8", "k8"), ("13", "k13"), ("13", "c13"), ("14", "k14"), ("15", "k15"))
 
@@ -256,14 +256,6 @@ def test_p11_stdio_embedded_without_daemon(tmp_path):
 
 # --- robustness over the daemon's real socket ---------------------------------------------
 
-def _served(daemon) -> None:
-    c = SockClient(daemon.p11)
-    c.ok("C_Initialize", HANDSHAKE, 0, None)
-    assert c.ok("C_GetTokenInfo", SLOT_ID)[1].rstrip() == b"Cryptobat"
-    c.close()
-    assert daemon.alive()
-
-
 @pytest.mark.parametrize("version", [0, 2])
 def test_corpus_over_daemon_socket(daemon, version):
     c = SockClient(daemon.p11, version)
@@ -275,7 +267,7 @@ def test_corpus_over_daemon_socket(daemon, version):
     c.raw(encode_request("C_Initialize", [HANDSHAKE, 0, None], version))  # the corpus finalizes too
     c.ok("C_GetInfo")
     c.close()
-    _served(daemon)
+    p11_served(daemon)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -302,7 +294,7 @@ def test_mutations_over_daemon_socket(daemon, idx, cut, flips, tail, header):
         assert len(c.raw(body)) >= 8
         c.ok("C_GetInfo")
     c.close()
-    _served(daemon)
+    p11_served(daemon)
 
 
 STRESS_CLIENT = textwrap.dedent("""
@@ -340,14 +332,14 @@ def _stress(daemon, data: bytes, seconds: int) -> int:
 def test_twenty_clients_sign_for_ten_seconds(daemon):
     """20 clients at once: no errors; after a warm-up round, a second round leaves memory flat."""
     _, _, _, data, _ = rrsig_data(daemon.home, "k8", valid=3600)
-    _served(daemon)
+    p11_served(daemon)
     rss = [daemon.rss_kb()]
     for seconds in (5, 10, 10):
         assert _stress(daemon, data, seconds) > 100
         rss.append(daemon.rss_kb())
     print("daemon VmRSS kB:", rss)
     assert rss[3] - rss[1] < 30 * 1024, rss
-    _served(daemon)
+    p11_served(daemon)
 
 
 def test_bench_runs_with_tiny_counts(tmp_path):
@@ -474,4 +466,4 @@ def test_every_boolean_attribute_reads_back_through_the_stock_client(lib, daemon
         for a in (Attribute.TOKEN, Attribute.PRIVATE, Attribute.SENSITIVE, Attribute.EXTRACTABLE,
                   Attribute.MODIFIABLE, Attribute.COPYABLE, Attribute.SIGN):
             assert isinstance(k[a], bool), a
-    _served(daemon)
+    p11_served(daemon)
