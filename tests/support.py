@@ -84,13 +84,16 @@ class Codes:
     injected clock there is nothing to wait for and the next step is given as it is.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time, wait: bool = True) -> None:
-        self.clock, self.wait = clock, wait
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
         self.secrets: dict[str, str] = {}
         self.used: dict[str, set[int]] = {}
 
     def enrol(self, name: str, coadd_answer: str) -> None:
         self.secrets[name] = secret_of(coadd_answer)
+
+    def real_time(self) -> bool:
+        return self.clock is time.time
 
     def free_step(self, name: str) -> int | None:
         """The step a code should come from now (current, next, previous), or None if all are used."""
@@ -98,7 +101,7 @@ class Codes:
         return next((s for s in (now, now + 1, now - 1) if s not in used), None)
 
     def code(self, name: str) -> str:
-        while (step := self.free_step(name)) is None and self.wait:
+        while (step := self.free_step(name)) is None and self.real_time():
             time.sleep(1)
         if step is None:
             step = max(self.used[name]) + 1
@@ -112,8 +115,11 @@ class Officers(Codes):
     """Officers at one console: enrolled there, logging in there, their apps on the token's wall clock."""
 
     def __init__(self, console: Console) -> None:
-        super().__init__(clock=lambda: console.token.clock._wall(), wait=False)  # the app's clock, not token time
+        super().__init__(clock=lambda: self.console.token.clock._wall())  # the app's clock, not token time
         self.console = console
+
+    def real_time(self) -> bool:
+        return self.console.token.clock._wall is time.time
 
     def add(self, name: str) -> str:
         out = self.console.handle(f"coadd {name}")
