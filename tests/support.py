@@ -341,13 +341,18 @@ class Daemon:
                 return int(line.split()[1])
         raise AssertionError("no VmRSS")
 
+    def officers_session(self) -> ConsoleSocket:
+        """A console socket session with every officer logged in."""
+        c = ConsoleSocket(self.home / "console.sock")
+        for name in self.codes.secrets:
+            out = c.cmd(f"cologin {name} {self.codes.code(name)}")
+            assert "Ok" in out, out
+        return c
+
     def quorum(self, *lines: str) -> list[str]:
         """The officers log in on a console socket session and run ``lines`` there."""
-        c = ConsoleSocket(self.home / "console.sock")
+        c = self.officers_session()
         try:
-            for name in self.codes.secrets:
-                out = c.cmd(f"cologin {name} {self.codes.code(name)}")
-                assert "Ok" in out, out
             return [c.cmd(l) for l in lines]
         finally:
             c.close()

@@ -30,9 +30,7 @@ def daemon(tmp_path_factory):
     home = tmp_path_factory.mktemp("attacks") / "token"
     codes = setup_home(home, keys=(("8", "k8"), ("13", "k13")), compat=())
     d = Daemon(home, "--no-pkcs11", codes=codes)
-    c = ConsoleSocket(home / "console.sock")
-    for name in codes.secrets:
-        assert "Ok" in c.cmd(f"cologin {name} {codes.code(name)}")
+    c = d.officers_session()
     assert c.cmd("keygen 13 ksk testzone ksk13").startswith("ok: key generated")
     d.officers = c
     yield d

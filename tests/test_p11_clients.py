@@ -31,7 +31,7 @@ from cryptobat.p11rpc.calls import BY_NAME
 from cryptobat.p11rpc.codec import encode_request, parse_response
 from cryptobat.p11rpc.framing import HEADER, encode_frame
 from cryptobat.p11rpc.module import HANDSHAKE, SLOT_ID
-from support import (PIN, ROOT, ConsoleSocket, Daemon, SockClient, cli, client_module, corpus_files, p11_served,
+from support import (PIN, ROOT, Daemon, SockClient, cli, client_module, corpus_files, p11_served,
                      setup_home, signing_data, valid_requests, validate)
 
 KEYS = (("8", "k8"), ("13", "k13"), ("13", "c13"), ("14", "k14"), ("15", "k15"))
@@ -362,9 +362,7 @@ def test_bench_runs_with_tiny_counts(tmp_path):
 @pytest.fixture(scope="module")
 def officers(daemon):
     """Both officers logged in once on their own console session, for the quorum commands below."""
-    c = ConsoleSocket(daemon.home / "console.sock")
-    for name in daemon.codes.secrets:
-        assert "Ok" in c.cmd(f"cologin {name} {daemon.codes.code(name)}")
+    c = daemon.officers_session()
     yield c.cmd
     c.close()
 

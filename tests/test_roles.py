@@ -215,9 +215,7 @@ def test_listed_signer_peer_needs_no_pin(token_home):
         k = next(KeyInfo.from_json(x) for x in call(s, {"op": "keys"})["keys"])
         sign = native.sign_request([("k13", make_signing_data(k, now + 3600, now - 60))])
         assert call(s, sign) == {"error": "not logged in"}
-        officers = ConsoleSocket(home / "console.sock")
-        for name in codes.secrets:
-            assert "Ok" in officers.cmd(f"cologin {name} {codes.code(name)}")
+        officers = d.officers_session()
         out = officers.cmd(f"signerpeers uid:{os.getuid()}")
         assert f"uid:{os.getuid()}" in out, out
         assert call(s, sign)["results"][0][0]  # open connections too
@@ -327,9 +325,7 @@ def test_line_cut_off_by_a_disconnect_is_not_run(token_home):
     home, codes = token_home
     d = Daemon(home, codes=codes)
     try:
-        c = ConsoleSocket(home / "console.sock")
-        for name in codes.secrets:
-            assert "Ok" in c.cmd(f"cologin {name} {codes.code(name)}")
+        c = d.officers_session()
         assert c.cmd("setmaxval 37") == " Maximum validity period set to +37 seconds\n"
         c.s.sendall(b"setmaxval 36")  # no line end: the client went away mid-line
         c.close()
