@@ -135,14 +135,20 @@ class Officers(Codes):
 
 # ---------------------------------------------------------------- tokens set up at the console
 
-def configure(officers: Officers, *, enrol: Iterable[str] = (), maxval: int | None = None, pin: str | None = None,
-              keys: Iterable[str] = (), compat: Iterable[str] = (), imports: Iterable[str] = ()) -> None:
+def configure(officers: Officers, *, enrol: Iterable[str] = (), quorum: int = 2, maxval: int | None = None,
+              pin: str | None = None, keys: Iterable[str] = (), compat: Iterable[str] = (),
+              imports: Iterable[str] = ()) -> None:
     """Enrol and log in officers, then set what is given: max validity, signer PIN, ``keygen``
-    arguments, labels put in compat mode, ``keyimport`` arguments."""
+    arguments, labels put in compat mode, ``keyimport`` arguments.  Once ``quorum`` officers
+    exist, enrolling one more takes a quorum: those enrolled log in first."""
     c = officers.console
+    present: list[str] = []
     for name in enrol:
+        if len(officers.secrets) >= quorum:
+            officers.login(*(n for n in officers.secrets if n not in present))
+            present = list(officers.secrets)
         officers.add(name)
-    officers.login(*officers.secrets)
+    officers.login(*(n for n in officers.secrets if n not in present))
     if maxval is not None:
         out = c.handle(f"setmaxval {maxval}")
         assert out == f" Maximum validity period set to +{maxval} seconds\n", out
@@ -168,7 +174,8 @@ def make_token(home: Path, *, quorum: int = 2, officers: Iterable[str] | None = 
     tok = Token.init(home, quorum=quorum, workers=workers, **clocks)
     try:
         o = Officers(Console(tok))
-        configure(o, enrol=("lamb", "jakob")[:max(quorum, 1)] if officers is None else officers, **settings)
+        configure(o, enrol=("lamb", "jakob")[:max(quorum, 1)] if officers is None else officers, quorum=quorum,
+                  **settings)
     except BaseException:
         tok.close()
         raise
@@ -311,7 +318,7 @@ class Daemon:
 
     def __init__(self, home: Path, *args: str, codes: Codes | None = None, log: Path | None = None,
                  timeout: float = 20) -> None:
-        self.home, self.codes = home, codes
+        self.home, self.codes, self.log = home, codes, log
         self.err = open(log, "ab") if log else None
         self.p = subprocess.Popen([sys.executable, "-m", "cryptobat", "--home", str(home), "serve", *args],
                                   stdout=subprocess.DEVNULL, stderr=self.err or subprocess.PIPE, text=not log)
