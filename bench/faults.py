@@ -45,168 +45,44 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
-import pyotp  # noqa: E402
-
-from cryptobat.client import connect, serving  # noqa: E402
+from cryptobat.client import connect  # noqa: E402
 from cryptobat.errors import CryptobatError  # noqa: E402
+from support import (PIN_TEXT as PIN, Codes, Daemon, cli, cmdline, descendants, make_token,  # noqa: E402
+                     mentioning, survivors)
 
-PIN = "123456"
 ZONE = "testzone."
 OFFICERS = 12
 TRACEBACK = "Traceback (most recent call last)"
 
 
-# ---------------------------------------------------------------- processes
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            out += [int(x) for x in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
-        except OSError:
-            pass
-    return out
-
-
-def descendants(pid: int) -> set[int]:
-    seen: set[int] = set()
-    todo = children(pid)
-    while todo:
-        p = todo.pop()
-        if p not in seen:
-            seen.add(p)
-            todo += children(p)
-    return seen
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie waiting for its reaper counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return "?"
-
-
-def mentioning(text: str) -> set[int]:
-    """Processes (not this one) whose command line mentions ``text``."""
-    found = set()
-    for d in os.listdir("/proc"):
-        if d.isdigit() and int(d) != os.getpid() and text in cmdline(int(d)):
-            found.add(int(d))
-    return found
-
-
-def survivors(pids: set[int], timeout: float) -> set[int]:
-    """Those of ``pids`` still running after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    left = {p for p in pids if alive(p)}
-    while left and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = {p for p in left if alive(p)}
-    return left
-
-
 # ---------------------------------------------------------------- the token
 
-class Codes:
-    """TOTP codes as the officers' apps give them, never reusing a time step (the token refuses that)."""
-
-    def __init__(self) -> None:
-        self.secrets: dict[str, str] = {}
-        self.used: dict[str, int] = {}
-
-    def next(self) -> tuple[str, str]:
-        """(officer, code) of the officer with the earliest usable step; waits if none has one."""
-        while True:
-            now = int(time.time()) // 30
-            name = min(self.secrets, key=lambda n: self.used.get(n, -1))
-            step = max(now - 1, self.used.get(name, -1) + 1)  # the token takes now-1 .. now+1
-            if step <= now + 1:
-                self.used[name] = step
-                return name, pyotp.TOTP(self.secrets[name]).at(step * 30)
-            time.sleep(1)
+def next_code(codes: Codes) -> tuple[str, str]:
+    """(officer, code) of the officer least recently used that has a usable step; waits if none has."""
+    while True:
+        for name in sorted(codes.secrets, key=lambda n: max(codes.used.get(n, {-1}))):
+            if codes.free_step(name) is not None:
+                return name, codes.code(name)
+        time.sleep(1)
 
 
 def setup(home: Path) -> Codes:
     """A quorum-1 token with OFFICERS officers, max validity, the signer PIN and a CSK for ZONE."""
-    from cryptobat.console import Console
-    from cryptobat.home import init_token
-    codes = Codes()
-    tok = init_token(home, quorum=1)
+    o = make_token(home, quorum=1, officers=[f"o{i}" for i in range(OFFICERS)], close=False, maxval=86400,
+                   pin=PIN, keys=("13 csk testzone c13",))
     try:
-        con = Console(tok)
-
-        def enrol(name: str) -> None:
-            out = con.handle(f"coadd {name}")
-            codes.secrets[name] = next(l.split()[1] for l in out.splitlines() if l.startswith("Secret:"))
-
-        enrol("o0")
-        name, code = codes.next()
-        assert con.handle(f"cologin {name} {code}") == f" CO {name} Ok\n"
-        for i in range(1, OFFICERS):
-            enrol(f"o{i}")
-        for line, want in (("setmaxval 86400", "Maximum validity"), (f"setpin {PIN}", "Signer PIN set"),
-                           ("keygen 13 csk testzone c13", "ok: key generated")):
-            out = con.handle(line)
-            assert want in out, (line, out)
-        con.handle("coreset")
+        o.console.handle("coreset")
     finally:
-        tok.close()
+        o.console.token.close()
+    codes = Codes()  # the apps go on after the set-up, on real time
+    codes.secrets, codes.used = o.secrets, o.used
     return codes
 
 
-def cli(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cryptobat", "--home", str(home), *args],
-                          capture_output=True, text=True, timeout=timeout)
-
-
-class Daemon:
-    def __init__(self, home: Path, log: Path) -> None:
-        self.home = home
-        self.log = log
-        self.err = open(log, "ab")
-        self.p = subprocess.Popen([sys.executable, "-m", "cryptobat", "--home", str(home), "serve", "--no-pkcs11"],
-                                  stdout=subprocess.DEVNULL, stderr=self.err)
-        deadline = time.monotonic() + 60
-        while not (serving(home / "console.sock") and serving(home / "native.sock")):
-            if self.p.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"daemon did not start: {log.read_text(errors='replace')[-2000:]}")
-            time.sleep(0.05)
-
-    @property
-    def pid(self) -> int:
-        return self.p.pid
-
-    def kill(self) -> None:
-        if self.p.poll() is None:
-            os.kill(self.p.pid, signal.SIGKILL)
-        self.p.wait()
-        self.err.close()
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        self.err.close()
+def start_daemon(home: Path, log: Path) -> Daemon:
+    return Daemon(home, "--no-pkcs11", log=log, timeout=60)
 
 
 # ---------------------------------------------------------------- state the console changed
@@ -293,7 +169,7 @@ class ConsoleLoad(threading.Thread):
             s.settimeout(60)
             if self._until_prompt(s) is None:
                 return
-            name, code = self.codes.next()
+            name, code = next_code(self.codes)
             s.sendall(f"cologin {name} {code}\n".encode())
             out = self._until_prompt(s)
             if out is None:
@@ -407,14 +283,14 @@ class Campaign:
             self.problem(f"{n} traceback(s) in {where}")
 
     def status(self, home: Path) -> tuple[subprocess.CompletedProcess, Model | None]:
-        p = cli(home, "status")
+        p = cli("status", home=home, timeout=120)
         return p, parse_status(p.stdout) if p.returncode == 0 else None
 
     def run(self) -> int:
         t0 = time.monotonic()
         codes = setup(self.home)
         model = Model(86400, {"c13"})
-        daemon = Daemon(self.home, self.logs / "daemon-0.err")
+        daemon = start_daemon(self.home, self.logs / "daemon-0.err")
         trial = 0
         try:
             while trial < self.a.trials and time.monotonic() - t0 < self.a.time_limit:
@@ -454,7 +330,7 @@ class Campaign:
         r["workers_at_kills"] += len(family)
 
         # nothing the daemon started may outlive it
-        left = survivors(family, 5.0) | (mentioning(str(self.home)) - {os.getpid()})
+        left = set(survivors(family, 5.0)) | mentioning(str(self.home))
         for p in left:
             self.problem(f"trial {n}: orphan {p}: {cmdline(p)[:160]}")
             try:
@@ -490,12 +366,12 @@ class Campaign:
 
         # restart: the audit chain holds, the state is the old or the new one
         try:
-            daemon = Daemon(self.home, self.logs / f"daemon-{n}.err")
+            daemon = start_daemon(self.home, self.logs / f"daemon-{n}.err")
         except RuntimeError as e:
             r["restart_failures"] += 1
             self.problem(f"trial {n}: {str(e)[:300]}")
             return None, model
-        v = cli(self.home, "audit", "verify")
+        v = cli("audit", "verify", home=self.home, timeout=120)
         self.tracebacks_in(v.stderr, f"trial {n} audit verify")
         if v.returncode != 0 or not v.stdout.startswith("ok:"):
             r["audit_failures"] += 1
@@ -573,8 +449,8 @@ class Campaign:
         data[at] ^= self.rng.randrange(1, 256)
         db.write_bytes(bytes(data))
         f["trials"] += 1
-        v = cli(copy, "audit", "verify")
-        s = cli(copy, "status")
+        v = cli("audit", "verify", home=copy, timeout=120)
+        s = cli("status", home=copy, timeout=120)
         if TRACEBACK in v.stderr + s.stderr:
             f["tracebacks"] += 1
             self.tracebacks_in(v.stderr + s.stderr, f"flip at byte {at}")
@@ -594,7 +470,7 @@ class Campaign:
         shutil.rmtree(copy, ignore_errors=True)
 
     def _status_lines(self, home: Path) -> list[str]:
-        return self._lines(cli(home, "status").stdout)
+        return self._lines(cli("status", home=home, timeout=120).stdout)
 
     @staticmethod
     def _lines(text: str) -> list[str]:

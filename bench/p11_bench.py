@@ -21,14 +21,14 @@ import glob
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-PIN = "123456"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support import PIN_TEXT as PIN, Daemon, client_module, make_token, stop_process  # noqa: E402
 
 WORKER = r"""
 import hashlib, json, sys, time, pkcs11
@@ -62,21 +62,6 @@ print(json.dumps({"ok": ok, "errors": errors, "first": first}))
 """
 
 
-def client_module() -> str:
-    cands = []
-    try:
-        d = subprocess.run(["pkg-config", "--variable=p11_module_path", "p11-kit-1"], capture_output=True,
-                           text=True, check=True).stdout.strip()
-        cands.append(os.path.join(d, "p11-kit-client.so"))
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    cands += sorted(glob.glob("/usr/lib/*/pkcs11/p11-kit-client.so")) + sorted(glob.glob("/usr/lib*/pkcs11/p11-kit-client.so"))
-    for c in cands:
-        if os.path.exists(c):
-            return c
-    sys.exit("p11-kit-client.so not found (apt-get install p11-kit-modules)")
-
-
 def softhsm_module() -> str:
     cands = sorted(glob.glob("/usr/lib/softhsm/libsofthsm2.so") + glob.glob("/usr/lib/*/softhsm/libsofthsm2.so")
                    + glob.glob("/usr/local/lib/softhsm/libsofthsm2.so"))
@@ -95,27 +80,15 @@ def _wait_for(path: Path, proc: subprocess.Popen, what: str) -> None:
 
 
 def setup_cryptobat(work: Path):
-    """A configured token; returns (home, {kind: KeyInfo})."""
-    import pyotp
-    from cryptobat.console import Console
-    from cryptobat.home import init_token
+    """A configured token; returns (home, {kind: KeyInfo}, token time)."""
     home = work / "cryptobat"
-    tok = init_token(home, quorum=2)
+    o = make_token(home, close=False, maxval=86400, pin=PIN,
+                   keys=("8 zsk bench.example krsa", "13 zsk bench.example kec"))
+    tok = o.console.token
     try:
-        con = Console(tok)
-        for name in ("lamb", "jakob"):
-            out = con.handle(f"coadd {name}")
-            secret = next(l.split()[1] for l in out.splitlines() if l.startswith("Secret:"))
-            assert "Ok" in con.handle(f"cologin {name} {pyotp.TOTP(secret).now()}")
-        con.handle("setmaxval 86400")
-        con.handle(f"setpin {PIN}")
-        for alg, label in (("8", "krsa"), ("13", "kec")):
-            assert con.handle(f"keygen {alg} zsk bench.example {label}").startswith("ok")
-        keys = {"rsa": tok.key("krsa"), "ec": tok.key("kec")}
-        now = tok.now()
+        return home, {"rsa": tok.key("krsa"), "ec": tok.key("kec")}, tok.now()
     finally:
         tok.close()
-    return home, keys, now
 
 
 def setup_softhsm(work: Path) -> dict:
@@ -180,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     daemon = server = None
     try:
         home, keys, now = setup_cryptobat(work)
-        daemon = subprocess.Popen([sys.executable, "-m", "cryptobat", "--home", str(home), "serve"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        _wait_for(home / "pkcs11.sock", daemon, "cryptobat serve")
+        daemon = Daemon(home, timeout=30)
         shenv = setup_softhsm(work)
         sock = work / "softhsm.sock"
         server = subprocess.Popen(["p11-kit", "server", "-f", "-n", str(sock), "--provider", softhsm_module(),
@@ -190,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                                   text=True, env=shenv)
         _wait_for(sock, server, "p11-kit server")
         data = {kind: rrsig_data(k, now) for kind, k in keys.items()}
-        targets = {"cryptobat": (f"unix:path={home / 'pkcs11.sock'}", {"rsa": "full", "ec": "bound"}),
+        targets = {"cryptobat": (daemon.address, {"rsa": "full", "ec": "bound"}),
                    "softhsm": (f"unix:path={sock}", {"rsa": "full", "ec": "hash"})}
         rows = []
         kinds = a.kinds.split(",")
@@ -223,13 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         bad = [r for r in rows if r["cryptobat"]["errors"] or r["softhsm"]["errors"]]
         return 1 if bad else 0
     finally:
-        for p in (daemon, server):
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        if daemon is not None:
+            daemon.stop()
+        if server is not None:
+            stop_process(server)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -37,6 +37,10 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support import zone_token  # noqa: E402
 
 ORIGIN = "example.com"
 TOOLS = ("dnssec-keygen", "dnssec-signzone", "ldns-keygen", "ldns-signzone", "keymgr", "kzonesign",
@@ -149,36 +153,8 @@ def _run(cmd, cwd, env=None) -> str:
 
 def setup_cryptobat(d: str) -> tuple[str, str, str]:
     """A real token (quorum 1), one officer logged in, max validity set, ECDSA KSK+ZSK; key files."""
-    import pyotp
-
-    from cryptobat.console import Console
-    from cryptobat.home import init_token
-
-    home = os.path.join(d, "token")
-    tok = init_token(home, quorum=1)
-    try:
-        con = Console(tok)
-        out = con.handle("coadd bench")
-        secret = next(l.split()[1] for l in out.splitlines() if l.startswith("Secret:"))
-        out = con.handle(f"cologin bench {pyotp.TOTP(secret).at(tok.now())}")
-        assert out.strip() == "CO bench Ok", out
-        assert "set" in con.handle(f"setmaxval {MAXVAL}")
-        for role in ("ksk", "zsk"):
-            out = con.handle(f"keygen 13 {role} {ORIGIN} bench-{role}")
-            assert out.startswith("ok: key generated"), out
-    finally:
-        tok.close()
-    kdir = os.path.join(d, "keys")
-    files = _run([sys.executable, "-m", "cryptobat", "--home", home, "keyfiles", ORIGIN, kdir], d).split()
-    ksk = zsk = None
-    for f in files:
-        if f.endswith(".key"):
-            text = open(f).read()
-            if "key-signing" in text:
-                ksk = f[:-4]
-            else:
-                zsk = f[:-4]
-    return home, ksk, zsk
+    zt = zone_token(Path(d) / "token", ORIGIN, Path(d) / "keys", algs=(13,), max_validity=MAXVAL)
+    return str(zt.home), zt.keys[(13, "ksk")], zt.keys[(13, "zsk")]
 
 
 def setup_bind(d: str) -> tuple[str, str]:

@@ -4,7 +4,6 @@ signer PIN, nothing else. Each attack of the security review, through each trans
 """
 from __future__ import annotations
 
-import base64
 import os
 import subprocess
 import sys
@@ -16,12 +15,9 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from conftest import cli
 from cryptobat import policy
 from cryptobat.client import SocketClient
-from test_p11rpc_backend import PIN, ConsoleSocket, Daemon, setup_home
-from test_policy import payload
-from test_sessions import SockConsole
+from support import PIN, ConsoleSocket, Daemon, cli, payload, setup_home
 
 WRAP = (1 << 31) + 10  # expiration = now + 2^31 + 10 read as "in the past" by the old check
 CDS = int(dns.rdatatype.CDS)
@@ -33,10 +29,8 @@ DNSKEY = int(dns.rdatatype.DNSKEY)
 def daemon(tmp_path_factory):
     home = tmp_path_factory.mktemp("attacks") / "token"
     codes = setup_home(home, keys=(("8", "k8"), ("13", "k13")), compat=())
-    d = Daemon(home, codes, "--no-pkcs11")
-    c = ConsoleSocket(home / "console.sock")
-    for name in codes.secrets:
-        assert "Ok" in c.cmd(f"cologin {name} {codes.code(name)}")
+    d = Daemon(home, "--no-pkcs11", codes=codes)
+    c = d.officers_session()
     assert c.cmd("keygen 13 ksk testzone ksk13").startswith("ok: key generated")
     d.officers = c
     yield d
@@ -79,7 +73,7 @@ def test_wrap_is_refused_on_the_native_socket(signer):
 def test_wrap_is_refused_on_the_console(daemon, signer):
     k = _keys(signer)["k13"]
     now = signer.time()
-    c = SockConsole(daemon.home / "console.sock")
+    c = ConsoleSocket(daemon.home / "console.sock")
     try:
         assert c("tpmloadkey k13").startswith("fail: signing needs the signer PIN")
         assert c("signerlogin") == "PIN: "

@@ -8,30 +8,15 @@ import time
 import tty
 
 import pexpect
-import pyotp
-import pytest
 
 from cryptobat.client import SocketClient, connect
-from conftest import Daemon, cli
-from test_policy import payload
+from support import CONFIGURED_PIN, Codes, Daemon, cli, payload, pty_talk
 
-CODE_STEP = 30
-SIGNER_PIN = "signer-pin-1"
-
-
-def _code(secret: str, step_offset: int = 0) -> str:
-    return pyotp.TOTP(secret).at((int(time.time()) // CODE_STEP + step_offset) * CODE_STEP)
-
-
-def _secret(text: str) -> str:
-    m = re.search(r"Secret: ([A-Z2-7]+)", text)
-    assert m, text
-    return m.group(1)
 
 
 def test_seed_slides_on_a_terminal(tmp_path):
     """`cryptobat console` on a pseudo-terminal, typed as the seed's first two slides."""
-    home = tmp_path / "t"
+    home, codes = tmp_path / "t", Codes()
     assert cli("init", home=home).returncode == 0
     child = pexpect.spawn(sys.executable, ["-m", "cryptobat", "--home", str(home), "console"],
                           encoding="utf-8", timeout=20, dimensions=(60, 200))
@@ -48,12 +33,12 @@ def test_seed_slides_on_a_terminal(tmp_path):
         child.expect_exact("> ")
         child.sendline("coadd lamb")
         child.expect(r"Added CO: lamb\r\nSecret: [A-Z2-7]+\r\n")
-        lamb = _secret(child.after)
+        codes.enrol("lamb", child.after)
         child.expect_exact("> ")
         child.sendline("colist")
         child.expect_exact(" |lamb| not present")
         child.expect_exact("> ")
-        child.sendline(f"cologin lamb {_code(lamb)}")
+        child.sendline(f"cologin lamb {codes('lamb')}")
         child.expect_exact(" CO lamb Ok")
         child.expect_exact("> ")
         child.sendline("colist")
@@ -64,16 +49,16 @@ def test_seed_slides_on_a_terminal(tmp_path):
         child.expect_exact("> ")
         child.sendline("coadd jakob")
         child.expect(r"Added CO: jakob\r\nSecret: [A-Z2-7]+\r\n")
-        jakob = _secret(child.after)
+        codes.enrol("jakob", child.after)
         child.expect_exact("> ")
         child.sendline("colist")
         child.expect_exact(" |lamb| present\r\n |jakob| not present")
         child.expect_exact("> ")
-        wrong = f"{(int(_code(jakob)) + 500000) % 10**6:06d}"
+        wrong = f"{(int(codes('jakob')) + 500000) % 10**6:06d}"
         child.sendline(f"cologin jakob {wrong}")
         child.expect_exact(" Failed")
         child.expect_exact("> ")
-        child.sendline(f"cologin jakob {_code(jakob)}")
+        child.sendline(f"cologin jakob {codes('jakob')}")
         child.expect_exact(" CO jakob Ok")
         child.expect_exact("> ")
         child.sendline("colist")
@@ -95,7 +80,7 @@ def test_seed_slides_on_a_terminal(tmp_path):
 
 
 def test_passphrase_prompt_does_not_echo(tmp_path):
-    home = tmp_path / "t"
+    home, codes = tmp_path / "t", Codes()
     cli("init", "--quorum", "1", home=home)
     child = pexpect.spawn(sys.executable, ["-m", "cryptobat", "--home", str(home), "console"],
                           encoding="utf-8", timeout=20, dimensions=(60, 200))
@@ -103,9 +88,9 @@ def test_passphrase_prompt_does_not_echo(tmp_path):
         child.expect_exact("> ")
         child.sendline("coadd lamb")
         child.expect(r"Secret: [A-Z2-7]+")
-        secret = _secret(child.after)
+        codes.enrol("lamb", child.after)
         child.expect_exact("> ")
-        child.sendline(f"cologin lamb {_code(secret)}")
+        child.sendline(f"cologin lamb {codes('lamb')}")
         child.expect_exact(" CO lamb Ok")
         child.expect_exact("> ")
         child.sendline("copass lamb")
@@ -122,33 +107,8 @@ def test_passphrase_prompt_does_not_echo(tmp_path):
         child.close(force=True)
 
 
-@pytest.fixture
-def configured(tmp_path):
-    """A token with one officer (quorum 1), a policy and a key, set up through the CLI console."""
-    home = tmp_path / "t"
-    cli("init", "--quorum", "1", home=home)
-    r = cli("console", home=home, input="coadd solo\n")
-    secret = _secret(r.stdout)
-    r = cli("console", home=home, input=f"cologin solo {_code(secret)}\nsetmaxval 3600\nkeygen 13 zsk testzone z\n"
-                                        f"setpin {SIGNER_PIN}\n")
-    assert " CO solo Ok" in r.stdout and "ok: key generated" in r.stdout and " Signer PIN set" in r.stdout, r.stdout
-    return home, secret
-
-
-def _pty_talk(fd: int, line: bytes, until: bytes = b"> ", timeout: float = 10) -> bytes:
-    os.write(fd, line)
-    out = b""
-    deadline = time.time() + timeout
-    while not out.endswith(until) and time.time() < deadline:
-        try:
-            out += os.read(fd, 4096)
-        except BlockingIOError:
-            time.sleep(0.02)
-    return out
-
-
 def test_daemon_serves_all_transports_at_once(configured, tmp_path):
-    home, secret = configured
+    home, codes = configured
     master, slave = os.openpty()  # stands for a USB serial adapter: we talk on the master side
     tty.setraw(master)
     serial_dev = os.ttyname(slave)
@@ -160,23 +120,23 @@ def test_daemon_serves_all_transports_at_once(configured, tmp_path):
         # the pseudo-terminal, as `screen PATH 115200` would open it
         fd = os.open(home / "console.pty", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         tty.setraw(fd)
-        out = _pty_talk(fd, b"colist\r")
+        out = pty_talk(fd, b"colist\r")
         assert out == b"colist\r\n |solo| not present\r\n> "
-        out = _pty_talk(fd, b"datx\x7fe\r")  # backspace edits the line, as on the device
+        out = pty_talk(fd, b"datx\x7fe\r")  # backspace edits the line, as on the device
         assert b"date\r\n" not in out or b"Y:" in out
         assert re.search(rb"Y:\d\d M:\d\d D:\d\d h:\d\d m:\d\d s:\d\d ok\r\n\d+\r\n> $", out), out
         # the serial line
         os.set_blocking(master, False)
-        _pty_talk(master, b"", timeout=1)
-        out = _pty_talk(master, b"version\r")
+        pty_talk(master, b"", timeout=1)
+        out = pty_talk(master, b"version\r")
         assert b"Cryptobat firmware version" in out
         # an officer logged in on the serial line is present there, and only there (tests/test_sessions.py)
-        out = _pty_talk(master, f"cologin solo {_code(secret, 1)}\r".encode())
+        out = pty_talk(master, f"cologin solo {codes('solo')}\r".encode())
         assert b" CO solo Ok" in out
-        assert b" |solo| present" in _pty_talk(master, b"colist\r")
+        assert b" |solo| present" in pty_talk(master, b"colist\r")
         assert " |solo| not present" in cli("console", home=home, input="colist\n").stdout
         # the native signing API, via the client class
-        c = connect(home=home, pin=SIGNER_PIN)
+        c = connect(home=home, pin=CONFIGURED_PIN)
         assert isinstance(c, SocketClient)
         k = next(k for k in c.keys() if k.label == "z")
         now = c.time()

@@ -13,26 +13,15 @@ import time
 
 import pytest
 
-from cryptobat.console import Console
 from cryptobat.errors import IntegrityError, TokenBusy
-from cryptobat.home import init_token, open_token
-from cryptobat.token import Token
-from conftest import Officers, ROOT, cli
-from test_policy import payload
+from cryptobat.home import open_token
+from support import ROOT, cli, make_token, payload
 
 
 def _ready_token(path, wall=None, mono=None):
-    kw = {}
-    if wall:
-        kw.update(wall=wall, mono=mono)
-    t = init_token(path, quorum=1, **kw)
-    c = Console(t)
-    o = Officers(c)
-    o.add("solo")
-    o.login("solo")
-    assert c.handle("setmaxval 3600").startswith(" Maximum")
-    assert c.handle("keygen 13 zsk testzone z").startswith("ok:")
-    return t, c, o
+    o = make_token(path, quorum=1, officers=("solo",), close=False, wall=wall, mono=mono, maxval=3600,
+                   keys=("13 zsk testzone z",))
+    return o.console.token, o.console, o
 
 
 def test_clock_jump_enters_tamper_until_settime(tmp_path):
@@ -173,7 +162,7 @@ def test_second_process_cannot_open_the_store(tmp_path):
 WRITER = textwrap.dedent("""
     import sys
     from cryptobat.home import open_token
-    from test_policy import payload
+    from support import payload
     t = open_token(sys.argv[1])
     k = t.key("z")
     i = 0

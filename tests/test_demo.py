@@ -1,7 +1,7 @@
 """The README's first command: `cryptobat demo` replays the original device on a throwaway token."""
 from __future__ import annotations
 
-from conftest import cli
+from support import cli
 
 
 def test_demo_replays_the_seed(tmp_path):

@@ -27,12 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
-from test_p11_knot import PIN, Hsm, need
-from test_p11_pdns import Pdns, ZONES, _free_port, _keys_of, _mechanisms, _validate
-from test_roles import as_user
+from support import (DAY, PIN_TEXT, ROOT, ZONE_KEYS, Hsm, Pdns, as_user, free_port, need, need_root,
+                     pdns_mechanisms, pdns_validates)
 
-DAY = 86400
 UNIT = ROOT / "contrib" / "systemd" / "cryptobat.service"
 SERIAL_DROPIN = ROOT / "contrib" / "systemd" / "cryptobat.service.d" / "serial.conf"
 HARDENING = {
@@ -43,13 +40,6 @@ HARDENING = {
     "RestrictNamespaces": "yes", "LockPersonality": "yes", "MemoryDenyWriteExecute": "yes",
     "SystemCallFilter": "@system-service", "CapabilityBoundingSet": "",
 }
-
-
-def need_root() -> None:
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("the deployment test needs root (it creates and becomes users cryptobat, pdns, nobody)")
-        pytest.skip("needs root (creates and becomes users cryptobat, pdns, nobody)")
 
 
 # --- the systemd unit -------------------------------------------------------------------------
@@ -180,9 +170,8 @@ def _python_for(user: pwd.struct_passwd, lib: Path) -> tuple[list[str], dict]:
 
 
 class TokenAsCryptobat(Hsm):
-    """test_p11_knot's Hsm (one officer, a PIN, keys), with the daemon run as user cryptobat.
-    Its console commands go through ``test_p11_knot.cli``, which the fixture points at
-    :meth:`cryptobat` (run as cryptobat too)."""
+    """support's Hsm (one officer, a PIN, keys), with the daemon and the ``cryptobat`` command
+    (:meth:`cli`, which sets the token up too) run as user cryptobat."""
 
     def __init__(self, home: Path, run: Path, maxval: int, keygen: list[str], python: list[str], env: dict) -> None:
         self.user = pwd.getpwnam("cryptobat")
@@ -194,7 +183,7 @@ class TokenAsCryptobat(Hsm):
             os.chown(d, self.user.pw_uid, self.user.pw_gid)
         super().__init__(home, maxval, keygen)
 
-    def cryptobat(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
         return _runs_as(self.user, [*self.python, "-m", "cryptobat", "--home", str(self.home), *args], self.env,
                         input)
 
@@ -215,9 +204,9 @@ class TokenAsCryptobat(Hsm):
 
 
 @pytest.fixture
-def deployed(monkeypatch):
+def deployed():
     """(token served as cryptobat, PowerDNS as pdns signing through it, the token's base directory)."""
-    need_root()
+    need_root("it creates and becomes users cryptobat, pdns, nobody")
     for tool, pkg in (("pdns_server", "pdns-server"), ("pdnsutil", "pdns-server"), ("kdig", "knot-dnsutils"),
                       ("useradd", "passwd")):
         need(tool, pkg)
@@ -229,30 +218,16 @@ def deployed(monkeypatch):
     made: list = [base]
     try:
         python, env = _python_for(cryptobat, base / "pylib")
-        import test_p11_knot
-
-        def cli_as_cryptobat(*args: str, home: Path | None = None, input: str | None = None, **kw):
-            return _runs_as(cryptobat, [*python, "-m", "cryptobat", "--home", str(home), *args], env, input)
-        monkeypatch.setattr(test_p11_knot, "cli", cli_as_cryptobat)
-        keygen = [f"{alg} {role} {zone} {zone.split('.')[1]}-{role}"
-                  for zone, (alg, _) in ZONES.items() for role in ("ksk", "zsk")]
-        tok = TokenAsCryptobat(base / "token", base / "run", 14 * DAY, keygen, python, env)
+        tok = TokenAsCryptobat(base / "token", base / "run", 14 * DAY, ZONE_KEYS, python, env)
         made.append(tok)
         tok.start()
         pbase = Path(tempfile.mkdtemp(prefix="cryptobat-pdns-"))
         os.chmod(pbase, 0o755)
         made.append(pbase)
-        pdns = Pdns(pbase, base / "run" / "pkcs11.sock", _free_port())
+        pdns = Pdns(pbase, base / "run" / "pkcs11.sock", free_port())
         assert pdns.user is not None and pdns.user.pw_name == "pdns"
         made.append(pdns)
-        for zone, (_, name) in ZONES.items():
-            pdns.util("create-zone", zone, "ns1." + zone)
-            pdns.util("add-record", zone, "ns1", "A", "192.0.2.1")
-            pdns.util("add-record", zone, "www", "A", "192.0.2.80")
-            for role in ("ksk", "zsk"):
-                out = pdns.util("hsm", "assign", zone, name, role, "cryptobat", tok.label, PIN,
-                                f"{zone.split('.')[1]}-{role}")
-                assert f"Module cryptobat slot {tok.label} assigned to {zone.rstrip('.')}" in out, out
+        pdns.add_zones(tok.label)
         pdns.start()
         yield tok, pdns, base
     finally:
@@ -284,16 +259,16 @@ def test_powerdns_as_pdns_signs_through_a_token_run_as_cryptobat(deployed):
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (cb.pw_uid, signers, 0o660), name
 
     # PowerDNS, as pdns, signs live answers through pkcs11.sock under the full policy
-    _validate(pdns, "example.org.", _keys_of(tok, "example.org."))
-    _validate(pdns, "example.net.", _keys_of(tok, "example.net."))
-    assert "CKM_SHA256_RSA_PKCS" in _mechanisms(pdns)
+    pdns_validates(pdns, "example.org.", tok.keys_of("example.org."))
+    pdns_validates(pdns, "example.net.", tok.keys_of("example.net."))
+    assert "CKM_SHA256_RSA_PKCS" in pdns_mechanisms(pdns)
     assert int(pdns.proc.pid) and re.search(rf"^Uid:\s+{pd.pw_uid}\s",
                                            Path(f"/proc/{pdns.proc.pid}/status").read_text(), re.M)
 
     # pdns: no token file, no console; the native API with the PIN, as PowerDNS's PKCS#11
     def native_as_signer() -> str:
         from cryptobat.client import SocketClient
-        c = SocketClient(str(run / "native.sock"), PIN)
+        c = SocketClient(str(run / "native.sock"), PIN_TEXT)
         try:
             return ",".join(sorted(k.label for k in c.keys()))
         finally:
@@ -309,5 +284,5 @@ def test_powerdns_as_pdns_signs_through_a_token_run_as_cryptobat(deployed):
                                                      run / "console.sock", home / "master.key"])
     assert got == ["EACCES", "EACCES", "EACCES", "EACCES"], got
     # the token's own user still has its console (officers on the token host)
-    r = tok.cryptobat("console", input="colist\n")
+    r = tok.cli("console", input="colist\n")
     assert " |solo| not present" in r.stdout, r.stdout + r.stderr

@@ -24,9 +24,7 @@ from cryptobat.p11rpc.module import HANDSHAKE, MAX_RANDOM, SLOT_ID
 from cryptobat.p11rpc.server import Connection
 from cryptobat.p11rpc.unix import MAX_PEERS
 from cryptobat.serve import MAX_CONNECTIONS, PRELOGIN_FRAME, _Server
-from conftest import cli
-from test_p11_clients import SockClient
-from test_p11rpc_backend import PIN, ConsoleSocket, Daemon, setup_home
+from support import PIN, ConsoleSocket, Daemon, SockClient, cli, p11_served, setup_home
 
 KEYS = (("13", "k13"),)
 FRAME_TIMEOUT = "2"  # seconds a native frame may stall in this module's daemon
@@ -39,7 +37,7 @@ def daemon(tmp_path_factory):
     old = os.environ.get("CRYPTOBAT_NATIVE_FRAME_TIMEOUT")
     os.environ["CRYPTOBAT_NATIVE_FRAME_TIMEOUT"] = FRAME_TIMEOUT
     try:
-        d = Daemon(home, codes)
+        d = Daemon(home, codes=codes)
     finally:
         if old is None:
             os.environ.pop("CRYPTOBAT_NATIVE_FRAME_TIMEOUT")
@@ -47,14 +45,6 @@ def daemon(tmp_path_factory):
             os.environ["CRYPTOBAT_NATIVE_FRAME_TIMEOUT"] = old
     yield d
     d.stop()
-
-
-def _p11_served(daemon) -> None:
-    c = SockClient(daemon.p11)
-    c.ok("C_Initialize", HANDSHAKE, 0, None)
-    assert c.ok("C_GetTokenInfo", SLOT_ID)[1].rstrip() == b"Cryptobat"
-    c.close()
-    assert daemon.alive()
 
 
 def _native(path: Path, req: dict, timeout: float = 30) -> dict:
@@ -116,7 +106,7 @@ def test_pipelined_random_is_bounded(daemon):
     c.s.sendall(b"".join(frames))
     peak = base
     for _ in range(5):  # others are served meanwhile, and the daemon does not grow
-        _p11_served(daemon)
+        p11_served(daemon)
         assert _native(daemon.home / "native.sock", {"op": "time"})["time"] > 0
         peak = max(peak, daemon.rss_kb())
     assert peak - base < 200 * 1024, (base, peak)
@@ -137,7 +127,7 @@ def test_pipelined_random_is_bounded(daemon):
     assert daemon.rss_kb() - base < 200 * 1024
     c.ok("C_GetInfo")  # the connection serves on
     c.close()
-    _p11_served(daemon)
+    p11_served(daemon)
 
 
 # --- 4: pipelined C_Login behind a fast call -------------------------------------------------
@@ -165,7 +155,7 @@ def test_pipelined_login_behind_fast_call_runs_off_the_loop(daemon):
     c.code += 2
     c.ok("C_Login", h, C.CKU_USER, PIN)  # resets the failure count
     c.close()
-    _p11_served(daemon)
+    p11_served(daemon)
 
 
 class RealTokenless:
@@ -207,7 +197,7 @@ def test_p11_connections_are_capped(daemon):
     finally:
         for s in socks:
             s.close()
-    _p11_served(daemon)
+    p11_served(daemon)
 
 
 def test_out_of_descriptors_recovers(tmp_path):
@@ -220,7 +210,7 @@ def test_out_of_descriptors_recovers(tmp_path):
     os.environ["CRYPTOBAT_P11_MAX_CONNECTIONS"] = "100000"
     resource.setrlimit(resource.RLIMIT_NOFILE, (96, hard))  # the daemon inherits it
     try:
-        d = Daemon(home, codes)
+        d = Daemon(home, codes=codes)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         if old is None:
@@ -238,8 +228,8 @@ def test_out_of_descriptors_recovers(tmp_path):
         for s in socks:
             s.close()
         socks = []
-        _p11_served(d)
-        _p11_served(d)
+        p11_served(d)
+        p11_served(d)
     finally:
         for s in socks:
             s.close()

@@ -8,8 +8,6 @@ leaves no process behind.
 """
 from __future__ import annotations
 
-import conftest
-
 import json
 import os
 import random
@@ -23,72 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from test_p11rpc_backend import PIN, make_signing_data, setup_home
-
+from cryptobat.home import open_engine
 from cryptobat import signing
 from cryptobat.client import connect
-from cryptobat.console import Console
 from cryptobat.errors import CryptobatError
-from cryptobat.home import init_token, open_engine, open_token
-
-ROOT = conftest.ROOT
-
-
-# ---------------------------------------------------------------- processes, from /proc
-
-def children(pid: int) -> set[int]:
-    out: set[int] = set()
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            out |= {int(x) for x in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()}
-        except OSError:
-            pass
-    return out
-
-
-def descendants(pid: int) -> set[int]:
-    seen: set[int] = set()
-    todo = list(children(pid))
-    while todo:
-        p = todo.pop()
-        if p not in seen:
-            seen.add(p)
-            todo += children(p)
-    return seen
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"  # a zombie is dead, waiting for its reaper
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def mentioning(text: str) -> set[int]:
-    return {int(d) for d in os.listdir("/proc")
-            if d.isdigit() and int(d) != os.getpid() and alive(int(d)) and text in cmdline(int(d))}
-
-
-def survivors(pids: set[int], timeout: float = 5.0) -> dict[int, str]:
-    """Those of ``pids`` still running after ``timeout`` seconds, with their command lines."""
-    deadline = time.monotonic() + timeout
-    left = {p for p in pids if alive(p)}
-    while left and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = {p for p in left if alive(p)}
-    return {p: cmdline(p)[:200] for p in left}
+from support import (MAX_VALIDITY, PIN, ROOT, Daemon, alive, children, cli, cmdline, descendants,
+                     make_signing_data, make_token, mentioning, survivors)
 
 
 def wait_for(cond, timeout: float, what: str) -> None:
@@ -125,16 +63,9 @@ def watch(pid: int, into: set[int], stop: threading.Event) -> threading.Thread:
 
 # ---------------------------------------------------------------- a token and zones
 
-def make_token(home: Path) -> None:
+def csk_token(home: Path) -> None:
     """A quorum-1 token set up as the PKCS#11 tests do (signer PIN ``PIN``), with a CSK for testzone."""
-    codes = setup_home(home, keys=(), compat=(), quorum=1)
-    tok = open_token(home)
-    try:
-        con = Console(tok)
-        assert con.handle(f"cologin lamb {codes.code('lamb')}") == " CO lamb Ok\n"
-        assert con.handle("keygen 13 csk testzone c13").startswith("ok: key generated")
-    finally:
-        tok.close()
+    make_token(home, quorum=1, maxval=MAX_VALIDITY, pin=PIN.decode(), keys=("13 csk testzone c13",))
 
 
 def write_zone(path: Path, names: int, txt: bool = True) -> Path:
@@ -159,9 +90,9 @@ def test_signzone_hsm_daemon_killed_mid_run_fails_in_one_line(tmp_path, reaper):
     """signzone --hsm: the daemon gets SIGKILL while it signs signzone's batches. signzone exits 1
     with one line naming the daemon, writes no output file and leaves no temporary file."""
     home = tmp_path / "token"
-    make_token(home)
+    csk_token(home)
     zone = write_zone(tmp_path / "testzone", 20000)
-    d = conftest.Daemon(home, "--no-pkcs11")
+    d = Daemon(home, "--no-pkcs11")
     reaper.add(d.pid)
     out = tmp_path / "testzone.signed"
     sock = home / "native.sock"
@@ -237,7 +168,7 @@ def test_console_command_cut_by_the_daemon_is_an_error(tmp_path):
     home = tmp_path / "home"
     fake = FakeConsole(home, "cut")
     try:
-        r = conftest.cli("status", home=home, timeout=60)
+        r = cli("status", home=home, timeout=60)
     finally:
         fake.close()
     assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
@@ -271,8 +202,8 @@ def test_daemon_kill9_leaves_no_process(tmp_path, reaper):
     """The daemon gets SIGKILL while its workers sign a large native-API batch: every process it
     started (the workers hold unsealed keys) is gone within seconds."""
     home = tmp_path / "token"
-    make_token(home)
-    d = conftest.Daemon(home, "--no-pkcs11")
+    csk_token(home)
+    d = Daemon(home, "--no-pkcs11")
     reaper.add(d.pid)
     client = connect(f"unix:{home / 'native.sock'}", pin=PIN.decode())
     key = next(k for k in client.keys() if k.label == "c13")
@@ -309,7 +240,7 @@ def test_daemon_kill9_leaves_no_process(tmp_path, reaper):
 
 def _kill_embedded_signzone(tmp_path, reaper, names: int, settle) -> dict[int, str]:
     home = tmp_path / "token"
-    make_token(home)
+    csk_token(home)
     zone = write_zone(tmp_path / "testzone", names, txt=False)
     p = subprocess.Popen(signzone_cmd(zone, tmp_path / "out", "--home", str(home)),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -356,7 +287,7 @@ def test_normal_runs_leave_no_process(tmp_path, reaper):
     """A signzone run that uses the signing workers, and a daemon stopped with SIGTERM after a
     large batch, leave no process behind."""
     home = tmp_path / "token"
-    make_token(home)
+    csk_token(home)
     zone = write_zone(tmp_path / "testzone", 3000, txt=False)
     p = subprocess.Popen(signzone_cmd(zone, tmp_path / "out", "--home", str(home)),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -372,7 +303,7 @@ def test_normal_runs_leave_no_process(tmp_path, reaper):
     assert seen, "signzone started no worker process"
     assert not survivors(seen)
 
-    d = conftest.Daemon(home, "--no-pkcs11")
+    d = Daemon(home, "--no-pkcs11")
     reaper.add(d.pid)
     client = connect(f"unix:{home / 'native.sock'}", pin=PIN.decode())
     try:
@@ -393,15 +324,10 @@ def test_normal_runs_leave_no_process(tmp_path, reaper):
 def test_workers_outlive_the_thread_that_asked_for_them(tmp_path):
     """A worker's parent-death signal follows the thread that started it: the daemon's connection
     threads come and go, and the workers they used must stay (and be reused) until the token closes."""
-    t = init_token(tmp_path / "t", quorum=1)
+    t = make_token(tmp_path / "t", quorum=1, officers=("solo",), close=False, maxval=3600,
+                   keys=("13 zsk testzone z",)).console.token
     engine = open_engine(t, workers=2)
     try:
-        c = Console(t)
-        o = conftest.Officers(c)
-        o.add("solo")
-        o.login("solo")
-        c.handle("setmaxval 3600")
-        c.handle("keygen 13 zsk testzone z")
         k = t.key("z")
         now = t.now()
         items = [("z", make_signing_data(k, now + 600, now - 60))] * (signing.PARALLEL_MIN * 4)
@@ -427,15 +353,10 @@ def test_workers_outlive_the_thread_that_asked_for_them(tmp_path):
 def test_a_killed_worker_fails_one_batch_not_the_token(tmp_path):
     """A worker killed mid-batch fails that batch with one CryptobatError; one killed while idle
     costs nothing; either way the next batch runs on fresh workers."""
-    t = init_token(tmp_path / "t", quorum=1)
+    t = make_token(tmp_path / "t", quorum=1, officers=("solo",), close=False, maxval=3600,
+                   keys=("13 zsk testzone z",)).console.token
     engine = open_engine(t, workers=2)
     try:
-        c = Console(t)
-        o = conftest.Officers(c)
-        o.add("solo")
-        o.login("solo")
-        c.handle("setmaxval 3600")
-        c.handle("keygen 13 zsk testzone z")
         k = t.key("z")
         now = t.now()
         items = [("z", make_signing_data(k, now + 600, now - 60))] * 40000

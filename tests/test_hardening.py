@@ -6,16 +6,13 @@ import os
 import shutil
 import stat
 import subprocess
-import threading
 import time
 
 import dns.rrset
 import pytest
 
-from conftest import Daemon, cli, signing_data
-from test_cli_console import configured  # noqa: F401  (fixture)
-from test_sessions import SockConsole, Codes
 from cryptobat.home import init_token
+from support import CONFIGURED_PIN, ConsoleSocket, Daemon, Officers, cli, payload, signing_data
 
 
 def _init(home, quorum: int = 1):
@@ -82,7 +79,7 @@ def test_a_clock_far_ahead_at_start_is_tamper(tmp_path):
 
 # --- audit log ---------------------------------------------------------------------------------------
 
-def test_a_broken_audit_chain_is_refused_at_start(configured):  # noqa: F811
+def test_a_broken_audit_chain_is_refused_at_start(configured):
     import sqlite3
     home, _ = configured
     db = sqlite3.connect(home / "state.db")
@@ -116,19 +113,16 @@ def test_audit_entries_are_bounded_whatever_a_client_sends(ready):
 
 # --- keyimport ------------------------------------------------------------------------------------
 
-def test_keyimport_checks_the_quorum_first_and_reads_only_regular_files(configured, tmp_path):  # noqa: F811
-    home, secret = configured
+def test_keyimport_checks_the_quorum_first_and_reads_only_regular_files(configured, tmp_path):
+    home, codes = configured
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     d = Daemon(home, "--no-pkcs11")
     try:
-        c = SockConsole(home / "console.sock")
+        c = ConsoleSocket(home / "console.sock")
         try:
             t = time.monotonic()
             assert c(f"keyimport zsk testzone {fifo}") == " Configuration disabled\n"
-            codes = Codes()
-            codes.secrets["solo"] = secret
-            codes.used["solo"] = int(time.time()) // 30  # the fixture's login used this step
             assert c(f"cologin solo {codes('solo')}") == " CO solo Ok\n"
             assert c(f"keyimport zsk testzone {fifo}") == f"fail: cannot read {fifo}: not a regular file\n"
             assert c("keyimport zsk testzone /dev/zero") == "fail: cannot read /dev/zero: not a regular file\n"
@@ -175,11 +169,10 @@ def small_disk(tmp_path):
 
 def test_full_disk_refuses_changes_and_signing_keeps_status_and_recovers(small_disk):
     from cryptobat.console import Console
-    from conftest import Officers
     t = init_token(small_disk / "t", quorum=1)
     try:
-        c, o = Console(t), Officers(Console(t))
-        o.console = c
+        c = Console(t)
+        o = Officers(c)
         o.add("lamb")
         o.login("lamb")
         assert "set to +3600" in c.handle("setmaxval 3600")
@@ -217,16 +210,13 @@ def test_full_disk_refuses_changes_and_signing_keeps_status_and_recovers(small_d
 
 # --- a lost WAL ------------------------------------------------------------------------------------
 
-def test_a_store_that_lost_acknowledged_changes_is_refused(configured):  # noqa: F811
+def test_a_store_that_lost_acknowledged_changes_is_refused(configured):
     """kill -9 leaves acknowledged changes in state.db-wal; deleting it used to lose them silently."""
     import signal
-    home, secret = configured
+    home, codes = configured
     d = Daemon(home, "--no-pkcs11")
     try:
-        c = SockConsole(home / "console.sock")
-        codes = Codes()
-        codes.secrets["solo"] = secret
-        codes.used["solo"] = int(time.time()) // 30
+        c = ConsoleSocket(home / "console.sock")
         assert c(f"cologin solo {codes('solo')}") == " CO solo Ok\n"
         assert c("setmaxval 1800") == " Maximum validity period set to +1800 seconds\n"  # acknowledged
         c.close()
@@ -272,7 +262,7 @@ def test_damaged_files_give_one_line_naming_the_file(tmp_path, damage):
         assert str(home / ("state.db" if name in ("header", "empty") else name)) in r.stderr, r.stderr
 
 
-def test_deeply_nested_native_frame_gets_one_error(configured):  # noqa: F811
+def test_deeply_nested_native_frame_gets_one_error(configured):
     import socket
     home, _ = configured
     d = Daemon(home, "--no-pkcs11")
@@ -293,17 +283,15 @@ def test_deeply_nested_native_frame_gets_one_error(configured):  # noqa: F811
     assert "RecursionError" not in d.p.stderr.read()
 
 
-def test_a_request_whose_client_left_is_not_signed(configured):  # noqa: F811
+def test_a_request_whose_client_left_is_not_signed(configured):
     """200 abandoned 4,096-item requests used to be signed for clients that were gone."""
     import socket
     from cryptobat import native
     from cryptobat.client import SocketClient
-    from test_cli_console import SIGNER_PIN
-    from test_policy import payload
     home, _ = configured
     d = Daemon(home, "--no-pkcs11")
     try:
-        c = SocketClient(str(home / "native.sock"), SIGNER_PIN)
+        c = SocketClient(str(home / "native.sock"), CONFIGURED_PIN)
         k = next(k for k in c.keys() if k.label == "z")
         now = c.time()
         c.close()
@@ -317,13 +305,13 @@ def test_a_request_whose_client_left_is_not_signed(configured):  # noqa: F811
         for _ in range(20):
             s = socket.socket(socket.AF_UNIX)
             s.connect(str(home / "native.sock"))
-            s.sendall(native.encode(native.login_request(SIGNER_PIN)))
+            s.sendall(native.encode(native.login_request(CONFIGURED_PIN)))
             n = int.from_bytes(s.recv(4), "big")
             s.recv(n)
             s.sendall(frame)
             s.shutdown(socket.SHUT_WR)
             s.close()
-        c = SocketClient(str(home / "native.sock"), SIGNER_PIN)  # a client that stays gets its signatures
+        c = SocketClient(str(home / "native.sock"), CONFIGURED_PIN)  # a client that stays gets its signatures
         assert c.timed_sign([("z", payload(k, now=now))])[0].ok
         c.close()
         time.sleep(1.5)  # counters reach the audit log about once a second

@@ -29,11 +29,10 @@ from cryptobat.client import connect
 from cryptobat.p11rpc import constants as C
 from cryptobat.p11rpc.calls import BY_NAME
 from cryptobat.p11rpc.codec import encode_request, parse_response
-from cryptobat.p11rpc.framing import HEADER, FrameDecoder, encode_frame
+from cryptobat.p11rpc.framing import HEADER, encode_frame
 from cryptobat.p11rpc.module import HANDSHAKE, SLOT_ID
-from conftest import cli, signing_data, validate
-from test_p11rpc_backend import PIN, Daemon, client_module, setup_home
-from test_p11rpc_server import corpus_files, valid_requests
+from support import (PIN, ROOT, Daemon, SockClient, cli, client_module, corpus_files, p11_served,
+                     setup_home, signing_data, valid_requests, validate)
 
 KEYS = (("8", "k8"), ("13", "k13"), ("13", "c13"), ("14", "k14"), ("15", "k15"))
 
@@ -42,7 +41,7 @@ KEYS = (("8", "k8"), ("13", "k13"), ("13", "c13"), ("14", "k14"), ("15", "k15"))
 def daemon(tmp_path_factory):
     home = tmp_path_factory.mktemp("p11d") / "token"
     codes = setup_home(home, keys=KEYS, compat=())
-    d = Daemon(home, codes)
+    d = Daemon(home, codes=codes)
     old = os.environ.get("P11_KIT_SERVER_ADDRESS")
     os.environ["P11_KIT_SERVER_ADDRESS"] = d.address
     yield d
@@ -228,7 +227,7 @@ def _stdio_env(home: Path) -> dict:
     configuration in a process running as root, as CI's does.)
     """
     env = dict(os.environ, P11_KIT_SERVER_ADDRESS=f"|{sys.executable} -m cryptobat --home {home} p11-stdio")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     return env
 
 
@@ -257,48 +256,6 @@ def test_p11_stdio_embedded_without_daemon(tmp_path):
 
 # --- robustness over the daemon's real socket ---------------------------------------------
 
-class SockClient:
-    def __init__(self, path: Path, version: int = 0) -> None:
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.settimeout(20)
-        self.s.connect(str(path))
-        self.s.sendall(bytes([version]))
-        assert self.s.recv(1) == bytes([version])
-        self.version, self.code, self.frames = version, 0, FrameDecoder()
-
-    def raw(self, body: bytes) -> bytes:
-        self.code += 1
-        self.s.sendall(encode_frame(self.code, body, b"client"))
-        while True:
-            frames = self.frames.feed(self.s.recv(65536) or b"")
-            if frames:
-                assert len(frames) == 1 and frames[0].code == self.code
-                return frames[0].body
-
-    def ok(self, name: str, *args):
-        rv, vals = parse_response(self.raw(encode_request(name, list(args), self.version)), BY_NAME[name],
-                                  self.version)
-        assert rv == 0, hex(rv)
-        return vals
-
-    def start(self) -> int:
-        self.ok("C_Initialize", HANDSHAKE, 0, None)
-        (h,) = self.ok("C_OpenSession", SLOT_ID, C.CKF_SERIAL_SESSION | C.CKF_RW_SESSION)
-        self.ok("C_Login", h, C.CKU_USER, PIN)
-        return h
-
-    def close(self) -> None:
-        self.s.close()
-
-
-def _served(daemon) -> None:
-    c = SockClient(daemon.p11)
-    c.ok("C_Initialize", HANDSHAKE, 0, None)
-    assert c.ok("C_GetTokenInfo", SLOT_ID)[1].rstrip() == b"Cryptobat"
-    c.close()
-    assert daemon.alive()
-
-
 @pytest.mark.parametrize("version", [0, 2])
 def test_corpus_over_daemon_socket(daemon, version):
     c = SockClient(daemon.p11, version)
@@ -310,7 +267,7 @@ def test_corpus_over_daemon_socket(daemon, version):
     c.raw(encode_request("C_Initialize", [HANDSHAKE, 0, None], version))  # the corpus finalizes too
     c.ok("C_GetInfo")
     c.close()
-    _served(daemon)
+    p11_served(daemon)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -337,7 +294,7 @@ def test_mutations_over_daemon_socket(daemon, idx, cut, flips, tail, header):
         assert len(c.raw(body)) >= 8
         c.ok("C_GetInfo")
     c.close()
-    _served(daemon)
+    p11_served(daemon)
 
 
 STRESS_CLIENT = textwrap.dedent("""
@@ -375,20 +332,20 @@ def _stress(daemon, data: bytes, seconds: int) -> int:
 def test_twenty_clients_sign_for_ten_seconds(daemon):
     """20 clients at once: no errors; after a warm-up round, a second round leaves memory flat."""
     _, _, _, data, _ = rrsig_data(daemon.home, "k8", valid=3600)
-    _served(daemon)
+    p11_served(daemon)
     rss = [daemon.rss_kb()]
     for seconds in (5, 10, 10):
         assert _stress(daemon, data, seconds) > 100
         rss.append(daemon.rss_kb())
     print("daemon VmRSS kB:", rss)
     assert rss[3] - rss[1] < 30 * 1024, rss
-    _served(daemon)
+    p11_served(daemon)
 
 
 def test_bench_runs_with_tiny_counts(tmp_path):
     """bench/p11_bench.py must keep working; needs SoftHSMv2 and p11-kit (fails, not skips, without)."""
     out = tmp_path / "rows.json"
-    r = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "p11_bench.py"),
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "p11_bench.py"),
                         "--seconds", "0.3", "--clients", "1", "--json", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert "| mechanism | clients |" in r.stdout, r.stdout + r.stderr
@@ -405,16 +362,13 @@ def test_bench_runs_with_tiny_counts(tmp_path):
 @pytest.fixture(scope="module")
 def officers(daemon):
     """Both officers logged in once on their own console session, for the quorum commands below."""
-    from test_p11rpc_backend import ConsoleSocket
-    c = ConsoleSocket(daemon.home / "console.sock")
-    for name in daemon.codes.secrets:
-        assert "Ok" in c.cmd(f"cologin {name} {daemon.codes.code(name)}")
+    c = daemon.officers_session()
     yield c.cmd
     c.close()
 
 
 def test_bound_digest_is_checked_again_after_the_policy_tightened(lib, daemon, officers):
-    from test_p11rpc_backend import MAX_VALIDITY
+    from support import MAX_VALIDITY
     key, rrset, tpl, data, now = rrsig_data(daemon.home, "k13", valid=3 * 3600)
     with lib.get_token().open(user_pin=PIN.decode()) as s:
         k13 = s.get_key(ObjectClass.PRIVATE_KEY, KeyType.EC, label="k13")
@@ -510,4 +464,4 @@ def test_every_boolean_attribute_reads_back_through_the_stock_client(lib, daemon
         for a in (Attribute.TOKEN, Attribute.PRIVATE, Attribute.SENSITIVE, Attribute.EXTRACTABLE,
                   Attribute.MODIFIABLE, Attribute.COPYABLE, Attribute.SIGN):
             assert isinstance(k[a], bool), a
-    _served(daemon)
+    p11_served(daemon)

@@ -2,74 +2,37 @@
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cryptobat.p11rpc import constants as C
-from cryptobat.p11rpc.calls import BY_NAME, CALLS
-from cryptobat.p11rpc.codec import (Attribute, Mechanism, RpcError, encode_request,
-                                    parse_request, parse_response)
-from cryptobat.p11rpc.framing import HEADER, FrameDecoder, encode_frame
+from cryptobat.p11rpc.calls import CALLS
+from cryptobat.p11rpc.codec import Attribute, Mechanism, RpcError, parse_request, parse_response
+from cryptobat.p11rpc.framing import HEADER
 from cryptobat.p11rpc.module import HANDSHAKE, SLOT_ID, verify_signature
 from cryptobat.p11rpc.server import Connection
-from test_p11rpc_backend import PIN, RealToken, make_signing_data
-
-REPO = Path(__file__).resolve().parents[1]
-CORPUS_CANDIDATES = [REPO.parent / "shared" / "corpus" / "p11-kit-rpc",
-                     REPO / "shared" / "corpus" / "p11-kit-rpc",
-                     Path(__file__).resolve().parents[2] / "shared" / "corpus" / "p11-kit-rpc"]
-_TOKEN: list[RealToken] = []
-
-
-def token() -> RealToken:
-    """One real token for the module (keys k8, k13, k14 in compat mode, k15), made on first use."""
-    if not _TOKEN:
-        _TOKEN.append(RealToken())
-    return _TOKEN[0]
+from support import (PIN, RealToken, WireClient, close_shared_token, corpus_files, generated_corpus,
+                     make_signing_data, shared_token as token, valid_requests)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _close_token():
     yield
-    while _TOKEN:
-        _TOKEN.pop().close()
+    close_shared_token()
 
 
-class RawClient:
+class RawClient(WireClient):
     """Speaks the wire protocol to a Connection, the way p11-kit-client does."""
 
     def __init__(self, version: int = 0, tok: RealToken | None = None) -> None:
+        super().__init__(version)
         self.conn = Connection((tok or token()).backend())
-        self.code = 0
-        self.frames = FrameDecoder()
         assert self.conn.feed(bytes([version])) == bytes([version])
-        self.version = version
 
-    def raw(self, body: bytes) -> bytes:
-        self.code += 1
-        out = self.conn.feed(encode_frame(self.code, body, b"client"))
-        frames = self.frames.feed(out)
-        assert len(frames) == 1 and frames[0].code == self.code
-        return frames[0].body
-
-    def call(self, name: str, *args):
-        body = self.raw(encode_request(name, list(args), self.version))
-        return parse_response(body, BY_NAME[name], self.version)
-
-    def ok(self, name: str, *args):
-        rv, vals = self.call(name, *args)
-        assert rv == 0, hex(rv)
-        return vals
-
-    def start(self, login: bool = True) -> int:
-        self.ok("C_Initialize", HANDSHAKE, 0, None)
-        (h,) = self.ok("C_OpenSession", SLOT_ID, C.CKF_SERIAL_SESSION | C.CKF_RW_SESSION)
-        if login:
-            self.ok("C_Login", h, C.CKU_USER, PIN)
-        return h
+    def exchange(self, frame: bytes) -> list:
+        return self.frames.feed(self.conn.feed(frame))
 
     def find(self, h: int, *template: Attribute) -> list[int]:
         self.ok("C_FindObjectsInit", h, list(template))
@@ -85,62 +48,6 @@ def healthy(client: RawClient) -> None:
         client.ok("C_Initialize", HANDSHAKE, 0, None)
     vals = client.ok("C_GetTokenInfo", SLOT_ID)
     assert vals[0].rstrip() == token().label.encode()
-
-
-class Input:
-    """One corpus input: a call's request body, named after the call (as p11-kit's files are)."""
-
-    def __init__(self, name: str, body: bytes) -> None:
-        self.name, self.body = name, body
-
-    def read_bytes(self) -> bytes:
-        return self.body
-
-
-# Arguments by request signature token: a plausible value and an abusive one for each.
-_ARGS = {"y": (1, 255), "u": (1, 0xFFFFFFFFFFFFFFFF), "z": ("x", "\xff" * 300), "s": ("x", "y" * 64),
-         "ay": (b"k13", b"\0" * 4096), "au": ([1, 2], list(range(600))),
-         "aA": ([Attribute(C.CKA_LABEL, b"k13")], [Attribute(C.CKA_CLASS, 3)] * 300),
-         "fy": (16, 1 << 31), "fu": (4, 1 << 31), "fA": (2, 1 << 31),
-         "M": (Mechanism(C.CKM_SHA256, None), Mechanism(C.CKM_ECDSA, b"\x00" * 300)), "v": ((2, 40), (255, 255))}
-
-
-def _tokens(sig: str) -> list[str]:
-    out, i = [], 0
-    while i < len(sig):
-        n = 2 if sig[i] in "af" else 1
-        out.append(sig[i:i + n])
-        i += n
-    return out
-
-
-def generated_corpus() -> list[Input]:
-    """Every call of protocol version 0, once with plausible and once with abusive arguments:
-    the robustness tests need no files from outside the repository."""
-    out = []
-    for call in CALLS[1:]:
-        if call.min_version:
-            continue
-        toks = _tokens(call.request)
-        if any(t not in _ARGS for t in toks):
-            continue
-        for which in (0, 1):
-            try:
-                body = encode_request(call.name, [_ARGS[t][which] for t in toks])
-            except (RpcError, ValueError, TypeError, OverflowError, struct.error):
-                continue
-            out.append(Input(f"{call.name}_generated_{which}", body))
-    return out
-
-
-def corpus_files() -> list[Input]:
-    """The generated corpus, plus p11-kit's own fuzz inputs when ../shared has them."""
-    files = generated_corpus()
-    for c in CORPUS_CANDIDATES:
-        if c.is_dir():
-            files += [Input(p.name, p.read_bytes()) for p in sorted(c.iterdir()) if p.name.startswith("C_")]
-            break
-    return files
 
 
 def test_corpus_present():
@@ -168,22 +75,6 @@ def test_corpus_inputs_get_replies(version):
     fresh = RawClient(version)
     fresh.start()
     healthy(fresh)
-
-
-def valid_requests() -> list[bytes]:
-    k = token().key("k13")
-    data = make_signing_data(k, token().now + 3600, token().now)
-    return [
-        encode_request("C_GetInfo", []),
-        encode_request("C_GetSlotList", [1, 8]),
-        encode_request("C_Login", [1, C.CKU_USER, PIN]),
-        encode_request("C_FindObjectsInit", [1, [Attribute(C.CKA_LABEL, b"k13"), Attribute(C.CKA_SIGN, 1)]]),
-        encode_request("C_GetAttributeValue", [1, 2, [(C.CKA_LABEL, 0), (C.CKA_VALUE, 32)]]),
-        encode_request("C_SignInit", [1, Mechanism(C.CKM_ECDSA_SHA256, b""), 3]),
-        encode_request("C_Sign", [1, data, 64]),
-        encode_request("C_DigestInit", [1, Mechanism(C.CKM_SHA256, None)]),
-        encode_request("C_GenerateRandom", [1, 16]),
-    ]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

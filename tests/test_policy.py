@@ -8,32 +8,13 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from cryptobat import policy
 from cryptobat.home import init_token, open_engine
-from conftest import Officers, signing_data, validate
+from cryptobat import policy
+from support import Officers, make_token, payload, signing_data, validate, wire
 from cryptobat.console import Console
 
 A, DNSKEY, MX, NS, CDS, TXT = (dns.rdatatype.A, dns.rdatatype.DNSKEY, dns.rdatatype.MX, dns.rdatatype.NS,
                                dns.rdatatype.CDS, dns.rdatatype.TXT)
-
-
-def wire(name: str) -> bytes:
-    return dns.name.from_text(name).to_wire()
-
-
-def payload(key, *, tc=A, alg=None, labels=None, ttl=300, exp=None, inc=None, tag=None, signer=None,
-            rrs=None, now=0, trailer=b"") -> bytes:
-    """RFC 4034 §3.1.8.1 signing data built field by field, so each can be made wrong."""
-    owner = "www.testzone."
-    rrs = rrs if rrs is not None else [(owner, A, 1, ttl, bytes([192, 0, 2, 1])), (owner, A, 1, ttl, bytes([192, 0, 2, 2]))]
-    if labels is None:
-        labels = len(dns.name.from_text(rrs[0][0]).labels) - 1 if rrs else 2
-    head = struct.pack("!HBBIIIH", tc, key.algorithm if alg is None else alg, labels, ttl,
-                       (now + 300 if exp is None else exp) & 0xFFFFFFFF, (now - 60 if inc is None else inc) & 0xFFFFFFFF,
-                       key.keytag if tag is None else tag)
-    head += wire(signer or key.zone)
-    body = b"".join(wire(o) + struct.pack("!HHIH", t, c, tt, len(rd)) + rd for o, t, c, tt, rd in rrs)
-    return head + body + trailer
 
 
 def sign(token, label, data):
@@ -201,14 +182,10 @@ def test_refusals_are_counted_and_audited(ready, keys):
 
 def test_batch_results_in_order_across_workers(tmp_path):
     """A large batch goes to the worker processes; results still come back in order, each checked."""
-    t = init_token(tmp_path / "t", quorum=1)
+    t = make_token(tmp_path / "t", quorum=1, officers=("solo",), close=False, maxval=3600,
+                   keys=("13 zsk testzone z",)).console.token
     engine = open_engine(t, workers=2)
     try:
-        c = Console(t)
-        o = Officers(c)
-        o.add("solo"), o.login("solo")
-        c.handle("setmaxval 3600")
-        c.handle("keygen 13 zsk testzone z")
         k = t.key("z")
         now = t.now()
         items = []

@@ -21,7 +21,7 @@ from cryptobat import keystore, policy, rrsig
 from cryptobat.errors import Refusal
 from cryptobat.policy import Policy
 from cryptobat.token import Token
-from conftest import signing_data, validate
+from support import signing_data, validate
 
 M32 = 1 << 32
 HALF = 1 << 31

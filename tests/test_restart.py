@@ -33,9 +33,8 @@ from cryptobat.p11rpc.codec import encode_request, parse_response
 from cryptobat.p11rpc.framing import FrameDecoder, encode_frame
 from cryptobat.p11rpc.module import HANDSHAKE, SLOT_ID
 from cryptobat.serve import RESTART_NOTICE
-from conftest import ROOT, cli, signing_data, validate
-from test_p11rpc_backend import PIN, ConsoleSocket, Daemon, client_module, setup_home
-from test_p11_pdns import DAY, _keys_of, _validate, signer  # noqa: F401  (signer is a fixture)
+from support import (DAY, PIN, ROOT, ConsoleSocket, Daemon, as_user, cli, client_module, pdns_validates,
+                     setup_home, signing_data, validate)
 
 KEYS = (("8", "k8"), ("13", "k13"))
 
@@ -128,7 +127,7 @@ def events(home: Path) -> list[str]:
 def daemon(tmp_path):
     home = tmp_path / "token"
     codes = setup_home(home, keys=KEYS, compat=())
-    d = Daemon(home, codes)
+    d = Daemon(home, codes=codes)
     yield d
     d.stop()
 
@@ -147,7 +146,7 @@ def source(tmp_path, monkeypatch):
 def copied_daemon(tmp_path, source):
     home = tmp_path / "token"
     codes = setup_home(home, keys=KEYS, compat=())
-    d = Daemon(home, codes)
+    d = Daemon(home, codes=codes)
     yield d, source
     d.stop()
 
@@ -350,7 +349,6 @@ def test_control_socket_is_owner_only(daemon):
     assert s.recv(4096).startswith(b"fail: unknown request")
     s.close()
     if os.geteuid() == 0:
-        from test_roles import as_user
         nobody = pwd.getpwnam("nobody")
 
         def reach() -> str:
@@ -510,7 +508,7 @@ def test_pdns_signs_on_across_restart(signer):
     hsm, pdns = signer(14 * DAY)
     pid, pdns_pid = hsm.proc.pid, pdns.proc.pid
     for zone in ("example.org.", "example.net."):
-        _validate(pdns, zone, _keys_of(hsm, zone))
+        pdns_validates(pdns, zone, hsm.keys_of(zone))
     r = replace(hsm.home)
     assert r.returncode == 0 and r.stdout.startswith("ok: restarted"), r.stdout + r.stderr
     took = int(re.search(r"took over (\d+) PKCS#11", r.stdout).group(1))
@@ -518,12 +516,12 @@ def test_pdns_signs_on_across_restart(signer):
     assert hsm.proc.poll() is None and hsm.proc.pid == pid and pdns.proc.poll() is None and pdns.proc.pid == pdns_pid
     for zone in ("example.org.", "example.net."):  # RSA through C_Sign, ECDSA through C_Digest + C_Sign
         _signed_fresh(pdns, zone, "after1")
-        _validate(pdns, zone, _keys_of(hsm, zone))
+        pdns_validates(pdns, zone, hsm.keys_of(zone))
     r = replace(hsm.home)  # and once more
     assert r.returncode == 0, r.stdout + r.stderr
     for zone in ("example.org.", "example.net."):
         _signed_fresh(pdns, zone, "after2")
-        _validate(pdns, zone, _keys_of(hsm, zone))
+        pdns_validates(pdns, zone, hsm.keys_of(zone))
     assert "CKR_DEVICE_ERROR" not in pdns.text() and "CKR_CRYPTOKI_NOT_INITIALIZED" not in pdns.text()
     time.sleep(1.5)  # the daemon writes its signing counts about once a second
     ev = [e["event"] for e in hsm.audit(60)]

@@ -20,7 +20,6 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -30,18 +29,8 @@ from cryptobat.api import KeyInfo
 from cryptobat.client import SocketClient, connect
 from cryptobat.errors import CryptobatError
 from cryptobat.serve import MAX_CONNECTIONS, MAX_LINE, LineReader, SerialLine, Service
-from conftest import cli
-from test_p11rpc_backend import PIN, ConsoleSocket, Daemon, make_signing_data, setup_home
-
-SIGNER_PIN = PIN.decode()
-MONTH = 30 * 86400  # setup_home's max validity
-
-
-def need_root() -> None:
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("this test needs root (to connect as other users)")
-        pytest.skip("needs root (to connect as other users)")
+from support import (PIN_TEXT, ConsoleSocket, Daemon, as_user, cli, make_signing_data, need_root, probe,
+                     setup_home)
 
 
 def signer_group() -> grp.struct_group:
@@ -102,69 +91,6 @@ def native_sock(path: Path) -> socket.socket:
     return s
 
 
-HELLO = {"console.sock": b"", "native.sock": native.encode({"op": "info"}), "pkcs11.sock": b"\x00"}
-
-
-def probe(path: str) -> str:
-    """A socket: 'served', 'closed' (accepted, then closed by the daemon) or connect()'s errno name.
-    Another file: 'read' or open()'s errno name."""
-    import errno
-    if not path.endswith(".sock"):
-        try:
-            with open(path, "rb") as f:
-                f.read(1)
-            return "read"
-        except OSError as e:
-            return errno.errorcode.get(e.errno, str(e.errno))
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(10)
-    try:
-        s.connect(path)
-    except OSError as e:
-        return errno.errorcode.get(e.errno, str(e.errno))
-    try:
-        hello = HELLO[os.path.basename(path)]
-        if hello:
-            s.sendall(hello)
-        return "served" if s.recv(64) else "closed"
-    except (ConnectionResetError, BrokenPipeError):
-        return "closed"
-    finally:
-        s.close()
-
-
-def as_user(uid: int, gid: int, groups: list[int], checks: list[Path | Callable[[], str]]) -> list[str]:
-    """Run each check in a forked child running as uid/gid/groups: a path is probe()d, a
-    callable called (the child has every module this process imported)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: drop privileges for good, check, report, exit
-        try:
-            os.close(r)
-            os.setgroups(groups)
-            os.setgid(gid)
-            os.setuid(uid)
-            res = []
-            for c in checks:
-                try:
-                    res.append(probe(str(c)) if isinstance(c, Path) else c())
-                except Exception as e:
-                    res.append(f"{type(e).__name__}: {e}")
-            out = json.dumps(res).encode()
-        except BaseException as e:
-            out = json.dumps([f"child failed: {e!r}"]).encode()
-        while out:
-            out = out[os.write(w, out):]
-        os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    return json.loads(data)
-
-
 def daemon_stderr(d: Daemon) -> str:
     d.stop()
     return d.p.stderr.read()
@@ -173,7 +99,7 @@ def daemon_stderr(d: Daemon) -> str:
 # --- socket modes, groups and peer checks -------------------------------------------------
 def test_every_socket_owner_only_without_signer_group(token_home):
     home, codes = token_home
-    d = Daemon(home, codes)
+    d = Daemon(home, codes=codes)
     try:
         for name in ("console.sock", "native.sock", "pkcs11.sock"):
             st = os.stat(home / name)
@@ -187,7 +113,7 @@ def test_signer_group_opens_the_signer_sockets_only(token_home, base):
     home, codes = token_home
     g = signer_group()
     run = base / "run"
-    d = Daemon(home, codes, "--signer-group", g.gr_name, "--socket-dir", str(run))
+    d = Daemon(home, "--signer-group", g.gr_name, "--socket-dir", str(run), codes=codes)
     try:
         assert stat.S_IMODE(os.stat(run).st_mode) == 0o755
         st = os.stat(run / "console.sock")
@@ -209,12 +135,12 @@ def test_signer_group_opens_the_signer_sockets_only(token_home, base):
 def test_peers_outside_the_roles_are_refused(token_home, base):
     """nobody: no socket; a signer-group member (primary or supplementary): the signer sockets only.
     With the modes loosened by hand (0666) the daemon's own peer check still refuses them."""
-    need_root()
+    need_root("to connect as other users")
     home, codes = token_home
     g = signer_group()
     nobody = pwd.getpwnam("nobody")
     run = base / "run"
-    d = Daemon(home, codes, "--signer-group", g.gr_name, "--socket-dir", str(run))
+    d = Daemon(home, "--signer-group", g.gr_name, "--socket-dir", str(run), codes=codes)
     paths = [run / "console.sock", run / "native.sock", run / "pkcs11.sock"]
     try:
         stranger = (nobody.pw_uid, nobody.pw_gid, [])
@@ -246,11 +172,11 @@ def test_unknown_signer_group_stops_the_daemon(token_home):
 # --- the native API: signer login --------------------------------------------------------
 def test_native_sign_needs_the_signer_pin(token_home, monkeypatch):
     home, codes = token_home
-    d = Daemon(home, codes)
+    d = Daemon(home, codes=codes)
     try:
         s = native_sock(home / "native.sock")
         assert "serial" in call(s, {"op": "info"}) and "time" in call(s, {"op": "time"})  # open
-        c = SocketClient(str(home / "native.sock"), SIGNER_PIN)
+        c = SocketClient(str(home / "native.sock"), PIN_TEXT)
         k = c.keys()[0]
         c.close()
         now = call(s, {"op": "time"})["time"]
@@ -260,7 +186,7 @@ def test_native_sign_needs_the_signer_pin(token_home, monkeypatch):
         assert call(s, {"op": "login", "pin": "wrong-pin"}) == {"error": "PIN incorrect", "code": "pin-incorrect"}
         assert call(s, native.sign_request([("k13", data)])) == {"error": "not logged in", "code": "not-logged-in"}
         assert call(s, {"op": "login"}) == {"error": "login needs a pin", "code": "protocol"}
-        assert call(s, {"op": "login", "pin": SIGNER_PIN}) == {"ok": True}
+        assert call(s, {"op": "login", "pin": PIN_TEXT}) == {"ok": True}
         assert [x["label"] for x in call(s, {"op": "keys"})["keys"]] == ["k13"]
         sig, why = call(s, native.sign_request([("k13", data)]))["results"][0]
         assert sig and why is None
@@ -271,7 +197,7 @@ def test_native_sign_needs_the_signer_pin(token_home, monkeypatch):
             SocketClient(str(home / "native.sock"), "wrong-pin")
         with pytest.raises(CryptobatError, match="not logged in"):
             SocketClient(str(home / "native.sock")).timed_sign([("k13", data)])
-        monkeypatch.setenv("CRYPTOBAT_PIN", SIGNER_PIN)
+        monkeypatch.setenv("CRYPTOBAT_PIN", PIN_TEXT)
         c = connect(f"unix:{home / 'native.sock'}")
         assert c.timed_sign([("k13", data)])[0].ok
         c.close()
@@ -282,16 +208,14 @@ def test_native_sign_needs_the_signer_pin(token_home, monkeypatch):
 def test_listed_signer_peer_needs_no_pin(token_home):
     """A uid a quorum listed (signerpeers) signs without the PIN; others still need it."""
     home, codes = token_home
-    d = Daemon(home, codes)
+    d = Daemon(home, codes=codes)
     try:
         s = native_sock(home / "native.sock")
         now = call(s, {"op": "time"})["time"]
         k = next(KeyInfo.from_json(x) for x in call(s, {"op": "keys"})["keys"])
         sign = native.sign_request([("k13", make_signing_data(k, now + 3600, now - 60))])
         assert call(s, sign) == {"error": "not logged in", "code": "not-logged-in"}
-        officers = ConsoleSocket(home / "console.sock")
-        for name in codes.secrets:
-            assert "Ok" in officers.cmd(f"cologin {name} {codes.code(name)}")
+        officers = d.officers_session()
         out = officers.cmd(f"signerpeers uid:{os.getuid()}")
         assert f"uid:{os.getuid()}" in out, out
         assert call(s, sign)["results"][0][0]  # open connections too
@@ -309,14 +233,14 @@ def test_listed_signer_peer_needs_no_pin(token_home):
 # --- bounds ---------------------------------------------------------------------------------
 def test_frame_over_the_limit_is_refused_before_its_body(token_home):
     home, codes = token_home
-    d = Daemon(home, codes)
+    d = Daemon(home, codes=codes)
     try:
         s = native_sock(home / "native.sock")
         resp = call(s, (native.MAX_FRAME + 1).to_bytes(4, "big"))  # the header alone: no body is waited for
         assert "limit" in resp["error"], resp
         assert s.recv(1) == b""  # and the connection is closed
         s.close()
-        c = SocketClient(str(home / "native.sock"), SIGNER_PIN)  # everyone else is served
+        c = SocketClient(str(home / "native.sock"), PIN_TEXT)  # everyone else is served
         assert [k.label for k in c.keys()] == ["k13"]
         # more than one frame's worth: the client splits it, every item gets its answer
         items = [("k13", b"\0" * (1 << 20))] * 36
@@ -330,7 +254,7 @@ def test_frame_over_the_limit_is_refused_before_its_body(token_home):
 
 def test_at_most_64_connections_per_socket(token_home):
     home, codes = token_home
-    d = Daemon(home, codes)
+    d = Daemon(home, codes=codes)
     held: list[socket.socket] = []
     try:
         for _ in range(MAX_CONNECTIONS):
@@ -378,7 +302,7 @@ def test_console_line_bounds(token_home):
     """Over 64 KiB: one fail line, quickly, without running anything; the session goes on.
     LF, CR and CR LF each end one line."""
     home, codes = token_home
-    d = Daemon(home, codes)
+    d = Daemon(home, codes=codes)
     try:
         c = ConsoleSocket(home / "console.sock")
         t0 = time.monotonic()
@@ -387,9 +311,9 @@ def test_console_line_bounds(token_home):
         assert c.cmd("x" * (MAX_LINE + 1)) == "fail: line too long\n"
         assert c.cmd("x" * MAX_LINE).startswith("fail: unknown command")  # at the limit: parsed
         c.s.sendall(b"date\r")  # a lone CR ends the line
-        assert "ok\n" in c._until_prompt()
+        assert "ok\n" in c.read()
         c.s.sendall(b"colist\r\n")  # CR LF is one line end, not an empty line after it
-        assert " |lamb| not present" in c._until_prompt()
+        assert " |lamb| not present" in c.read()
         assert re.search(r"Y:\d\d .* ok\n\d+\n", c.cmd("date"))
         c.close()
         assert " |lamb| not present" in ConsoleSocket(home / "console.sock").cmd("colist")
@@ -399,11 +323,9 @@ def test_console_line_bounds(token_home):
 
 def test_line_cut_off_by_a_disconnect_is_not_run(token_home):
     home, codes = token_home
-    d = Daemon(home, codes)
+    d = Daemon(home, codes=codes)
     try:
-        c = ConsoleSocket(home / "console.sock")
-        for name in codes.secrets:
-            assert "Ok" in c.cmd(f"cologin {name} {codes.code(name)}")
+        c = d.officers_session()
         assert c.cmd("setmaxval 37") == " Maximum validity period set to +37 seconds\n"
         c.s.sendall(b"setmaxval 36")  # no line end: the client went away mid-line
         c.close()

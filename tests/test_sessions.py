@@ -8,78 +8,27 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 import tty
 
-import pyotp
 import pytest
 
-from conftest import Clocked, Daemon, cli
 from cryptobat import officers as off
 from cryptobat.console import Console
-from test_cli_console import _pty_talk
-
-PROMPTS = (b"> ", b"Passphrase: ", b"Old passphrase: ", b"New passphrase: ", b"Repeat passphrase: ",
-           b"New PIN: ", b"PIN: ")
-
-
-class SockConsole:
-    """One connection to console.sock: its own session."""
-
-    def __init__(self, path) -> None:
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.connect(str(path))
-        self.s.settimeout(20)
-        self.read()
-
-    def read(self) -> str:
-        out = b""
-        while not any(out.endswith(p) for p in PROMPTS):
-            chunk = self.s.recv(65536)
-            if not chunk:
-                break
-            out += chunk
-        return out.decode()
-
-    def __call__(self, line: str) -> str:
-        self.s.sendall(line.encode() + b"\n")
-        out = self.read()
-        return out[: out.rfind("\n") + 1] if out.endswith("> ") else out
-
-    def close(self) -> None:
-        self.s.close()
-
+from support import Clocked, Codes, ConsoleSocket, Daemon, cli, pty_talk
 
 class Pty:
     def __init__(self, home) -> None:
         self.fd = os.open(home / "console.pty", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         tty.setraw(self.fd)
-        _pty_talk(self.fd, b"", timeout=0.5)
+        pty_talk(self.fd, b"", timeout=0.5)
 
     def __call__(self, line: str) -> str:
-        out = _pty_talk(self.fd, line.encode() + b"\r").decode().replace("\r\n", "\n")
+        out = pty_talk(self.fd, line.encode() + b"\r").decode().replace("\r\n", "\n")
         out = out.split("\n", 1)[1] if "\n" in out else out  # drop the echoed line
         return out[: out.rfind("\n") + 1]
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-class Codes:
-    """Each officer's authenticator app: a fresh time step for every login."""
-
-    def __init__(self) -> None:
-        self.secrets: dict[str, str] = {}
-        self.used: dict[str, int] = {}
-
-    def add(self, name: str, out: str) -> None:
-        self.secrets[name] = next(l.split()[1] for l in out.splitlines() if l.startswith("Secret:"))
-
-    def __call__(self, name: str) -> str:
-        step = max(int(time.time()) // 30 - 1, self.used.get(name, -10) + 1)
-        self.used[name] = step
-        return pyotp.TOTP(self.secrets[name]).at(step * 30)
 
 
 @pytest.fixture
@@ -103,11 +52,11 @@ def test_socket_session_cannot_use_officers_logged_in_on_the_pty(daemon):
         for name in ("lamb", "jakob"):
             out = pty(f"coadd {name}")
             assert out.startswith(f"Added CO: {name}\n"), out
-            codes.add(name, out)
+            codes.enrol(name, out)
         for name in ("lamb", "jakob"):
             assert pty(f"cologin {name} {codes(name)}") == f" CO {name} Ok\n"
         assert pty("colist") == " |lamb| present\n |jakob| present\n"
-        sock = SockConsole(home / "console.sock")
+        sock = ConsoleSocket(home / "console.sock")
         try:
             assert sock("colist") == " |lamb| not present\n |jakob| not present\n"
             for attack in ("setmaxval 315360000", "setpin 99999999", "settime now", "p11window 60 x.example",
@@ -132,7 +81,7 @@ def test_socket_session_cannot_use_officers_logged_in_on_the_pty(daemon):
 
 
 def test_first_officers_are_not_enrolled_over_the_socket(daemon):
-    sock = SockConsole(daemon.home / "console.sock")
+    sock = ConsoleSocket(daemon.home / "console.sock")
     try:
         assert sock("coadd mallory").startswith("fail: the first officers are enrolled on the token's own console")
         assert sock("colist") == ""
@@ -146,8 +95,8 @@ def test_remote_m_of_n_is_an_approval_of_one_operation(daemon):
     pty, codes = Pty(home), Codes()
     try:
         for name in ("lamb", "jakob"):
-            codes.add(name, pty(f"coadd {name}"))
-        sock = SockConsole(home / "console.sock")
+            codes.enrol(name, pty(f"coadd {name}"))
+        sock = ConsoleSocket(home / "console.sock")
         try:
             assert sock(f"cologin lamb {codes('lamb')}") == " CO lamb Ok\n"
             out = sock("setmaxval 7200")
@@ -180,13 +129,13 @@ def test_a_disconnect_ends_the_sessions_logins(daemon):
     pty, codes = Pty(home), Codes()
     try:
         for name in ("lamb", "jakob"):
-            codes.add(name, pty(f"coadd {name}"))
+            codes.enrol(name, pty(f"coadd {name}"))
     finally:
         pty.close()
-    a = SockConsole(home / "console.sock")
+    a = ConsoleSocket(home / "console.sock")
     a(f"cologin lamb {codes('lamb')}")
     a.close()
-    b = SockConsole(home / "console.sock")
+    b = ConsoleSocket(home / "console.sock")
     try:
         assert b("colist") == " |lamb| not present\n |jakob| not present\n"
     finally:

@@ -10,7 +10,6 @@ A validator that is not installed fails the test: install them with
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,11 +20,10 @@ import dns.name
 import dns.rdata
 import pytest
 
-from test_signzone_backend import MONTH, make_token, rsa_private_file
-
 from cryptobat import signzone
 from cryptobat.client import connect
 from cryptobat.zonesign import reader
+from support import MONTH, rsa_private_file, zone_token, zone_validates
 
 ZONE = """\
 $TTL 3600
@@ -65,23 +63,9 @@ ptr     PTR     host.example.net.
 """
 
 
-def _validators(path: str, origin: str, ksk_only: bool) -> None:
-    for tool in ("dnssec-verify", "ldns-verify-zone", "kzonecheck"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is not installed (apt-get install -y bind9-utils ldnsutils knot-dnssecutils)")
-    runs = [
-        ["dnssec-verify", *(["-x"] if ksk_only else []), "-o", origin, path],
-        ["ldns-verify-zone", path],
-        ["kzonecheck", "-d", "on", "-o", origin, path],
-    ]
-    for cmd in runs:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
-
-
 def _setup(tmp_path, algs, zone_text=ZONE, origin="example.org.", max_validity=MONTH):
     """A real token with a KSK and a ZSK per algorithm, their key files, the zone file."""
-    rt = make_token(tmp_path / "home", origin, tmp_path, algs=algs, max_validity=max_validity)
+    rt = zone_token(tmp_path / "home", origin, tmp_path, algs=algs, max_validity=max_validity)
     zf = tmp_path / origin.rstrip(".")
     zf.write_text(zone_text)
     ksks = [rt.keys[(a, "ksk")] for a in algs]
@@ -114,7 +98,7 @@ def test_sign_and_validate(tmp_path, alg, mode, capsys):
     assert _sign(rt, argv) == 0
     out = zf + ".signed"
     assert capsys.readouterr().out.strip().endswith(out)
-    _validators(out, "example.org", ksk_only=True)
+    zone_validates(out, "example.org", ksk_only=True)
 
     recs = _records(out)
     by = {}
@@ -172,8 +156,8 @@ def test_multi_algorithm_dnskey_by_ksks_only(tmp_path):
     (the token refuses a ZSK's signature over it), the rest by each ZSK; keys found by -S."""
     rt, zf, ksks, zsks = _setup(tmp_path, [13, 15])
     assert _sign(rt, ["-S", "-o", "example.org", "-f", str(tmp_path / "out"), zf]) == 0
-    _validators(str(tmp_path / "out"), "example.org", ksk_only=False)
-    _validators(str(tmp_path / "out"), "example.org", ksk_only=True)
+    zone_validates(str(tmp_path / "out"), "example.org", ksk_only=False)
+    zone_validates(str(tmp_path / "out"), "example.org", ksk_only=True)
     signers = _signers(str(tmp_path / "out"))
     assert signers.pop("DNSKEY") == {("13", _tag(ksks[0])), ("15", _tag(ksks[1]))}
     assert set().union(*signers.values()) == {("13", _tag(zsks[0])), ("15", _tag(zsks[1]))}
@@ -187,13 +171,13 @@ def test_keys_sign_by_their_token_role(tmp_path, capsys):
     the apex DNSKEY, CDS and CDNSKEY; ZSKs (or a CSK alone) the rest. An algorithm without a
     KSK or CSK, or with nothing but a KSK, is a one-line fatal error naming it."""
     rt, zf, _, _ = _setup(tmp_path, [13])
-    rt2 = make_token(tmp_path / "home2", "example.org.", tmp_path / "csk", algs=[13], roles=("csk",))
+    rt2 = zone_token(tmp_path / "home2", "example.org.", tmp_path / "csk", algs=[13], roles=("csk",))
     ksk, zsk, csk = rt.keys[(13, "ksk")], rt.keys[(13, "zsk")], rt2.keys[(13, "csk")]
     out = str(tmp_path / "out")
 
     # a CSK alone, named as a zone signing key file: it signs everything
     assert _sign(rt2, ["-o", "example.org", "-f", out, zf, csk]) == 0
-    _validators(out, "example.org", ksk_only=True)
+    zone_validates(out, "example.org", ksk_only=True)
     assert set().union(*_signers(out).values()) == {("13", _tag(csk))}
 
     # BIND's markers the wrong way round (ZSK after -k, KSK as a zone key): the roles decide;
@@ -203,7 +187,7 @@ def test_keys_sign_by_their_token_role(tmp_path, capsys):
     ds = dns.dnssec.make_ds("example.org.", rd, "SHA256")
     Path(zf).write_text(CDS_ZONE.format(dnskey=dnskey, ds=ds.to_text()))
     assert _sign(rt, ["-o", "example.org", "-f", out, "-k", zsk, zf, ksk]) == 0
-    _validators(out, "example.org", ksk_only=True)
+    zone_validates(out, "example.org", ksk_only=True)
     signers = _signers(out)
     for t in ("DNSKEY", "CDS", "CDNSKEY"):
         assert signers.pop(t) == {("13", _tag(ksk))}, t
@@ -249,7 +233,7 @@ def test_seed_command_verbatim(tmp_path, tmp_path_factory, seed_keys):
     3600 s; the slides' command line through the real ``cryptobat`` command."""
     home = tmp_path_factory.mktemp("seedtoken") / "home"
     (tmp_path / "testzone").write_text(SEED_ZONE)
-    rt = make_token(home, "testzone", tmp_path, algs=(), max_validity=3600,
+    rt = zone_token(home, "testzone", tmp_path, algs=(), max_validity=3600,
                     imports=[("ksk", seed_keys[0]), ("zsk", seed_keys[1])])
     assert sorted(rt.keys.values()) == [str(tmp_path / "Ktestzone.+008+35407"), str(tmp_path / "Ktestzone.+008+58968")]
     r = _cryptobat("--home", str(home), "signzone", *SEED.split(), cwd=tmp_path)
@@ -257,7 +241,7 @@ def test_seed_command_verbatim(tmp_path, tmp_path_factory, seed_keys):
     assert "cryptobat signzone: testzone/DNSKEY:" in r.stderr
     assert "cryptobat signzone:  signing with dnskey testzone/RSASHA256/35407" in r.stderr
     assert "Zone fully signed:" in r.stderr and r.stdout.strip() == "testzone.signed"
-    _validators(str(tmp_path / "testzone.signed"), "testzone", ksk_only=True)
+    zone_validates(str(tmp_path / "testzone.signed"), "testzone", ksk_only=True)
     recs = _records(str(tmp_path / "testzone.signed"))
     assert {r[10] for r in recs if r[3] == "RRSIG" and r[4] == "DNSKEY"} == {"35407"}
     assert {r[10] for r in recs if r[3] == "RRSIG" and r[4] != "DNSKEY"} == {"58968"}
@@ -306,7 +290,7 @@ def test_signzone_through_the_daemon(tmp_path, monkeypatch):
         r = _cryptobat(args[0], "--pin-file", str(tmp_path / "pin"), *args[1:], cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == zf + ".signed"
-        _validators(zf + ".signed", "example.org", ksk_only=False)
+        zone_validates(zf + ".signed", "example.org", ksk_only=False)
         # the daemon's token enforces its policy too
         os.unlink(zf + ".signed")
         monkeypatch.setenv("CRYPTOBAT_PIN", "signer-pin-1")

@@ -19,9 +19,8 @@ import dns.rrset
 import pytest
 
 from cryptobat.console import Console
-from cryptobat.home import init_token
 from cryptobat.token import Token
-from conftest import Officers
+from support import make_token
 
 VECTORS = Path(__file__).parent / "vectors"
 
@@ -45,13 +44,9 @@ def _rr(text):
 
 
 def _token_at(tmp_path, when: int, maxval: int) -> tuple[Token, Console]:
-    t = init_token(tmp_path / "t", quorum=1, wall=lambda: float(when), mono=lambda: 0.0)
-    c = Console(t)
-    o = Officers(c)
-    o.add("solo")
-    o.login("solo")
-    assert c.handle(f"setmaxval {maxval}").startswith(" Maximum")
-    return t, c
+    o = make_token(tmp_path / "t", quorum=1, officers=("solo",), close=False, wall=lambda: float(when),
+                   mono=lambda: 0.0, maxval=maxval)
+    return o.console.token, o.console
 
 
 def _import(c: Console, tmp_path, ex, role: str) -> str:

@@ -1,6 +1,6 @@
 """``cryptobat signzone`` on hostile and unusual zone input, through the real command.
 
-Every run is ``python3 -m cryptobat signzone`` (:func:`conftest.cli`) on zone files
+Every run is ``python3 -m cryptobat signzone`` (:func:`support.cli`) on zone files
 written here, signing with a real token made by
 :func:`test_signzone_backend.make_token` (an ECDSA KSK and ZSK for example.org).
 Each run is capped at 4 GB of address space and a timeout, so that unbounded
@@ -21,9 +21,8 @@ from pathlib import Path
 
 import dns.zone
 import pytest
-from conftest import cli
-from test_signzone_backend import make_token
-from test_signzone_zones import _validators
+
+from support import cli, zone_token, zone_validates
 
 LIMIT = ["prlimit", "--as=4294967296", "--"]
 BASE = """\
@@ -38,7 +37,7 @@ N_BASE = BASE.count("\n")
 @pytest.fixture(scope="module")
 def rt(tmp_path_factory):
     d = tmp_path_factory.mktemp("zone_input")
-    return make_token(d / "home", "example.org.", d, algs=[13])
+    return zone_token(d / "home", "example.org.", d, algs=[13])
 
 
 def _sign(rt, zf, *extra, out=None, timeout=120) -> subprocess.CompletedProcess:
@@ -160,7 +159,7 @@ def test_generate_is_read_with_the_same_checks(rt, tmp_path):
     recs = {tuple(line.split()) for line in open(str(zf) + ".signed")}
     assert {("h2.example.org.", "77", "IN", "A", "10.0.0.2"), ("q.example.org.", "300", "IN", "A", "192.0.2.9"),
             ("r1.example.org.", "300", "IN", "PTR", "h1.example.org.")} <= recs
-    _validators(str(zf) + ".signed", "example.org", ksk_only=True)
+    zone_validates(str(zf) + ".signed", "example.org", ksk_only=True)
     os.unlink(str(zf) + ".signed")
     zf = _zone(tmp_path / "example.org", "$GENERATE 1-3 h$ OPT x\n")
     _refused(_sign(rt, zf), zf, f"{zf}:{N_BASE + 1}", "invalid use of a meta type: OPT")
@@ -236,7 +235,7 @@ def test_raw_octets_in_names_are_octets_as_in_bind(rt, tmp_path):
     text = open(out, "rb").read()
     assert all(32 <= c < 127 or c in b"\t\n" for c in text), "raw octets in the output"
     assert b"xn--" not in text
-    _validators(out, "example.org", ksk_only=True)
+    zone_validates(out, "example.org", ksk_only=True)
 
     ours = {tuple(line.split()) for line in text.decode().splitlines()
             if line.split()[3] not in ("RRSIG", "NSEC", "DNSKEY")}
@@ -256,7 +255,7 @@ def test_nul_octet_is_refused(rt, tmp_path):
     r = _sign(rt, zf)
     assert r.returncode == 0, r.stderr
     assert "a\\000b.example.org.\t300\tIN\tA\t192.0.2.10\n" in open(str(zf) + ".signed").read()
-    _validators(str(zf) + ".signed", "example.org", ksk_only=True)
+    zone_validates(str(zf) + ".signed", "example.org", ksk_only=True)
 
 
 # ---------------------------------------------------------------- types
@@ -282,7 +281,7 @@ def test_resigning_a_signed_zone(rt, tmp_path):
     for mode, out in ((["-3", "cd", "-H", "1"], tmp_path / "nsec3"), ([], tmp_path / "nsec")):
         r = _sign(rt, first, *mode, out=str(out))
         assert r.returncode == 0, r.stderr
-        _validators(str(out), "example.org", ksk_only=True)
+        zone_validates(str(out), "example.org", ksk_only=True)
         owners = {line.split()[0] for line in open(out)}
         assert not owners & hashed
         assert "www.example.org." in owners
@@ -329,7 +328,7 @@ def test_killed_run_leaves_no_stale_temp_for_long(rt, tmp_path):
         except ProcessLookupError:
             pass
     assert _temps(tmp_path) == []
-    _validators(str(out), "example.org", ksk_only=True)
+    zone_validates(str(out), "example.org", ksk_only=True)
 
 
 def test_only_our_stale_temps_are_removed(rt, tmp_path):
@@ -353,4 +352,4 @@ def test_only_our_stale_temps_are_removed(rt, tmp_path):
         assert all(p.exists() for p in others)
     finally:
         os.close(fd)
-    _validators(str(out), "example.org", ksk_only=True)
+    zone_validates(str(out), "example.org", ksk_only=True)
