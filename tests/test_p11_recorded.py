@@ -22,7 +22,7 @@ import pytest
 from cryptobat.p11rpc.calls import CALLS
 from cryptobat.p11rpc.framing import FrameDecoder, encode_frame
 from cryptobat.client import connect
-from test_p11rpc_backend import PIN, Daemon, client_module, make_signing_data, setup_home
+from support import PIN, Daemon, client_module, make_signing_data, setup_home
 
 KEYS = (("8", "k8"), ("13", "k13"))
 
@@ -80,7 +80,7 @@ def recorded(tmp_path_factory):
     """(daemon, recorded frames) after pkcs11-tool ran its usual operations through the relay."""
     base = tmp_path_factory.mktemp("p11rec")
     home = base / "token"
-    d = Daemon(home, setup_home(home, keys=KEYS, compat=()))
+    d = Daemon(home, codes=setup_home(home, keys=KEYS, compat=()))
     relay = RecordingRelay(base / "relay.sock", d.address.removeprefix("unix:path="))
     env = dict(os.environ, P11_KIT_SERVER_ADDRESS=f"unix:path={base / 'relay.sock'}")
     data, good = base / "data", base / "good"
