@@ -41,20 +41,15 @@ from .policy import SKEW
 from .timespec import parse_time
 from .zonesign import inputs, verify
 from .zonesign.batch import Batch, complete_samples, render
-from .zonesign.chain import nsec3_hasher  # noqa: F401  (part of this module's interface)
-from .zonesign.fatal import Fatal
+from .zonesign.chain import nsec3_hasher  # noqa: F401  (re-exported: signzone's interface before the split)
+from .zonesign.fatal import PROG, Fatal
 from .zonesign.keys import SignKey
-from .zonesign.output import Output, clean_stale_temps  # noqa: F401
+from .zonesign.output import Output
 from .zonesign.pipeline import Pipeline
-from .zonesign.prepare import ChainSpec, Prepared, new_serial, prepare  # noqa: F401
+from .zonesign.prepare import ChainSpec, Prepared, new_serial, prepare  # noqa: F401  (new_serial re-exported)
 from .zonesign.reader import ZoneError
 from .zonesign.roles import key_roles, select_keys
 from .zonesign.stats import Progress, Stats, print_stats
-
-PROG = "cryptobat signzone"
-
-
-# ---------------------------------------------------------------- options
 
 
 def _parser() -> argparse.ArgumentParser:

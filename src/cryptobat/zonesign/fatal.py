@@ -1,7 +1,9 @@
-"""The one error ``cryptobat signzone`` ends a run with, shared by its steps."""
+"""How ``cryptobat signzone`` names itself in its messages, and the one error that ends a run."""
 from __future__ import annotations
 
 from ..errors import CryptobatError
+
+PROG = "cryptobat signzone"  # the prefix of every message line
 
 
 class Fatal(CryptobatError):

@@ -19,11 +19,11 @@ import dns.rdatatype
 
 from .batch import Batch, Sample
 from .chain import DS, TypeMaps, chain_types, lower_text
+from .fatal import PROG
 from .keys import SignKey
 from .prepare import Prepared
 from .reader import DELEGATION, DNSKEY, NSEC, OCCLUDED, RRSIG, SOA, Node, RRset, key_wire
 
-PROG = "cryptobat signzone"
 CDS, CDNSKEY = 59, 60
 KEYSET_TYPES = frozenset((DNSKEY, CDS, CDNSKEY))  # signed by the KSKs and CSKs only
 BATCH = 8192  # signing inputs per timed_sign call

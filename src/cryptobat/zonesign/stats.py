@@ -5,7 +5,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-PROG = "cryptobat signzone"
+from .fatal import PROG
 
 
 class Progress:
