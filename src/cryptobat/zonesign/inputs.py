@@ -87,21 +87,17 @@ def signature_count(prep: Prepared, plan: Plan) -> int:
         if nodes[k].kind != DELEGATION or t == DS)
 
 
-class _Owner(NamedTuple):
-    disp: str
-    wire: bytes  # canonical wire name (empty when occluded: nothing is signed)
-    labels: int  # the RRSIG labels field
-    kind: int
-    apex: bool
-    sampled: bool
-
-
 def _fmt_time(t: int) -> str:
     return time.strftime("%Y%m%d%H%M%S", time.gmtime(t))
 
 
 class SigningInputs:
-    """Iterate for the batches; afterwards ``nrrsets`` and ``samples`` describe the run."""
+    """Iterate for the batches; afterwards ``nrrsets`` and ``samples`` describe the run.
+
+    The walk keeps the name being walked in attributes (its wire form, RRSIG labels
+    field, whether it is the apex or sampled) rather than passing a record per RRset:
+    this is the hot path, once per RRset of the zone.
+    """
 
     def __init__(self, prep: Prepared, plan: Plan) -> None:
         self._prep, self._plan = prep, plan
@@ -113,8 +109,13 @@ class SigningInputs:
         self._maps = TypeMaps()
         self._tnames: dict[int, str] = {}
         self._exps: dict[int, str] = {}
-        self._incs = _fmt_time(plan.validity.inception)
+        v = plan.validity
+        self._inception, self._incs = v.inception, _fmt_time(v.inception)
+        self._fixed_exp = None if v.jitter else (v.end & 0xFFFFFFFF, _fmt_time(v.end & 0xFFFFFFFF))
         self._rand = random.SystemRandom().randrange
+        self._keyset, self._others, self._verbose = plan.keyset, plan.others, plan.verbose
+        # the name being walked
+        self._wire, self._labels, self._apex, self._sampled = b"", 0, False, False
         self.nrrsets = 0
         self.samples: list[Sample] = []
 
@@ -133,27 +134,27 @@ class SigningInputs:
         types = sorted(node.rrsets)
         nsec = None
         if node.kind == OCCLUDED:
-            owire = b""
+            self._wire = b""
         else:
             carry_key, carry_wire = self._carry
-            owire = carry_wire if key == carry_key else key_wire(key)
+            self._wire = carry_wire if key == carry_key else key_wire(key)
             if self._nsec:
                 nsec = self._make_nsec(node)
                 types.append(NSEC)
                 types.sort()
-        apex = key == self._okey
-        owner = _Owner(node.disp, owire, len(key) - (1 if key and key[-1] == "*" else 0), node.kind, apex,
-                       key in self._plan.sample_keys)
+        self._labels = len(key) - (1 if key and key[-1] == "*" else 0)
+        self._sampled = key in self._plan.sample_keys
+        apex = self._apex = key == self._okey
         rrsets = node.rrsets
         if not apex:
             app = batch.text.append
             for t in types:
-                self._rrset(batch, app, owner, t, nsec if t == NSEC and nsec is not None else rrsets[t])
+                self._rrset(batch, app, node, t, nsec if t == NSEC and nsec is not None else rrsets[t])
             return
         # the key RRsets are signed first, as dnssec-signzone does; SOA is written first
         parts: dict[int, list] = {}
         for t in sorted(types, key=lambda t: (t not in KEYSET_TYPES, t)):
-            self._rrset(batch, parts.setdefault(t, []).append, owner, t,
+            self._rrset(batch, parts.setdefault(t, []).append, node, t,
                         nsec if t == NSEC and nsec is not None else rrsets[t])
         for t in sorted(parts, key=lambda t: (t != SOA, t)):
             batch.text.extend(parts[t])
@@ -171,24 +172,23 @@ class SigningInputs:
         return nsec
 
     def _type_name(self, t: int) -> str:
-        tn = self._tnames.get(t)
-        if tn is None:
-            tn = self._tnames[t] = dns.rdatatype.to_text(t)
+        tn = self._tnames[t] = dns.rdatatype.to_text(t)
         return tn
 
     def _expiration(self) -> tuple[int, str]:
         v = self._plan.validity
-        exp = (v.end - self._rand(v.jitter + 1) if v.jitter else v.end) & 0xFFFFFFFF
+        exp = (v.end - self._rand(v.jitter + 1)) & 0xFFFFFFFF
         es = self._exps.get(exp)
         if es is None:
             es = self._exps[exp] = _fmt_time(exp)
         return exp, es
 
-    def _rrset(self, batch: Batch, app, owner: _Owner, t: int, rrs: RRset) -> None:
+    def _rrset(self, batch: Batch, app, node: Node, t: int, rrs: RRset) -> None:
         """Write the RRset's text; unless occluded or unsigned delegation data, add its signing inputs."""
         ttl = rrs.ttl
-        tn = self._type_name(t)
-        head = f"{owner.disp}\t{ttl}\tIN\t{tn}\t"
+        tn = self._tnames.get(t) or self._type_name(t)
+        disp = node.disp
+        head = f"{disp}\t{ttl}\tIN\t{tn}\t"
         rd = rrs.rd
         if type(rd) is tuple:
             app(head + rd[1] + "\n")
@@ -196,30 +196,30 @@ class SigningInputs:
         else:
             rl = sorted(rd.items())
             app("".join([head + x + "\n" for _, x in rl]))
-        if owner.kind == OCCLUDED or (owner.kind == DELEGATION and t != DS and t != NSEC):
+        kind = node.kind
+        if kind == OCCLUDED or (kind == DELEGATION and t != DS and t != NSEC):
             return
-        pre = owner.wire + _pack_tct(t, 1, ttl)
+        pre = self._wire + _pack_tct(t, 1, ttl)
         if rl is None:
             w = rd[0]
             blob = pre + len(w).to_bytes(2, "big") + w
         else:
             blob = b"".join([pre + len(w).to_bytes(2, "big") + w for w, _ in rl])
-        exp, es = self._expiration()
+        exp, es = self._fixed_exp or self._expiration()
         self.nrrsets += 1
-        verbose = self._plan.verbose
+        verbose = self._verbose
         if verbose >= 3:
-            print(f"{PROG}: {owner.disp.rstrip('.') or '.'}/{tn}:", file=sys.stderr)
+            print(f"{PROG}: {disp.rstrip('.') or '.'}/{tn}:", file=sys.stderr)
         sm = None
-        if owner.sampled:
-            sm = Sample(owner.disp, t, ttl, [x for _, x in rl] if rl is not None else [rd[1]])
+        if self._sampled:
+            sm = Sample(disp, t, ttl, [x for _, x in rl] if rl is not None else [rd[1]])
             batch.samples.append(sm)
             self.samples.append(sm)
-        inception, labels = self._plan.validity.inception, owner.labels
-        sh = f"{owner.disp}\t{ttl}\tIN\tRRSIG\t"
+        inception, labels = self._inception, self._labels
+        sh = f"{disp}\t{ttl}\tIN\tRRSIG\t"
         mid = f" {labels} {ttl} {es} {self._incs} "
         items, kid = batch.items, batch.key_index
-        signers = self._plan.keyset if (t in KEYSET_TYPES and owner.apex) else self._plan.others
-        for label, alg, tag, swire, ztext, ki, name in signers:
+        for label, alg, tag, swire, ztext, ki, name in (self._keyset if (t in KEYSET_TYPES and self._apex) else self._others):
             j = len(items)
             items.append((label, _pack_hdr(t, alg, labels, ttl, exp, inception, tag) + swire + blob))
             kid.append(ki)
