@@ -1,0 +1,53 @@
+"""A batch of signing inputs and everything needed to turn its signatures into zone text."""
+from __future__ import annotations
+
+import base64
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Sample:
+    """An RRset kept for re-validation by dnspython from its presentation form."""
+
+    disp: str  # owner, as written
+    rtype: int
+    ttl: int
+    texts: list[str]  # RDATA texts
+    rrsig_parts: list[tuple[int, str]] = field(default_factory=list)  # (item in batch, RRSIG text before the signature)
+    rrsigs: list[str] = field(default_factory=list)  # RRSIG RDATA texts, once signed
+
+
+@dataclass
+class Batch:
+    """Signing inputs sent to the token in one ``timed_sign`` call, with their names' zone text.
+
+    ``text`` is the output for every name of the batch in order: a ``str`` is written as
+    is, a pair (item index, RRSIG line before the signature) is completed with that
+    item's signature in base64.
+    """
+
+    first: int  # index of the batch's first signature in the run
+    items: list[tuple[str, bytes]] = field(default_factory=list)  # (key label, RFC 4034 §3.1.8.1 signing data)
+    key_index: bytearray = field(default_factory=bytearray)  # per item, its key's index in the run's key list
+    text: list = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    future: Future | None = None  # the token's answer while in flight
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def render(batch: Batch, sigs: list[bytes]) -> bytes:
+    """The batch's zone text, RRSIGs completed with ``sigs`` (one per item)."""
+    b64 = base64.b64encode
+    text = "".join([x if type(x) is str else x[1] + b64(sigs[x[0]]).decode() + "\n" for x in batch.text])
+    return text.encode("latin-1")
+
+
+def complete_samples(batch: Batch, sigs: list[bytes]) -> None:
+    """Give the batch's samples their RRSIG texts."""
+    b64 = base64.b64encode
+    for sm in batch.samples:
+        sm.rrsigs = [p + b64(sigs[j]).decode() for j, p in sm.rrsig_parts]
+        sm.rrsig_parts = []

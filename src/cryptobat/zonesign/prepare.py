@@ -1,0 +1,122 @@
+"""The zone made ready to sign: read, new SOA serial, DNSKEY RRset, delegations, NSEC3 chain.
+
+Everything here happens before the first signing input exists; what the walk needs
+afterwards travels in one :class:`Prepared` record.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import dns.name
+import dns.rdata
+import dns.rdataclass
+
+from ..policy import serial_gt
+from . import reader
+from .chain import add_nsec3
+from .keys import SignKey
+from .reader import DELEGATION, DNAME, DNSKEY, NS, OCCLUDED, SOA, Node, RRset
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """NSEC, or NSEC3 with its parameters (``salt`` None for NSEC)."""
+
+    salt: bytes | None
+    iterations: int = 0
+    optout: bool = False
+
+    @property
+    def nsec(self) -> bool:
+        return self.salt is None
+
+
+@dataclass
+class Prepared:
+    """A zone ready for the signing walk."""
+
+    zone: reader.Zone
+    order: list[tuple]  # every name in canonical order (NSEC3 owners included)
+    auth: list[tuple]  # the names that are signed (not occluded): the NSEC chain's names
+    dnskeys: RRset  # the apex DNSKEY RRset, the signing keys added
+    neg_ttl: int  # NSEC/NSEC3 TTL (RFC 9077)
+    nchain: int  # NSEC or NSEC3 records
+    chain: ChainSpec
+
+
+def new_serial(old: int, method: str, now: int) -> int:
+    """The SOA serial for ``-N``: never equal to or behind ``old`` in serial arithmetic (except keep)."""
+    if method == "keep":
+        return old
+    if method == "increment":
+        new = (old + 1) & 0xFFFFFFFF
+    elif method == "unixtime":
+        new = now & 0xFFFFFFFF
+    else:
+        new = int(time.strftime("%Y%m%d", time.gmtime(now))) * 100
+    if not serial_gt(new, old):
+        new = (old + 1) & 0xFFFFFFFF
+    return new or 1
+
+
+def classify(order: list[tuple], nodes: dict[tuple, Node], apex_key: tuple) -> None:
+    """Mark delegations (NS below the apex) and what they and DNAMEs occlude."""
+    cut = None
+    for key in order:
+        node = nodes[key]
+        if cut is not None and key[: len(cut)] == cut:
+            node.kind = OCCLUDED
+            continue
+        cut = None
+        if key != apex_key:
+            if NS in node.rrsets:
+                node.kind = DELEGATION
+                cut = key
+            elif DNAME in node.rrsets:
+                cut = key
+
+
+def _set_serial(zone: reader.Zone, method: str, now: int):
+    """Apply ``-N`` to the SOA; return the SOA RDATA (dnspython), new serial in place."""
+    soa_rrs = zone.apex.rrsets[SOA]
+    (_, soa_text), = soa_rrs.rdatas.items()
+    origin = zone.origin
+    soa = dns.rdata.from_text(dns.rdataclass.IN, SOA, soa_text, origin=origin, relativize=False)
+    serial = new_serial(soa.serial, method, now)
+    if serial != soa.serial:
+        soa = soa.replace(serial=serial)
+        soa_rrs.rdatas = {soa.to_digestable(origin): soa.to_text()}
+    return soa
+
+
+def _add_dnskeys(zone: reader.Zone, keys: list[SignKey], ttl: int) -> RRset:
+    """The DNSKEY RRset: the zone's own plus every signing key (TTL ``ttl`` if the zone has none)."""
+    apex = zone.apex
+    dk = apex.rrsets.get(DNSKEY)
+    if dk is None:
+        dk = apex.rrsets[DNSKEY] = RRset(ttl)
+    for k in keys:
+        rd = k.info.dnskey()
+        dk.add(rd.to_digestable(), rd.to_text())
+    return dk
+
+
+def prepare(zonefile: str, origin: dns.name.Name, chain: ChainSpec, keys: list[SignKey],
+            serial_method: str, now: int) -> Prepared:
+    """Read ``zonefile`` and complete it with everything but the signatures and NSEC records."""
+    zone = reader.read_zone(zonefile, origin)
+    soa = _set_serial(zone, serial_method, now)
+    neg_ttl = min(zone.apex.rrsets[SOA].ttl, soa.minimum)  # RFC 9077
+    dk = _add_dnskeys(zone, keys, soa.minimum)
+    nodes = zone.nodes
+    order = sorted(nodes)
+    classify(order, nodes, zone.origin_key)
+    nchain = 0
+    if not chain.nsec:
+        nchain = add_nsec3(zone, order, neg_ttl, chain.salt, chain.iterations, chain.optout)
+        order = sorted(nodes)
+    auth = [k for k in order if nodes[k].kind != OCCLUDED]
+    if chain.nsec:
+        nchain = len(auth)
+    return Prepared(zone, order, auth, dk, neg_ttl, nchain, chain)
