@@ -18,8 +18,8 @@ from typing import Callable
 
 import segno
 
-from . import __version__, keystore
-from .errors import ConfigurationDisabled, CryptobatError
+from . import __version__, keystore, rrsig
+from .errors import ConfigurationDisabled, CryptobatError, Refusal
 from .quorum import Approval
 from .timespec import parse_time
 from .token import Token, code_hash
@@ -472,8 +472,9 @@ class Console:
             return "fail: signing data is not hex\n"
         result, limit = self.token.timed_sign_verbose(label, data)
         out = ""
-        if len(data) >= 18:  # echo the header fields the policy looked at, as the original did
-            out = f" checking expiration time {int.from_bytes(data[8:12], 'big')} < {limit} and algorithm {data[2]}\n"
+        with contextlib.suppress(Refusal):  # echo the header fields the policy looked at, as the original did
+            h = rrsig.header(data)
+            out = f" checking expiration time {h.expiration} < {limit} and algorithm {h.algorithm}\n"
         if not result.ok:
             return out + f"fail: {result.reason}\n"
         return out + f" computing hash of {len(data)} bytes:\nok: signature\n{hexdump(result.signature)}DONE\n"
