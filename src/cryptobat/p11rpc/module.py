@@ -640,7 +640,7 @@ class Module:
         if op.result is None or op.result_for != data:
             try:
                 op.result, op.result_for = self._sign(s, op, data), data
-            except P11Error:
+            except (P11Error, CryptobatError):  # a failed C_Sign ends the operation, as PKCS#11 requires
                 s.sign = None
                 raise
         out, done = fit(buf, op.result)
