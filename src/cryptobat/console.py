@@ -18,7 +18,7 @@ from typing import Callable
 
 import segno
 
-from . import __version__, algorithms, bindkey, keystore
+from . import __version__, algorithms, bindkey, keystore, rrsig
 from .errors import (ConfigurationDisabled, CryptobatError, IntegrityError, InvalidArgument, LimitReached, NotFound,
                      NotPermitted, PinIncorrect, Refusal)
 from .quorum import Approval
@@ -491,8 +491,9 @@ class Console:
             raise InvalidArgument("signing data is not hex") from None
         result, limit = self.token.timed_sign_verbose(label, data)
         out = ""
-        if len(data) >= 18:  # echo the header fields the policy looked at, as the original did
-            out = f" checking expiration time {int.from_bytes(data[8:12], 'big')} < {limit} and algorithm {data[2]}\n"
+        with contextlib.suppress(Refusal):  # echo the header fields the policy looked at, as the original did
+            h = rrsig.header(data)
+            out = f" checking expiration time {h.expiration} < {limit} and algorithm {h.algorithm}\n"
         if not result.ok:
             return out + self._answer(Refusal(f"{result.reason}"))
         return out + f" computing hash of {len(data)} bytes:\nok: signature\n{hexdump(result.signature)}DONE\n"

@@ -60,8 +60,11 @@ class ServiceBackend:
     def check_signing_data(self, label: str, data: bytes) -> str | None:
         return self.s.call(self.t.check_signing_data, label, data)
 
-    def sign_digest(self, label: str, digest: bytes, mechanism: str, bound: bytes | None) -> SignResult:
-        return self.s.call(self.t.sign_digest, label, digest, mechanism, bound)
+    def bind_digest(self, hashed: str, data: bytes, digest: bytes) -> list[tuple[str, bytes]]:
+        return self.s.call(self.t.bind_digest, hashed, data, digest)
+
+    def sign_digest(self, label: str, raw: bytes, mechanism: str, bound: bytes | None) -> SignResult:
+        return self.s.call(self.t.sign_digest, label, raw, mechanism, bound)
 
     def keygen_allowed(self) -> bool:
         return self.s.call(self.t.keygen_allowed)

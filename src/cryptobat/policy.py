@@ -176,9 +176,7 @@ def _ds_set(zone_wire: bytes, dnskeys: frozenset[bytes]) -> frozenset[bytes]:
     return frozenset(out)
 
 
-# --- hash-only signing (PKCS#11 CKM_RSA_PKCS / CKM_ECDSA) ---------------------------------
-# DER DigestInfo prefixes (RFC 8017 §9.2 note 1) of the RSA algorithms the token signs with.
-DIGEST_INFO = {a.number: a.digest_info for a in algorithms.SIGNING if a.digest_info}
+# --- hash-only signing (PKCS#11 CKM_RSA_PKCS / CKM_ECDSA): see cryptobat.prehash -------------
 NOT_COMPAT = "hash-only signing refused: key is not in compat mode"
 COMPAT_RATE = 100  # signatures per second per compat key, and the burst allowed
 
@@ -198,34 +196,3 @@ class RateLimiter:
             return False
         self._buckets[label] = (level - 1, t)
         return True
-
-
-def check_digest(key: KeyInfo, digest: bytes, mechanism: str, bound: bool, policy: Policy,
-                 limiter: RateLimiter, t: float) -> bytes:
-    """Decide on a hash-only signature; return the bare hash to sign or raise Refusal.
-
-    ``bound`` means the PKCS#11 session computed this very hash over RRSIG data that
-    passed :func:`check`, so the full policy already held; otherwise the data is
-    unknown and only a key a quorum put in compat mode may sign it, rate-limited.
-    """
-    if policy.clock_tampered:
-        raise Refusal("token clock tamper state: a quorum must run settime")
-    if policy.max_validity is None:
-        raise Refusal("no maximum validity policy set")
-    if not bound:
-        if not key.compat:
-            raise Refusal(NOT_COMPAT)
-        if not limiter.allow(key.label, t):
-            raise Refusal("compat signing rate limit exceeded")
-    alg = algorithms.TABLE.get(key.algorithm)
-    kind = alg.kind if alg is not None and alg.sign and alg.hash_len else None
-    if mechanism == "rsa-pkcs" and kind == "rsa":
-        prefix = alg.digest_info
-        if not digest.startswith(prefix) or len(digest) != len(prefix) + alg.hash_len:
-            raise Refusal("DigestInfo does not match the key's algorithm")
-        return digest[len(prefix):]
-    if mechanism == "ecdsa" and kind == "ecdsa":
-        if len(digest) != alg.hash_len:
-            raise Refusal("digest length does not match the key's algorithm")
-        return digest
-    raise Refusal(f"mechanism {mechanism} does not fit algorithm {key.algorithm}")

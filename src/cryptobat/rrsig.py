@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import dns.exception
 import dns.name
@@ -32,6 +33,26 @@ _NEVER_SIGNED = frozenset(_UNSIGNABLE) | frozenset(t for t in range(65536) if dn
 _META_CLASSES = frozenset(c for c in range(65536) if dns.rdataclass.is_metaclass(c))
 _NSEC = int(dns.rdatatype.NSEC)
 _TXT = int(dns.rdatatype.TXT)
+
+
+class Header(NamedTuple):
+    """The fixed-size RRSIG RDATA fields that open signing data (RFC 4034 §3.1)."""
+
+    type_covered: int
+    algorithm: int
+    labels: int
+    original_ttl: int
+    expiration: int
+    inception: int
+    key_tag: int
+
+
+def header(data: bytes) -> Header:
+    """The fixed header fields alone, without checking the rest: for choosing candidate keys
+    cheaply and for echoing what was asked; :func:`parse` is what makes data signable."""
+    if len(data) < _HEADER.size:
+        raise Refusal("signing data too short")
+    return Header(*_HEADER.unpack_from(data, 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +186,7 @@ def parse(data: bytes) -> SigningData:
     """
     if len(data) < _HEADER.size + 1:
         raise Refusal("signing data too short")
-    tc, alg, labels, ottl, exp, inc, tag = _HEADER.unpack_from(data, 0)
+    tc, alg, labels, ottl, exp, inc, tag = header(data)
     if tc in _NEVER_SIGNED:
         raise Refusal(f"type {dns.rdatatype.to_text(tc)} is never signed")
     signer, _, pos = read_name(data, _HEADER.size)

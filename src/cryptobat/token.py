@@ -22,13 +22,13 @@ from typing import Callable, Sequence
 import dns.name
 
 from . import audit as auditlog
-from . import keystore, officers, policy
+from . import keystore, officers, policy, prehash
 from .api import KeyInfo, SignResult
 from .audit import Chain, Head
 from .clock import DEFAULT_GAP, DEFAULT_TOLERANCE, TrustedClock, _boottime
 from .custody import Custody
-from .errors import (ConfigurationDisabled, Conflict, CryptobatError, InvalidArgument, NotFound, NotPermitted,
-                     PinIncorrect, StoreError)
+from .errors import (ConfigurationDisabled, Conflict, CryptobatError, InvalidArgument, KeygenRefused, NotFound,
+                     NotPermitted, PinIncorrect, StoreError)
 from .quorum import IDLE_TIMEOUT, Approval, PendingOperation, Quorum, Session
 from . import signing
 from .signing import Job, KeyCache, SignKey, sign_one
@@ -430,17 +430,26 @@ class Token:
 
     def _window_zone(self, zone: str) -> str:
         if not self.keygen_allowed():
-            raise PermissionError("no PKCS#11 key management window open")
+            raise KeygenRefused("no PKCS#11 key management window open")
         wz = self.state.p11_window_zone
         if zone and keystore.parse_zone(zone) != wz:
-            raise PermissionError(f"the PKCS#11 key management window is for {wz}, not {zone}")
+            raise KeygenRefused(f"the PKCS#11 key management window is for {wz}, not {zone}")
         return wz
+
+    def _check_label(self, label: str) -> None:
+        """A label a new key may take: a PKCS#11 client learns which rule it broke by the code."""
+        if label in self.state.keys:
+            raise Conflict(f"label {label[:MAX_LABEL]!r} is taken")
+        if not label.isprintable() or " " in label or len(label) > MAX_LABEL:
+            raise InvalidArgument(f"label {label[:MAX_LABEL]!r} is too long or not printable")
 
     def generate_key(self, algorithm: int, role: str, zone: str, label: str) -> KeyInfo:
         """PKCS#11 C_GenerateKeyPair: only inside a window a quorum opened, for the window's zone."""
         zone = self._window_zone(zone)
         if algorithm not in keystore.SUPPORTED:
-            raise CryptobatError(f"algorithm {algorithm} is not supported")
+            raise InvalidArgument(f"algorithm {algorithm} is not supported")
+        if label:
+            self._check_label(label)
         info, rec = self._generate(algorithm, keystore.parse_role(role), zone, label or None)
         self._change("p11-keygen", {"label": info.label, "zone": info.zone, "algorithm": algorithm,
                                     "role": info.role, "keytag": info.keytag},
@@ -451,9 +460,9 @@ class Token:
         """PKCS#11 C_DestroyObject: only inside a window, and only keys of the window's zone."""
         try:
             self._window_zone(self.key(label).zone)
-        except PermissionError as e:
+        except KeygenRefused as e:
             self.audit("refused", command="p11-keydel", label=label, why=str(e))
-            raise
+            raise NotPermitted(str(e)) from None
         self._change("p11-keydel", {"label": label}, lambda s: s.replace(keys=without(s.keys, label)))
 
     # --- keys -----------------------------------------------------------------------
@@ -467,12 +476,11 @@ class Token:
         return rec.info
 
     def _generate(self, algorithm: int, role: str, zone: str, label: str | None,
-                  private_key=None) -> tuple[KeyInfo, dict]:
+                  private_key=None) -> tuple[KeyInfo, KeyRecord]:
         """Create (or, given ``private_key``, import) a key; return its info and state record."""
         zone = keystore.parse_zone(zone)
-        if label is not None and (label in self.state.keys or not label.isprintable() or " " in label
-                                  or len(label) > MAX_LABEL):
-            raise CryptobatError(f"label {label[:MAX_LABEL]!r} is taken, too long or not printable")
+        if label is not None:
+            self._check_label(label)
         tags = {k.keytag for k in self.keys() if k.zone == zone}
         for _ in range(16):  # a fresh key whose tag collides with one in the zone is discarded
             tmp = label or os.urandom(8).hex()
@@ -484,9 +492,9 @@ class Token:
             if info.keytag not in tags:
                 break
             if private_key is not None:
-                raise CryptobatError(f"key tag {info.keytag} is already in use in {zone}")
+                raise Conflict(f"key tag {info.keytag} is already in use in {zone}")
         else:
-            raise CryptobatError("could not find a free key tag")
+            raise Conflict("could not find a free key tag")
         if label is None:
             final = keystore.default_label(zone, role, info.keytag)
             while final in self.state.keys:
@@ -606,25 +614,24 @@ class Token:
             return str(e)
         return None
 
-    def sign_digest(self, label: str, digest: bytes, mechanism: str, bound: bytes | None) -> SignResult:
-        """Hash-only signing for PKCS#11 clients; see :func:`cryptobat.policy.check_digest`.
+    def bind_digest(self, hashed: str, data: bytes, digest: bytes) -> list[tuple[str, bytes]]:
+        """Which keys a finished digest of ``data`` binds to; see :func:`cryptobat.prehash.bindings`."""
+        return prehash.bindings(self.keys(), hashed, data, digest,
+                                lambda label: self.check_signing_data(label, data) is None)
 
-        ``bound`` is the RRSIG signing data the client's session hashed to this digest, if any:
-        it passes the full policy again here, as it stands now, before the digest is signed.
-        """
+    def sign_digest(self, label: str, raw: bytes, mechanism: str, bound: bytes | None) -> SignResult:
+        """Hash-only signing of mechanism input ``raw``; see :func:`cryptobat.prehash.authorise`."""
         job = self.sign_job([])
         key = self._sign_key(label)
         if key is None:
             return SignResult(reason=f"no key labelled {label[:64]!r}")
-        info = key.info
         try:
-            if bound is not None:
-                policy.check(info, key.zone_wire, bound, job.policy, job.now)
-            raw = policy.check_digest(info, digest, mechanism, bound, job.policy, self.limiter, self._mono())
+            digest = prehash.authorise(key.info, key.zone_wire, mechanism, raw, bound, job.policy, job.now,
+                                       self.limiter, self._mono())
         except CryptobatError as e:
             result = SignResult(reason=str(e))
         else:
-            result = SignResult(signature=self.cache.get(label, key).sign_digest(raw))
+            result = SignResult(signature=self.cache.get(label, key).sign_digest(digest))
         self.account([result], compat=bound is None)
         return result
 

@@ -2,6 +2,8 @@
 
 The adapter never sees private keys or policy: every signature and every refusal
 comes from these calls, so the token's checks hold no matter what a client sends.
+Refusals of state changes raise :class:`cryptobat.errors.CryptobatError`, whose ``ckr``
+the adapter answers with.
 """
 from __future__ import annotations
 
@@ -30,21 +32,31 @@ class Backend(Protocol):
         """The same policy check without signing: refusal reason, or None if acceptable."""
         ...
 
-    def sign_digest(self, label: str, digest: bytes, mechanism: str, bound: bytes | None) -> SignResult:
-        """Hash-only signing: ``mechanism`` "rsa-pkcs" (digest is a DigestInfo) or "ecdsa".
+    def bind_digest(self, hashed: str, data: bytes, digest: bytes) -> list[tuple[str, bytes]]:
+        """A session finished ``digest``, the ``hashed`` (hashlib name) hash of ``data``.
 
-        ``bound`` is the signing data this session hashed to exactly ``digest`` after it
-        passed check_signing_data for ``label`` (the token checks it again now); without
-        it only compat keys sign.
+        Returns (label, mechanism input) for each key that input may be signed by once, as
+        bound: ``data`` is signing data for that key that passed the policy. The adapter keeps
+        the pairs with ``data`` and hands ``data`` back to :meth:`sign_digest` as ``bound``.
+        """
+        ...
+
+    def sign_digest(self, label: str, raw: bytes, mechanism: str, bound: bytes | None) -> SignResult:
+        """Hash-only signing of the C_Sign input ``raw``: ``mechanism`` "rsa-pkcs" or "ecdsa".
+
+        ``bound`` is the data a :meth:`bind_digest` pair for (``label``, ``raw``) was kept with
+        (the token checks it again now); without it only compat keys sign.
         """
         ...
 
     def keygen_allowed(self) -> bool: ...
 
-    def generate_key(self, algorithm: int, role: str, zone: str, label: str) -> KeyInfo: ...
+    def generate_key(self, algorithm: int, role: str, zone: str, label: str) -> KeyInfo:
+        """Raises KeygenRefused outside a quorum window, Conflict or InvalidArgument for the label."""
+        ...
 
     def delete_key(self, label: str) -> None:
-        """Raises PermissionError outside a quorum window."""
+        """Raises NotPermitted outside a quorum window."""
         ...
 
     def random(self, n: int) -> bytes: ...

@@ -6,8 +6,12 @@ token key label: labels are unique on the token, whereas key tags can collide.
 
 Signing never bypasses the token: whole-data mechanisms go to ``timed_sign`` (the token
 parses and policy-checks the RRSIG signing data); hash-only mechanisms go to
-``sign_digest``, flagged ``bound`` only when this session itself hashed signing data that
-passed ``check_signing_data`` for that key and the digest matches exactly.
+``sign_digest``. Which finished digests may be signed is the token's decision
+(``bind_digest``); this module only keeps, per session, what it answered, and hands the
+data back once when the very input it named is signed.
+
+As p11-kit's rpc-server.c, this module decodes, calls and encodes: a token refusal
+(:class:`cryptobat.errors.CryptobatError`) becomes its PKCS#11 code in :meth:`Module.call`.
 """
 from __future__ import annotations
 
@@ -22,8 +26,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa, utils
 
-from .. import policy
 from ..api import KeyInfo
+from ..errors import CryptobatError
 from . import constants as C
 from .backend import Backend
 from .codec import Attribute, Buffer, Mechanism, OutArray, encoded_length
@@ -96,7 +100,7 @@ class Session:
     sign: Op | None = None
     verify: Op | None = None
     digest: Op | None = None
-    bound: OrderedDict = field(default_factory=OrderedDict)  # (label, digest) -> the signing data hashed
+    bound: OrderedDict = field(default_factory=OrderedDict)  # (label, C_Sign input) -> data, from bind_digest
 
 
 def _pad(s: str, n: int) -> bytes:
@@ -269,7 +273,10 @@ class Module:
         fn = getattr(self, name, None)
         if fn is None:
             raise P11Error(REFUSALS.get(name, C.CKR_FUNCTION_NOT_SUPPORTED))
-        return fn(*args)
+        try:
+            return fn(*args)
+        except CryptobatError as e:
+            raise P11Error(e.ckr) from None
 
     def _b(self, fn: Callable[..., Any], *a: Any) -> Any:
         if self._direct:
@@ -539,10 +546,7 @@ class Module:
         if not s.rw:
             raise P11Error(C.CKR_SESSION_READ_ONLY)
         key, _ = self._object(obj)
-        try:
-            self._b(self.backend.delete_key, key.label)
-        except PermissionError:
-            raise P11Error(C.CKR_ACTION_PROHIBITED) from None
+        self._b(self.backend.delete_key, key.label)
         return []
 
     def C_GenerateKeyPair(self, h: int, mech: Mechanism | None, pub: list[Attribute],
@@ -575,12 +579,7 @@ class Module:
             label_s = label.decode()
         except UnicodeDecodeError:
             raise P11Error(C.CKR_ATTRIBUTE_VALUE_INVALID) from None
-        try:
-            key = self._b(self.backend.generate_key, alg, "csk", "", label_s)
-        except PermissionError:
-            raise P11Error(C.CKR_FUNCTION_REJECTED) from None
-        except ValueError:
-            raise P11Error(C.CKR_TEMPLATE_INCONSISTENT) from None
+        key = self._b(self.backend.generate_key, alg, "csk", "", label_s)
         self._objects()
         base = self.handles[key.label]
         return [base + 1, base]
@@ -641,7 +640,7 @@ class Module:
         if op.result is None or op.result_for != data:
             try:
                 op.result, op.result_for = self._sign(s, op, data), data
-            except P11Error:
+            except (P11Error, CryptobatError):  # a failed C_Sign ends the operation, as PKCS#11 requires
                 s.sign = None
                 raise
         out, done = fit(buf, op.result)
@@ -654,25 +653,13 @@ class Module:
         assert key is not None
         if op.mech in FULL_SIGN:
             res = self._b(self.backend.timed_sign, [(key.label, data)])[0]
-        elif op.mech == C.CKM_ECDSA:
-            bound = self._take_bound(s, key.label, data)
-            res = self._b(self.backend.sign_digest, key.label, data, "ecdsa", bound)
         else:
-            digest = next((data[len(p):] for p in policy.DIGEST_INFO.values()
-                           if data.startswith(p) and len(data) - len(p) == p[-1]), None)
-            bound = None if digest is None else self._take_bound(s, key.label, digest)
-            res = self._b(self.backend.sign_digest, key.label, data, "rsa-pkcs", bound)
+            bound = s.bound.pop((key.label, data), None)  # each binding is handed over once
+            mechanism = "ecdsa" if op.mech == C.CKM_ECDSA else "rsa-pkcs"
+            res = self._b(self.backend.sign_digest, key.label, data, mechanism, bound)
         if not res.ok:
             raise P11Error(C.CKR_FUNCTION_REJECTED)
         return res.signature
-
-    @staticmethod
-    def _take_bound(s: Session, label: str, digest: bytes) -> bytes | None:
-        """Consume a remembered bound digest: the signing data it was computed over, or None.
-
-        Each checked hash authorises one signature, and the token checks that data against
-        the policy again when it signs (the policy may have tightened since the digest)."""
-        return s.bound.pop((label, digest), None)
 
     def C_VerifyInit(self, h: int, mech: Mechanism | None, key_handle: int):
         s = self._session(h)
@@ -755,22 +742,14 @@ class Module:
         return [out]
 
     def _digest_done(self, s: Session, op: Op) -> bytes:
-        """Finish a digest and remember it as bound for every key whose policy accepts the input.
-
-        The input counts only if it is RRSIG signing data (RFC 4034 §3.1.8.1) naming a
-        key on this token by algorithm and key tag, and the token's policy check passes.
-        """
+        """Finish a digest and keep what the token binds it to (see ``Backend.bind_digest``)."""
         digest = op.hasher.digest()
         data = bytes(op.data)
-        name = DIGESTS[op.mech]
-        if self.logged_in and op.keep and len(data) >= 18:
-            alg, tag = data[2], int.from_bytes(data[16:18], "big")
-            for key in self._b(self.backend.keys):
-                if key.algorithm == alg and key.keytag == tag and ALG_HASH.get(alg) == name:
-                    if self._b(self.backend.check_signing_data, key.label, data) is None:
-                        s.bound[(key.label, digest)] = data
-                        while len(s.bound) > MAX_BOUND:
-                            s.bound.popitem(last=False)
+        if self.logged_in and op.keep:
+            for label, signable in self._b(self.backend.bind_digest, DIGESTS[op.mech], data, digest):
+                s.bound[(label, signable)] = data
+                while len(s.bound) > MAX_BOUND:
+                    s.bound.popitem(last=False)
         op.data = bytearray()
         return digest
 

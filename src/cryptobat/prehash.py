@@ -1,0 +1,106 @@
+"""Hash-only signing (PKCS#11 CKM_RSA_PKCS, CKM_ECDSA): when a bare hash may be signed.
+
+A hash says nothing about what was hashed, so the token signs one only if
+
+- the client's session hashed RRSIG signing data (RFC 4034 §3.1.8.1) itself, that data
+  named the key by algorithm and key tag, was hashed with the key's algorithm hash and
+  passed the policy (:func:`bindings`, at C_DigestFinal); that hash then authorises one
+  signature, and the data passes the policy again, as it stands then, when it is signed
+  (:func:`authorise`, at C_Sign); or
+- a quorum put the key in compat mode, and then only at a bounded rate.
+
+The PKCS#11 adapter keeps, per session, only what :func:`bindings` returned: it neither
+parses signing data nor DigestInfo, and decides nothing. No I/O here.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from functools import cache
+
+import dns.dnssecalgs
+
+from . import policy, rrsig
+from .api import KeyInfo
+from .errors import Refusal
+
+# DER DigestInfo prefixes (RFC 8017 §9.2 note 1): cryptography pads internally and does not expose them.
+DIGEST_INFO = {8: bytes.fromhex("3031300d060960864801650304020105000420"),
+               10: bytes.fromhex("3051300d060960864801650304020305000440")}
+HASH_LEN = {8: 32, 10: 64, 13: 32, 14: 48}  # algorithms that sign a bare hash, and its length
+ECDSA = (13, 14)
+
+
+@cache
+def hash_name(algorithm: int) -> str | None:
+    """The hashlib name of the hash DNSSEC ``algorithm`` signs with, if it signs a bare hash."""
+    if algorithm not in HASH_LEN:
+        return None
+    return dns.dnssecalgs.get_algorithm_cls(algorithm).public_cls.chosen_hash.name
+
+
+def mechanism_input(key: KeyInfo, digest: bytes) -> bytes:
+    """What a client passes to C_Sign to have ``key`` sign ``digest``: a DigestInfo for RSA."""
+    return DIGEST_INFO.get(key.algorithm, b"") + digest
+
+
+def bindings(keys: Iterable[KeyInfo], hashed: str, data: bytes, digest: bytes,
+             accepts: Callable[[str], bool]) -> list[tuple[str, bytes]]:
+    """(label, the mechanism input it may sign once) for each key a finished digest binds to.
+
+    ``digest`` is the ``hashed`` (hashlib name) hash of ``data``; it binds to a key only if
+    ``data`` names that key, the key's algorithm signs this hash, and ``accepts(label)``
+    (the full policy check) holds. Data that is not signing data binds to nothing.
+    """
+    try:
+        h = rrsig.header(data)
+    except Refusal:
+        return []
+    return [(k.label, mechanism_input(k, digest)) for k in keys
+            if k.algorithm == h.algorithm and k.keytag == h.key_tag and hash_name(k.algorithm) == hashed
+            and accepts(k.label)]
+
+
+def authorise(key: KeyInfo, zone_wire: bytes, mechanism: str, raw: bytes, bound: bytes | None,
+              pol: policy.Policy, now: int, limiter: policy.RateLimiter, t: float) -> bytes:
+    """The bare hash ``key`` may sign for mechanism input ``raw``; raise Refusal otherwise.
+
+    ``bound`` is the signing data a binding recorded for ``raw``: it must still hash to the
+    very hash being signed and pass the policy now (it may have tightened since C_Digest).
+    """
+    if bound is not None:
+        policy.check(key, zone_wire, bound, pol, now)
+    digest = check_digest(key, raw, mechanism, bound is not None, pol, limiter, t)
+    if bound is not None:
+        name = hash_name(key.algorithm)
+        if name is None or hashlib.new(name, bound).digest() != digest:
+            raise Refusal("digest does not match the signing data it was bound to")
+    return digest
+
+
+def check_digest(key: KeyInfo, raw: bytes, mechanism: str, bound: bool, pol: policy.Policy,
+                 limiter: policy.RateLimiter, t: float) -> bytes:
+    """Decide on a hash-only signature; return the bare hash to sign or raise Refusal.
+
+    ``bound`` means the data behind the hash passed :func:`cryptobat.policy.check`; otherwise
+    the data is unknown and only a key a quorum put in compat mode may sign it, rate-limited.
+    """
+    if pol.clock_tampered:
+        raise Refusal("token clock tamper state: a quorum must run settime")
+    if pol.max_validity is None:
+        raise Refusal("no maximum validity policy set")
+    if not bound:
+        if not key.compat:
+            raise Refusal(policy.NOT_COMPAT)
+        if not limiter.allow(key.label, t):
+            raise Refusal("compat signing rate limit exceeded")
+    if mechanism == "rsa-pkcs" and key.algorithm in DIGEST_INFO:
+        prefix = DIGEST_INFO[key.algorithm]
+        if not raw.startswith(prefix) or len(raw) != len(prefix) + HASH_LEN[key.algorithm]:
+            raise Refusal("DigestInfo does not match the key's algorithm")
+        return raw[len(prefix):]
+    if mechanism == "ecdsa" and key.algorithm in ECDSA:
+        if len(raw) != HASH_LEN[key.algorithm]:
+            raise Refusal("digest length does not match the key's algorithm")
+        return raw
+    raise Refusal(f"mechanism {mechanism} does not fit algorithm {key.algorithm}")
