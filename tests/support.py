@@ -463,6 +463,14 @@ def client_module() -> str:
     raise AssertionError("p11-kit-client.so not found: apt-get install p11-kit-modules")
 
 
+def tool(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    r = subprocess.run(["pkcs11-tool", "--module", client_module(), *args], capture_output=True, text=True,
+                       env=dict(os.environ), timeout=timeout)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
 # ---------------------------------------------------------------- processes, from /proc
 
 def children(pid: int) -> set[int]:

@@ -32,7 +32,7 @@ from cryptobat.p11rpc.codec import encode_request, parse_response
 from cryptobat.p11rpc.framing import HEADER, encode_frame
 from cryptobat.p11rpc.module import HANDSHAKE, SLOT_ID
 from support import (PIN, ROOT, Daemon, SockClient, cli, client_module, corpus_files, p11_served,
-                     setup_home, signing_data, valid_requests, validate)
+                     setup_home, signing_data, tool, valid_requests, validate)
 
 KEYS = (("8", "k8"), ("13", "k13"), ("13", "c13"), ("14", "k14"), ("15", "k15"))
 
@@ -71,14 +71,6 @@ def rrsig_data(home: Path, label: str, valid: int = 1800):
     rrset = dns.rrset.from_text("www.testzone.", 300, "IN", "A", "192.0.2.7")
     tpl, data = signing_data(key, rrset, now - 60, now + valid)
     return key, rrset, tpl, data, now
-
-
-def tool(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    r = subprocess.run(["pkcs11-tool", "--module", client_module(), *args], capture_output=True, text=True,
-                       env=dict(os.environ), timeout=timeout)
-    if check:
-        assert r.returncode == 0, r.stdout + r.stderr
-    return r
 
 
 # --- (a) OpenSC pkcs11-tool ---------------------------------------------------------------

@@ -17,8 +17,7 @@ from cryptobat.errors import Conflict, InvalidArgument, KeygenRefused, NotPermit
 from cryptobat.p11rpc import constants as C
 from cryptobat.p11rpc.codec import Attribute, Buffer, Mechanism
 from cryptobat.p11rpc.module import HANDSHAKE, SLOT_ID, Module, P11Error
-from test_p11_clients import tool
-from test_p11rpc_backend import PIN, Daemon, RealToken, make_signing_data, setup_home
+from support import PIN, Daemon, RealToken, make_signing_data, setup_home, tool
 
 P256 = bytes.fromhex("06082a8648ce3d030107")
 
@@ -26,7 +25,7 @@ P256 = bytes.fromhex("06082a8648ce3d030107")
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     home = tmp_path_factory.mktemp("p11err") / "token"
-    d = Daemon(home, setup_home(home, keys=(("13", "k13"),), compat=()))
+    d = Daemon(home, codes=setup_home(home, keys=(("13", "k13"),), compat=()))
     old = os.environ.get("P11_KIT_SERVER_ADDRESS")
     os.environ["P11_KIT_SERVER_ADDRESS"] = d.address
     yield d
