@@ -14,6 +14,7 @@ import errno
 import glob
 import json
 import math
+import contextlib
 import os
 import pwd
 import re
@@ -443,6 +444,22 @@ def need_root(why: str) -> None:
         if os.environ.get("CI"):
             pytest.fail(f"this test needs root ({why})")
         pytest.skip(f"needs root ({why})")
+
+
+@contextlib.contextmanager
+def p11_daemon(home: Path, keys, compat=()):
+    """A daemon on a :func:`setup_home` token, the address p11-kit-client.so reads pointing at it."""
+    d = Daemon(home, codes=setup_home(home, keys=keys, compat=compat))
+    old = os.environ.get("P11_KIT_SERVER_ADDRESS")
+    os.environ["P11_KIT_SERVER_ADDRESS"] = d.address
+    try:
+        yield d
+    finally:
+        d.stop()
+        if old is None:
+            os.environ.pop("P11_KIT_SERVER_ADDRESS", None)
+        else:
+            os.environ["P11_KIT_SERVER_ADDRESS"] = old
 
 
 def client_module() -> str:

@@ -31,7 +31,7 @@ from cryptobat.p11rpc.calls import BY_NAME
 from cryptobat.p11rpc.codec import encode_request, parse_response
 from cryptobat.p11rpc.framing import HEADER, encode_frame
 from cryptobat.p11rpc.module import HANDSHAKE, SLOT_ID
-from support import (PIN, ROOT, Daemon, SockClient, cli, client_module, corpus_files, p11_served,
+from support import (PIN, ROOT, SockClient, cli, client_module, corpus_files, p11_daemon, p11_served,
                      setup_home, signing_data, tool, valid_requests, validate)
 
 KEYS = (("8", "k8"), ("13", "k13"), ("13", "c13"), ("14", "k14"), ("15", "k15"))
@@ -39,17 +39,8 @@ KEYS = (("8", "k8"), ("13", "k13"), ("13", "c13"), ("14", "k14"), ("15", "k15"))
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    home = tmp_path_factory.mktemp("p11d") / "token"
-    codes = setup_home(home, keys=KEYS, compat=())
-    d = Daemon(home, codes=codes)
-    old = os.environ.get("P11_KIT_SERVER_ADDRESS")
-    os.environ["P11_KIT_SERVER_ADDRESS"] = d.address
-    yield d
-    d.stop()
-    if old is None:
-        os.environ.pop("P11_KIT_SERVER_ADDRESS", None)
-    else:
-        os.environ["P11_KIT_SERVER_ADDRESS"] = old
+    with p11_daemon(tmp_path_factory.mktemp("p11d") / "token", keys=KEYS) as d:
+        yield d
 
 
 @pytest.fixture(scope="module")

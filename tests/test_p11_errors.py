@@ -8,7 +8,6 @@ binding rules (cryptobat.prehash) are checked on a real token without the RPC la
 from __future__ import annotations
 
 import hashlib
-import os
 
 import pytest
 
@@ -17,23 +16,15 @@ from cryptobat.errors import Conflict, InvalidArgument, KeygenRefused, NotPermit
 from cryptobat.p11rpc import constants as C
 from cryptobat.p11rpc.codec import Attribute, Buffer, Mechanism
 from cryptobat.p11rpc.module import HANDSHAKE, SLOT_ID, Module, P11Error
-from support import PIN, Daemon, RealToken, make_signing_data, setup_home, tool
+from support import PIN, RealToken, make_signing_data, p11_daemon, tool
 
 P256 = bytes.fromhex("06082a8648ce3d030107")
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    home = tmp_path_factory.mktemp("p11err") / "token"
-    d = Daemon(home, codes=setup_home(home, keys=(("13", "k13"),), compat=()))
-    old = os.environ.get("P11_KIT_SERVER_ADDRESS")
-    os.environ["P11_KIT_SERVER_ADDRESS"] = d.address
-    yield d
-    d.stop()
-    if old is None:
-        os.environ.pop("P11_KIT_SERVER_ADDRESS", None)
-    else:
-        os.environ["P11_KIT_SERVER_ADDRESS"] = old
+    with p11_daemon(tmp_path_factory.mktemp("p11err") / "token", keys=(("13", "k13"),)) as d:
+        yield d
 
 
 def rv(ckr: int) -> str:

@@ -18,7 +18,7 @@ from typing import Protocol, Sequence
 from . import errors, native
 from .api import KeyInfo, SignResult
 from .errors import CryptobatError
-from .home import resolve_home
+from .home import close_token, resolve_home
 
 
 class Client(Protocol):
@@ -69,11 +69,7 @@ class EmbeddedClient:
     def close(self) -> None:
         with self._engine_lock:
             engine, self._engine = self._engine, None
-        try:
-            if engine is not None:
-                engine.close()
-        finally:
-            self.token.close()
+        close_token(self.token, engine)
 
 
 class SocketClient:

@@ -116,3 +116,13 @@ def open_engine(token, workers: int | None = None, custody_factory: Callable[...
     """Signing worker processes for ``token``'s large batches; the caller closes them."""
     from .signing import Engine
     return Engine(token.custody, custody_factory, token.home, workers, cache=token.cache)
+
+
+def close_token(token, engine=None) -> None:
+    """Stop ``engine``'s worker processes (they hold unsealed keys), then close the token,
+    whose store lock is free after this; the token is closed even if stopping fails."""
+    try:
+        if engine is not None:
+            engine.close()
+    finally:
+        token.close()

@@ -53,7 +53,7 @@ from . import __version__, native, peers
 from .api import SignResult
 from .console import Console
 from .errors import CryptobatError, LimitReached, PinIncorrect, TokenBusy
-from .home import open_engine, open_token
+from .home import close_token, open_engine, open_token
 from .signing import Engine
 from .token import Token, code_hash
 
@@ -92,11 +92,7 @@ class Service:
     def close(self) -> None:
         """Stop the worker processes, then close the token (its store lock is free after this)."""
         engine, self._engine = self._engine, None
-        try:
-            if engine is not None:
-                engine.close()
-        finally:
-            self.token.close()
+        close_token(self.token, engine)
 
     def console(self, transport: str) -> Console:
         """A console session on this token; it takes ``self.lock`` itself, around each command."""
