@@ -273,7 +273,7 @@ def test_embedded_signzone_kill9_leaves_no_process(tmp_path, reaper):
     assert not left, f"processes outlived signzone: {left}"
 
 
-@pytest.mark.xfail(strict=True, reason="signzone.py's post-sign verifier pool (a forkserver ProcessPoolExecutor "
+@pytest.mark.xfail(strict=True, reason="zonesign/verify.py's post-sign verifier pool (a forkserver ProcessPoolExecutor "
                                        "for zone files over 240 kB: fork server, resource tracker and verifier "
                                        "processes, which hold no keys) outlives a killed signzone")
 def test_embedded_signzone_kill9_with_verifier_processes_leaves_no_process(tmp_path, reaper):
