@@ -34,6 +34,7 @@ from . import signing
 from .signing import Job, KeyCache, SignKey, sign_one
 from .state import AuditHead, ClockRecord, KeyRecord, Officer, TokenState, with_item, without
 from .store import Store
+from .tally import Tally
 
 MANUFACTURER = "Cryptobat"
 MODEL = "Cryptobat-SW"
@@ -43,14 +44,7 @@ MIN_PIN = 6
 MAX_PIN_FAILURES = 10  # then the signer PIN is locked until a quorum sets it again
 MAX_LABEL = 64
 MAX_KEY_FILE = 64 * 1024
-MAX_REASONS = 16  # distinct refusal reasons in one audit entry
 MIN_TIME = 1577836800  # 2020-01-01: no token time before this is plausible
-
-
-def _no_pending() -> dict:
-    """Signing counts not yet in the audit log (flushed at most once a second)."""
-    return {"signatures": 0, "compat_signatures": 0, "batches": 0, "refusals": 0, "reasons": {},
-            "pin_refused": 0}
 
 
 def new_state(quorum: int, now: int) -> TokenState:
@@ -80,7 +74,7 @@ class Token:
         self.clock = TrustedClock(c.offset, c.hwm, c.tampered, c.tolerance, wall, mono, gap=c.max_gap)
         self.quorum = Quorum(state.idle_timeout)
         self.cache = KeyCache(custody)  # keys unsealed for signing in this process
-        self._pending = _no_pending()
+        self._pending = Tally()
         self.limiter = policy.RateLimiter()
         self._pin_key = os.urandom(32)
         self._pepper = hmac.new(self.custody.mac_key(), b"cryptobat passphrase pepper", hashlib.sha256).digest()
@@ -636,51 +630,30 @@ class Token:
         return result
 
     def account(self, results: Sequence[SignResult], compat: bool = False) -> None:
-        """Count signatures and refusals; audit them at most once a second.
-
-        Refusals are counted by reason (at most MAX_REASONS distinct ones an entry, labels cut
-        short), so a client sending refused requests as fast as it can adds one bounded audit
-        entry a second, not one per request.
-        """
-        p = self._pending
-        ok = sum(1 for r in results if r.ok)
-        p["signatures"] += ok
-        p["compat_signatures"] += ok if compat else 0
-        p["batches"] += 1
-        reasons = p["reasons"]
-        for r in results:
-            if not r.ok:
-                p["refusals"] += 1
-                why = r.reason or "refused"
-                why = why if why in reasons or len(reasons) < MAX_REASONS else "other reasons"
-                reasons[why] = reasons.get(why, 0) + 1
-        self.flush_audit(force=len(results) >= 64 and not p["refusals"])
+        """Count signatures and refusals (:class:`cryptobat.tally.Tally`); audit them at most once a second."""
+        self._pending.add(results, compat)
+        self.flush_audit(force=len(results) >= 64 and not self._pending.refusals)
 
     def flush_audit(self, force: bool = False) -> None:
-        p = self._pending
-        if (p["batches"] or p["pin_refused"]) and (force or self._mono() - self._last_flush >= AUDIT_FLUSH_SECONDS):
+        if not self._pending.empty and (force or self._mono() - self._last_flush >= AUDIT_FLUSH_SECONDS):
             self._flush()
 
     def _flush(self) -> None:
         p = self._pending
-        fields: dict = {"signatures": p["signatures"], "batches": p["batches"]}
-        if p["refusals"]:
-            fields.update(refusals=p["refusals"], reasons=dict(p["reasons"]))
-        if p["pin_refused"]:
-            fields["pin_refused"] = p["pin_refused"]
+        event, fields = p.audit_event()
 
         def count(s: TokenState) -> TokenState:
-            return s.replace(counters=s.counters.add(signatures=p["signatures"], refusals=p["refusals"],
-                                                     compat_signatures=p["compat_signatures"]))
+            return s.replace(counters=s.counters.add(signatures=p.signatures, refusals=p.refusals,
+                                                     compat_signatures=p.compat_signatures))
 
-        self._change("refused-sign" if p["refusals"] else "sign", fields, count)
-        self._pending = _no_pending()
+        self._change(event, fields, count)
+        self._pending = Tally()
         self._last_flush = self._mono()
 
     def counters(self) -> dict:
         c = dataclasses.asdict(self.state.counters)
         for k in ("signatures", "compat_signatures", "refusals"):
-            c[k] += self._pending[k]
+            c[k] += getattr(self._pending, k)
         return c
 
     # --- signer PIN and other PKCS#11 needs ------------------------------------------
@@ -699,7 +672,7 @@ class Token:
             rec = self.state.pin
             why = "no PIN set" if rec is None else "PIN locked" if self.pin_locked() else None
             if why:  # no scrypt spent; counted, audited with the next flush (at most once a second)
-                self._pending["pin_refused"] += 1
+                self._pending.pin_refused += 1
                 self.flush_audit()
                 return False
             tag = (rec.hash, hmac.new(self._pin_key, text.encode(), hashlib.sha256).digest())
