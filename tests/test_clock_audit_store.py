@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from cryptobat import tally
 from cryptobat.errors import IntegrityError, TokenBusy
 from cryptobat.home import open_token
 from support import ROOT, cli, make_token, payload
@@ -201,3 +202,14 @@ def test_kill_9_during_writes_never_loses_or_mixes_state(tmp_path):
         finally:
             t.close()
     assert ticks >= 16  # every writer got into its stream of commits before it was killed
+
+
+def test_refusal_reasons_in_one_audit_entry_are_bounded(ready):
+    """A client sending refusals with ever-new reasons (labels it invents) adds one bounded entry."""
+    before = ready.audit_seq()
+    ready.timed_sign([(f"nokey{i}", b"x") for i in range(100)])
+    ready.flush_audit(force=True)
+    entry = json.loads(ready.audit_tail(1)[0])
+    assert entry["event"] == "refused-sign" and entry["refusals"] == 100
+    assert len(entry["reasons"]) <= tally.MAX_REASONS + 1 and entry["reasons"].get(tally.OTHER, 0) > 0
+    assert ready.audit_seq() == before + 1
