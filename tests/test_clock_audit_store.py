@@ -213,3 +213,29 @@ def test_refusal_reasons_in_one_audit_entry_are_bounded(ready):
     assert entry["event"] == "refused-sign" and entry["refusals"] == 100
     assert len(entry["reasons"]) <= tally.MAX_REASONS + 1 and entry["reasons"].get(tally.OTHER, 0) > 0
     assert ready.audit_seq() == before + 1
+
+
+@pytest.mark.parametrize("where", ["top", "officer", "clock", "counters", "version"])
+def test_a_store_this_code_would_not_write_back_whole_is_refused(tmp_path, where):
+    """A field this code does not know (a newer Cryptobat wrote it) would be dropped by the next
+    commit: the store is refused in one line instead, and stays as it was."""
+    import json as _json
+    from cryptobat.custody import SoftwareCustody
+    from cryptobat.store import Store
+    home = tmp_path / "t"
+    make_token(home, quorum=1, officers=("lamb",))
+    st = Store(home, SoftwareCustody(home).mac_key())
+    doc = _json.loads(st.db.execute("SELECT doc FROM state").fetchone()[0])
+    {"top": lambda d: d.__setitem__("future", 1), "officer": lambda d: d["officers"]["lamb"].__setitem__("future", 1),
+     "clock": lambda d: d["clock"].__setitem__("future", 1), "counters": lambda d: d["counters"].__setitem__("future", 1),
+     "version": lambda d: d.__setitem__("version", 2)}[where](doc)
+    text = _json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    with st.db:
+        st.db.execute("UPDATE state SET doc = ?, mac = ? WHERE id = 1", (text, st._mac(text)))
+    st.close()
+    r = cli("status", home=home)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "state store" in r.stderr
+    st = Store(home, SoftwareCustody(home).mac_key())
+    assert st.db.execute("SELECT doc FROM state").fetchone()[0] == text  # nothing dropped
+    st.close()

@@ -11,6 +11,7 @@ import time
 import dns.rrset
 import pytest
 
+from cryptobat.errors import StoreError
 from cryptobat.home import init_token
 from support import CONFIGURED_PIN, ConsoleSocket, Daemon, Officers, cli, payload, signing_data
 
@@ -198,7 +199,26 @@ def test_full_disk_refuses_changes_and_signing_keeps_status_and_recovers(small_d
             with pytest.raises(Exception, match="signing refused"):
                 t.timed_sign([("z", data)])
         assert "max validity" in c.handle("status")
+        assert c.handle("setpin 123456").startswith("fail:")  # no PIN was set: the store is full
         filler.unlink()
+        assert c.handle("setpin 123456") == " Signer PIN set\n"
+        with open(filler, "wb") as f:  # full again: a PIN check whose failure could not be counted
+            try:                        # would allow unlimited guesses, so none is checked at all
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        for j in range(500):
+            if c.handle(f"setmaxval {2000 + j}").startswith("fail:"):
+                break
+        for pin in ("wrong-1", "123456", "wrong-2", "123456"):
+            with pytest.raises(StoreError):
+                t.check_pin(pin)
+        assert t.state.pin_failures == 0
+        filler.unlink()
+        assert t.check_pin("123456") and not t.check_pin("wrong-3")
+        assert t.state.pin_failures == 1
         assert c.handle("setmaxval 1800") == " Maximum validity period set to +1800 seconds\n"
         assert t.timed_sign([("z", data)])[0].ok
         n, problem = t.audit_verify()

@@ -27,8 +27,9 @@ import pytest
 from cryptobat import native
 from cryptobat.api import KeyInfo
 from cryptobat.client import SocketClient, connect
-from cryptobat.errors import CryptobatError
+from cryptobat.errors import CryptobatError, PinLocked
 from cryptobat.serve import MAX_CONNECTIONS, MAX_LINE, LineReader, SerialLine, Service
+from cryptobat.token import MAX_PIN_FAILURES
 from support import (PIN_TEXT, ConsoleSocket, Daemon, as_user, cli, make_signing_data, need_root, probe,
                      setup_home)
 
@@ -201,6 +202,15 @@ def test_native_sign_needs_the_signer_pin(token_home, monkeypatch):
         c = connect(f"unix:{home / 'native.sock'}")
         assert c.timed_sign([("k13", data)])[0].ok
         c.close()
+
+        # locked after MAX_PIN_FAILURES wrong PINs: the right PIN is told "locked", not "incorrect"
+        s = native_sock(home / "native.sock")
+        for _ in range(MAX_PIN_FAILURES):
+            call(s, {"op": "login", "pin": "wrong-pin"})
+        assert call(s, {"op": "login", "pin": PIN_TEXT}) == {"error": "PIN locked", "code": "pin-locked"}
+        s.close()
+        with pytest.raises(PinLocked):
+            SocketClient(str(home / "native.sock"), PIN_TEXT)
     finally:
         d.stop()
 

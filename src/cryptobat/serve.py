@@ -52,7 +52,7 @@ from typing import Callable, Sequence, TextIO
 from . import __version__, native, peers
 from .api import SignResult
 from .console import Console
-from .errors import CryptobatError, LimitReached, PinIncorrect, TokenBusy
+from .errors import CryptobatError, LimitReached, PinIncorrect, PinLocked, TokenBusy
 from .home import close_token, open_engine, open_token
 from .signing import Engine
 from .token import Token, code_hash
@@ -495,6 +495,8 @@ class NativeHandler(socketserver.BaseRequestHandler):
             pin = native.parse_pin(req)
             self.logged_in = False
             if not svc.check_pin(pin, "native"):
+                if svc.token.pin_locked():
+                    raise PinLocked("PIN locked")
                 raise PinIncorrect(native.PIN_INCORRECT)
             self.logged_in = True
             return {"ok": True}

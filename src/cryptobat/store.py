@@ -69,9 +69,43 @@ def _key(d: dict) -> KeyRecord:
                      d["blob"], d["created"])
 
 
+VERSION = TokenState.version  # the newest stored form this code reads and writes
+
+
+def _unknown(stored, typed, path: str = "") -> list[str]:
+    """Fields of the stored document that the typed state would not write back."""
+    if not isinstance(stored, dict) or not isinstance(typed, dict):
+        return []
+    out = []
+    for k, v in stored.items():
+        if k not in typed:
+            out.append(path + k)
+        else:
+            out += _unknown(v, typed[k], f"{path}{k}.")
+    return out
+
+
 def from_json(d: dict) -> TokenState:
-    """The typed state of a stored document (upgraded to the current schema first)."""
-    d = upgrade(d)
+    """The typed state of a stored document (upgraded to the current schema first).
+
+    A document this code would not write back whole (a newer version, a field it does not
+    know) is refused rather than read: committing the next change would drop what it holds."""
+    if not isinstance(d, dict) or d.get("version") != VERSION:
+        v = d.get("version") if isinstance(d, dict) else None
+        raise StoreError(f"state store is version {v!r}; this Cryptobat reads version {VERSION} "
+                         f"(a newer Cryptobat wrote it?)")
+    try:
+        state = _typed(upgrade(d))
+        unknown = _unknown(d, to_json(state))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise IntegrityError(f"state store document is malformed ({type(e).__name__}: {e})") from None
+    if unknown:
+        raise StoreError(f"state store has fields this Cryptobat does not know: {', '.join(sorted(unknown)[:8])} "
+                         f"(a newer Cryptobat wrote it?)")
+    return state
+
+
+def _typed(d: dict) -> TokenState:
     return TokenState(
         version=d["version"], serial=d["serial"], created=d["created"], quorum=d["quorum"],
         max_validity=d["max_validity"], pin=_secret(d["pin"]), pin_failures=d["pin_failures"],

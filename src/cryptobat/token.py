@@ -669,6 +669,8 @@ class Token:
         lock = lock or contextlib.nullcontext()
         text = pin.decode(errors="replace") if isinstance(pin, bytes) else pin
         with lock:
+            if self._write_failed:  # a wrong PIN that could not be counted would be a free guess:
+                self._change("store-retry", {"why": "PIN check"}, lambda s: s)  # check nothing until it can
             rec = self.state.pin
             why = "no PIN set" if rec is None else "PIN locked" if self.pin_locked() else None
             if why:  # no scrypt spent; counted, audited with the next flush (at most once a second)
