@@ -112,10 +112,12 @@ def init_token(home: Path | str, quorum: int = 2, custody_factory: Callable[...,
     return token
 
 
-def open_engine(token, workers: int | None = None, custody_factory: Callable[..., Custody] = SoftwareCustody):
-    """Signing worker processes for ``token``'s large batches; the caller closes them."""
+def open_engine(token, workers: int | None = None, custody_factory: Callable[..., Custody] | None = None):
+    """Signing worker processes for ``token``'s large batches; the caller closes them.
+
+    Each worker opens the token's custody again (by default the same kind the token has)."""
     from .signing import Engine
-    return Engine(token.custody, custody_factory, token.home, workers, cache=token.cache)
+    return Engine(token.custody, custody_factory or type(token.custody), token.home, workers, cache=token.cache)
 
 
 def close_token(token, engine=None) -> None:

@@ -195,9 +195,9 @@ def serve_stdio(home: Path) -> int:
     if serving(sock):
         return _relay(sock)
     from .home import open_token
-    token = open_token(home)
+    service = Service(open_token(home))
     try:
-        _serve_stdio(ServiceBackend(Service(token)))
+        _serve_stdio(ServiceBackend(service))
     finally:
-        token.close()
+        service.close()  # its worker processes first, then the token
     return 0
