@@ -19,6 +19,7 @@ import base64
 import hashlib
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -40,8 +41,7 @@ MAX_RANDOM = 64 * 1024  # per call (PKCS#11 callers wanting more call again): bo
 MAX_BOUND = 256
 
 
-
-def _grouped(pairs) -> dict[int, tuple[int, ...]]:
+def _grouped(pairs: Iterable[tuple[int | None, algorithms.DnssecAlgorithm]]) -> dict[int, tuple[int, ...]]:
     """mechanism -> the algorithm numbers it applies to, in table order."""
     out: dict[int, tuple[int, ...]] = {}
     for mech, alg in pairs:
@@ -54,6 +54,8 @@ def _grouped(pairs) -> dict[int, tuple[int, ...]]:
 # verifying) also with the RSASHA1 keys a token may still hold.
 FULL_SIGN = _grouped((a.mech_sign, a) for a in algorithms.SIGNING)
 HASH_SIGN = _grouped((a.mech_hash_sign, a) for a in algorithms.TABLE.values())
+# CKM_RSA_PKCS_KEY_PAIR_GEN names no hash: it makes a key of the first RSA algorithm the token signs with
+_RSA_KEYGEN = next(a for a in algorithms.SIGNING if a.kind == "rsa" and a.generate)
 DIGESTS = {C.CKM_SHA_1: "sha1", C.CKM_SHA256: "sha256", C.CKM_SHA384: "sha384", C.CKM_SHA512: "sha512"}
 
 
@@ -177,10 +179,6 @@ def verify_signature(key: KeyInfo, mech: int, data: bytes, sig: bytes) -> bool:
         return True
     except (InvalidSignature, ValueError):
         return False
-
-
-# CKM_RSA_PKCS_KEY_PAIR_GEN names no hash: it makes a key of the first RSA algorithm the token signs with
-_RSA_KEYGEN = next(a for a in algorithms.SIGNING if a.kind == "rsa" and a.generate)
 
 
 def _b64(b: bytes | bytearray | None) -> str | None:
