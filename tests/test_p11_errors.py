@@ -11,7 +11,7 @@ import hashlib
 
 import pytest
 
-from cryptobat import prehash
+from cryptobat import algorithms
 from cryptobat.errors import Conflict, InvalidArgument, KeygenRefused, NotPermitted
 from cryptobat.p11rpc import constants as C
 from cryptobat.p11rpc.codec import Attribute, Buffer, Mechanism
@@ -118,12 +118,12 @@ def test_bound_digest_signs_once_and_only_its_own_data(rt):
     assert rt.token.bind_digest("sha256", make_signing_data(k13, rt.now + 90 * 86400, rt.now), digest) == []
     rsa = make_signing_data(k8, rt.now + 86400, rt.now - 3600)
     d8 = hashlib.sha256(rsa).digest()
-    assert rt.token.bind_digest("sha256", rsa, d8) == [("k8", prehash.DIGEST_INFO[8] + d8)]
+    assert rt.token.bind_digest("sha256", rsa, d8) == [("k8", algorithms.by_number(8).digest_info + d8)]
 
     other = hashlib.sha256(data + b"x").digest()
     assert not rt.token.sign_digest("k13", other, "ecdsa", data).ok  # bound data must hash to the input
     assert rt.token.sign_digest("k13", digest, "ecdsa", data).ok
-    assert rt.token.sign_digest("k8", prehash.DIGEST_INFO[8] + d8, "rsa-pkcs", rsa).ok
+    assert rt.token.sign_digest("k8", algorithms.by_number(8).digest_info + d8, "rsa-pkcs", rsa).ok
 
     m, h = session(rt)
     k13_handle = next(hd for hd, (k, private) in m._objects().items() if k.label == "k13" and private)

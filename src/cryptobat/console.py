@@ -25,7 +25,9 @@ from .quorum import Approval
 from .timespec import parse_time
 from .token import MAX_KEY_FILE, Token, code_hash
 
-HELP = """\
+_KEYGEN_ALGS = "|".join(str(a.number) for a in algorithms.TABLE.values() if a.generate)
+
+HELP = f"""\
  version                      firmware version and code hash
  date                         token time (UTC fields, then epoch seconds)
  status                       the token at a glance
@@ -49,7 +51,7 @@ HELP = """\
  keydisallow ZONE KEYTAG      withdraw a keyallow (quorum)
  cdsdelete SECONDS ZONE       allow the RFC 8078 delete CDS/CDNSKEY for ZONE for a while (quorum)
  signerpeers uid:N|gid:N ...|none   Unix users/groups that sign without the PIN (quorum)
- keygen ALG ROLE ZONE [LABEL] generate a key: ALG 8|10|13|14|15|16 or mnemonic, ROLE ksk|zsk|csk (quorum)
+ keygen ALG ROLE ZONE [LABEL] generate a key: ALG {_KEYGEN_ALGS} or mnemonic, ROLE ksk|zsk|csk (quorum)
  keyimport ROLE ZONE FILE [LABEL]  import a BIND .private or PEM key file (quorum)
  keydel LABEL                 delete a key (quorum)
  keylist                      keys with key tag, DNSKEY and DS

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import keystore
+from . import algorithms
 from .api import KeyInfo
 
 
@@ -25,7 +25,7 @@ def key_text(k: KeyInfo) -> str:
 
 def private_text(k: KeyInfo) -> str:
     return (f"Private-key-format: v1.3\n"
-            f"Algorithm: {k.algorithm} ({keystore.SUPPORTED[k.algorithm]})\n"
+            f"Algorithm: {k.algorithm} ({algorithms.by_number(k.algorithm).mnemonic})\n"
             f"Engine: cryptobat\n"
             f"Label: {k.label}\n")
 

@@ -9,8 +9,6 @@ from . import algorithms
 from .api import ROLES, KeyInfo
 from .errors import InvalidArgument
 
-SUPPORTED = {a.number: a.mnemonic for a in algorithms.TABLE.values() if a.generate}
-"""Algorithm number -> mnemonic of every algorithm the token creates and imports keys of."""
 FLAGS = {"ksk": 257, "csk": 257, "zsk": 256}
 
 

@@ -16,32 +16,29 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable
-from functools import cache
 
-import dns.dnssecalgs
-
-from . import policy, rrsig
+from . import algorithms, policy, rrsig
 from .api import KeyInfo
 from .errors import Refusal
 
-# DER DigestInfo prefixes (RFC 8017 §9.2 note 1): cryptography pads internally and does not expose them.
-DIGEST_INFO = {8: bytes.fromhex("3031300d060960864801650304020105000420"),
-               10: bytes.fromhex("3051300d060960864801650304020305000440")}
-HASH_LEN = {8: 32, 10: 64, 13: 32, 14: 48}  # algorithms that sign a bare hash, and its length
-ECDSA = (13, 14)
+
+def _hash_only(algorithm: int) -> algorithms.DnssecAlgorithm | None:
+    """The row of ``algorithm`` if the token signs a bare hash with its keys (not EdDSA,
+    which hashes inside, nor the RSASHA1 algorithms it no longer signs with)."""
+    a = algorithms.TABLE.get(algorithm)
+    return a if a is not None and a.sign and a.mech_hash_sign is not None and a.hash else None
 
 
-@cache
 def hash_name(algorithm: int) -> str | None:
     """The hashlib name of the hash DNSSEC ``algorithm`` signs with, if it signs a bare hash."""
-    if algorithm not in HASH_LEN:
-        return None
-    return dns.dnssecalgs.get_algorithm_cls(algorithm).public_cls.chosen_hash.name
+    a = _hash_only(algorithm)
+    return a.hash if a else None
 
 
 def mechanism_input(key: KeyInfo, digest: bytes) -> bytes:
     """What a client passes to C_Sign to have ``key`` sign ``digest``: a DigestInfo for RSA."""
-    return DIGEST_INFO.get(key.algorithm, b"") + digest
+    a = _hash_only(key.algorithm)
+    return ((a and a.digest_info) or b"") + digest
 
 
 def bindings(keys: Iterable[KeyInfo], hashed: str, data: bytes, digest: bytes,
@@ -94,13 +91,14 @@ def check_digest(key: KeyInfo, raw: bytes, mechanism: str, bound: bool, pol: pol
             raise Refusal(policy.NOT_COMPAT)
         if not limiter.allow(key.label, t):
             raise Refusal("compat signing rate limit exceeded")
-    if mechanism == "rsa-pkcs" and key.algorithm in DIGEST_INFO:
-        prefix = DIGEST_INFO[key.algorithm]
-        if not raw.startswith(prefix) or len(raw) != len(prefix) + HASH_LEN[key.algorithm]:
+    a = _hash_only(key.algorithm)
+    if mechanism == "rsa-pkcs" and a is not None and a.kind == "rsa":
+        prefix = a.digest_info or b""
+        if not raw.startswith(prefix) or len(raw) != len(prefix) + (a.hash_len or 0):
             raise Refusal("DigestInfo does not match the key's algorithm")
         return raw[len(prefix):]
-    if mechanism == "ecdsa" and key.algorithm in ECDSA:
-        if len(raw) != HASH_LEN[key.algorithm]:
+    if mechanism == "ecdsa" and a is not None and a.kind == "ecdsa":
+        if len(raw) != a.hash_len:
             raise Refusal("digest length does not match the key's algorithm")
         return raw
     raise Refusal(f"mechanism {mechanism} does not fit algorithm {key.algorithm}")

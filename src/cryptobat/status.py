@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from . import keystore
+from . import algorithms
 from .quorum import Session
 from .token import Token
 
@@ -51,7 +51,7 @@ def render(token: Token, session: Session | None = None) -> str:
     out.append("")
     out.append(f"{'key':<28} {'zone':<20} {'alg':<18} {'role':<5} {'tag':>5}  mode")
     for k in token.keys():
-        alg = f"{k.algorithm} {keystore.SUPPORTED[k.algorithm]}"
+        alg = f"{k.algorithm} {algorithms.by_number(k.algorithm).mnemonic}"
         out.append(f"{k.label:<28} {k.zone:<20} {alg:<18} {k.role:<5} {k.keytag:>5}  "
                    f"{'compat (hash-only allowed)' if k.compat else 'full policy'}")
     return "\n".join(out) + "\n"

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import dns.name
 
 from . import audit as auditlog
-from . import keystore, officers, policy, prehash
+from . import algorithms, keystore, officers, policy, prehash
 from .api import KeyInfo, SignResult
 from .audit import Chain, Head
 from .clock import DEFAULT_GAP, DEFAULT_TOLERANCE, TrustedClock, _boottime
@@ -45,6 +45,12 @@ MAX_PIN_FAILURES = 10  # then the signer PIN is locked until a quorum sets it ag
 MAX_LABEL = 64
 MAX_KEY_FILE = 64 * 1024
 MIN_TIME = 1577836800  # 2020-01-01: no token time before this is plausible
+
+
+def _generates(algorithm: object) -> bool:
+    """Whether the token creates and imports keys of DNSSEC ``algorithm`` (any value a caller sent)."""
+    row = algorithms.TABLE.get(algorithm) if isinstance(algorithm, int) else None
+    return row is not None and row.generate
 
 
 def new_state(quorum: int, now: int) -> TokenState:
@@ -440,7 +446,7 @@ class Token:
     def generate_key(self, algorithm: int, role: str, zone: str, label: str) -> KeyInfo:
         """PKCS#11 C_GenerateKeyPair: only inside a window a quorum opened, for the window's zone."""
         zone = self._window_zone(zone)
-        if algorithm not in keystore.SUPPORTED:
+        if not _generates(algorithm):
             raise InvalidArgument(f"algorithm {algorithm} is not supported")
         if label:
             self._check_label(label)
@@ -514,7 +520,7 @@ class Token:
         self.require(by, "keyimport")
         algorithm, private_key = bindkey.load(key_text)
         algorithm = algorithm or bindkey.algorithm_of(private_key)
-        if algorithm not in keystore.SUPPORTED:
+        if not _generates(algorithm):
             raise InvalidArgument(f"algorithm {algorithm} is not supported by the token")
         info, rec = self._generate(algorithm, role, zone, label, private_key)
         self._gated("keyimport", {"label": info.label, "zone": info.zone, "algorithm": algorithm,

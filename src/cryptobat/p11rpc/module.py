@@ -19,13 +19,15 @@ import base64
 import hashlib
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
+from .. import algorithms
 from ..api import KeyInfo
 from ..errors import CryptobatError
 from . import constants as C
@@ -38,35 +40,47 @@ MAX_DATA = 8 * 1024 * 1024
 MAX_RANDOM = 64 * 1024  # per call (PKCS#11 callers wanting more call again): bounds each reply
 MAX_BOUND = 256
 
-_RSA = (5, 7, 8, 10)
-FULL_SIGN = {C.CKM_SHA256_RSA_PKCS: (8,), C.CKM_SHA512_RSA_PKCS: (10,), C.CKM_ECDSA_SHA256: (13,),
-             C.CKM_ECDSA_SHA384: (14,), C.CKM_EDDSA: (15, 16)}
-HASH_SIGN = {C.CKM_RSA_PKCS: _RSA, C.CKM_ECDSA: (13, 14)}
+
+def _grouped(pairs: Iterable[tuple[int | None, algorithms.DnssecAlgorithm]]) -> dict[int, tuple[int, ...]]:
+    """mechanism -> the algorithm numbers it applies to, in table order."""
+    out: dict[int, tuple[int, ...]] = {}
+    for mech, alg in pairs:
+        if mech is not None:
+            out[mech] = out.get(mech, ()) + (alg.number,)
+    return out
+
+
+# Whole-data signing only with the algorithms the token signs with; hash-only signing (and
+# verifying) also with the RSASHA1 keys a token may still hold.
+FULL_SIGN = _grouped((a.mech_sign, a) for a in algorithms.SIGNING)
+HASH_SIGN = _grouped((a.mech_hash_sign, a) for a in algorithms.TABLE.values())
+# CKM_RSA_PKCS_KEY_PAIR_GEN names no hash: it makes a key of the first RSA algorithm the token signs with
+_RSA_KEYGEN = next(a for a in algorithms.SIGNING if a.kind == "rsa" and a.generate)
 DIGESTS = {C.CKM_SHA_1: "sha1", C.CKM_SHA256: "sha256", C.CKM_SHA384: "sha384", C.CKM_SHA512: "sha512"}
-ALG_HASH = {5: "sha1", 7: "sha1", 8: "sha256", 10: "sha512", 13: "sha256", 14: "sha384"}
-CURVES = {  # DNSSEC algorithm -> (CKA_EC_PARAMS, point length)
-    13: (bytes.fromhex("06082a8648ce3d030107"), 64),
-    14: (bytes.fromhex("06052b81040022"), 96),
-    15: (bytes.fromhex("06032b6570"), 32),
-    16: (bytes.fromhex("06032b6571"), 57),
-}
-CURVE_ALIASES = {b"\x13\x0cedwards25519": 15, b"\x13\x0aedwards448": 16}
-SIG_LEN = {13: 64, 14: 96, 15: 64, 16: 114}
+
+
+def _bits(mech: int) -> tuple[int, int]:
+    """CK_MECHANISM_INFO's (min, max) key size: the span of the algorithms ``mech`` serves."""
+    rows = [a for a in algorithms.TABLE.values() if mech in (a.mech_keygen, a.mech_sign, a.mech_hash_sign)]
+    return min(a.key_bits[0] for a in rows), max(a.key_bits[1] for a in rows)
+
+
+_PREHASH = {h.digest_size: h for h in (hashes.SHA1(), hashes.SHA256(), hashes.SHA384(), hashes.SHA512())}
 
 _SIGN_VERIFY = C.CKF_SIGN | C.CKF_VERIFY
 _EC_FLAGS = _SIGN_VERIFY | C.CKF_EC_F_P | C.CKF_EC_NAMEDCURVE | C.CKF_EC_UNCOMPRESS
 MECHANISMS: dict[int, tuple[int, int, int]] = {
-    C.CKM_RSA_PKCS_KEY_PAIR_GEN: (1024, 4096, C.CKF_GENERATE_KEY_PAIR),
-    C.CKM_RSA_PKCS: (1024, 4096, _SIGN_VERIFY),
-    C.CKM_SHA256_RSA_PKCS: (1024, 4096, _SIGN_VERIFY),
-    C.CKM_SHA512_RSA_PKCS: (1024, 4096, _SIGN_VERIFY),
-    C.CKM_EC_KEY_PAIR_GEN: (256, 384, C.CKF_GENERATE_KEY_PAIR | C.CKF_EC_F_P | C.CKF_EC_NAMEDCURVE
-                            | C.CKF_EC_UNCOMPRESS),
-    C.CKM_ECDSA: (256, 384, _EC_FLAGS),
-    C.CKM_ECDSA_SHA256: (256, 256, _EC_FLAGS),
-    C.CKM_ECDSA_SHA384: (384, 384, _EC_FLAGS),
-    C.CKM_EC_EDWARDS_KEY_PAIR_GEN: (255, 448, C.CKF_GENERATE_KEY_PAIR),
-    C.CKM_EDDSA: (255, 448, _SIGN_VERIFY),
+    C.CKM_RSA_PKCS_KEY_PAIR_GEN: (*_bits(C.CKM_RSA_PKCS_KEY_PAIR_GEN), C.CKF_GENERATE_KEY_PAIR),
+    C.CKM_RSA_PKCS: (*_bits(C.CKM_RSA_PKCS), _SIGN_VERIFY),
+    C.CKM_SHA256_RSA_PKCS: (*_bits(C.CKM_SHA256_RSA_PKCS), _SIGN_VERIFY),
+    C.CKM_SHA512_RSA_PKCS: (*_bits(C.CKM_SHA512_RSA_PKCS), _SIGN_VERIFY),
+    C.CKM_EC_KEY_PAIR_GEN: (*_bits(C.CKM_EC_KEY_PAIR_GEN),
+                            C.CKF_GENERATE_KEY_PAIR | C.CKF_EC_F_P | C.CKF_EC_NAMEDCURVE | C.CKF_EC_UNCOMPRESS),
+    C.CKM_ECDSA: (*_bits(C.CKM_ECDSA), _EC_FLAGS),
+    C.CKM_ECDSA_SHA256: (*_bits(C.CKM_ECDSA_SHA256), _EC_FLAGS),
+    C.CKM_ECDSA_SHA384: (*_bits(C.CKM_ECDSA_SHA384), _EC_FLAGS),
+    C.CKM_EC_EDWARDS_KEY_PAIR_GEN: (*_bits(C.CKM_EC_EDWARDS_KEY_PAIR_GEN), C.CKF_GENERATE_KEY_PAIR),
+    C.CKM_EDDSA: (*_bits(C.CKM_EDDSA), _SIGN_VERIFY),
     C.CKM_SHA_1: (0, 0, C.CKF_DIGEST),
     C.CKM_SHA256: (0, 0, C.CKF_DIGEST),
     C.CKM_SHA384: (0, 0, C.CKF_DIGEST),
@@ -133,39 +147,35 @@ def fit(buf: Buffer, data: bytes) -> tuple[OutArray, bool]:
 
 
 def verify_signature(key: KeyInfo, mech: int, data: bytes, sig: bytes) -> bool:
-    alg = key.algorithm
+    """Whether ``sig`` is ``key``'s ``mech`` signature over ``data`` (C_Verify).
+
+    Whole-data mechanisms are DNSSEC signatures: :func:`cryptobat.algorithms.verify`. The
+    hash-only ones are checked with ``cryptography`` directly, as dnspython cannot verify
+    a signature over a hash it did not compute.
+    """
+    alg = algorithms.TABLE.get(key.algorithm)
+    if alg is None:
+        return False
+    if mech != alg.mech_hash_sign:
+        return algorithms.verify(alg.number, key.public_key, sig, data)
     try:
-        if alg in _RSA:
+        if alg.kind == "rsa":
             e, n = rsa_public(key.public_key)
             pk = rsa.RSAPublicNumbers(e, n).public_key()
-            if mech == C.CKM_RSA_PKCS:
-                return pk.recover_data_from_signature(sig, padding.PKCS1v15(), None) == data
-            h = hashes.SHA256() if mech == C.CKM_SHA256_RSA_PKCS else hashes.SHA512()
-            pk.verify(sig, data, padding.PKCS1v15(), h)
-        elif alg in (13, 14):
-            curve = ec.SECP256R1() if alg == 13 else ec.SECP384R1()
-            half = len(key.public_key) // 2
-            pk = ec.EllipticCurvePublicNumbers(int.from_bytes(key.public_key[:half], "big"),
-                                               int.from_bytes(key.public_key[half:], "big"),
-                                               curve).public_key()
-            if len(sig) != 2 * half:
-                return False
-            der = utils.encode_dss_signature(int.from_bytes(sig[:half], "big"),
-                                             int.from_bytes(sig[half:], "big"))
-            if mech == C.CKM_ECDSA:
-                algo = {20: hashes.SHA1(), 32: hashes.SHA256(), 48: hashes.SHA384(),
-                        64: hashes.SHA512()}.get(len(data))
-                if algo is None:
-                    return False
-                pk.verify(der, data, ec.ECDSA(utils.Prehashed(algo)))
-            else:
-                pk.verify(der, data, ec.ECDSA(hashes.SHA256() if alg == 13 else hashes.SHA384()))
-        elif alg == 15:
-            ed25519.Ed25519PublicKey.from_public_bytes(key.public_key).verify(sig, data)
-        elif alg == 16:
-            ed448.Ed448PublicKey.from_public_bytes(key.public_key).verify(sig, data)
-        else:
+            return pk.recover_data_from_signature(sig, padding.PKCS1v15(), None) == data
+        if alg.kind != "ecdsa" or len(sig) != alg.signature_len:
             return False
+        assert isinstance(alg.curve, ec.EllipticCurve)
+        half = len(key.public_key) // 2
+        pk = ec.EllipticCurvePublicNumbers(int.from_bytes(key.public_key[:half], "big"),
+                                           int.from_bytes(key.public_key[half:], "big"),
+                                           alg.curve).public_key()
+        der = utils.encode_dss_signature(int.from_bytes(sig[:len(sig) // 2], "big"),
+                                         int.from_bytes(sig[len(sig) // 2:], "big"))
+        algo = _PREHASH.get(len(data))  # CKM_ECDSA signs a hash of any length the client made
+        if algo is None:
+            return False
+        pk.verify(der, data, ec.ECDSA(utils.Prehashed(algo)))
         return True
     except (InvalidSignature, ValueError):
         return False
@@ -464,21 +474,20 @@ class Module:
         else:
             a.update({C.CKA_VERIFY: True, C.CKA_ENCRYPT: False, C.CKA_WRAP: False,
                       C.CKA_VERIFY_RECOVER: False, C.CKA_TRUSTED: False})
-        if alg in _RSA:
+        row = algorithms.TABLE.get(alg)
+        if row is not None and row.kind == "rsa":
             e, n = rsa_public(key.public_key)
-            a.update({C.CKA_KEY_TYPE: C.CKK_RSA, C.CKA_KEY_GEN_MECHANISM: C.CKM_RSA_PKCS_KEY_PAIR_GEN,
+            a.update({C.CKA_KEY_TYPE: row.p11_key_type, C.CKA_KEY_GEN_MECHANISM: row.mech_keygen,
                       C.CKA_MODULUS: n.to_bytes((n.bit_length() + 7) // 8, "big"),
                       C.CKA_PUBLIC_EXPONENT: e.to_bytes((e.bit_length() + 7) // 8, "big"),
                       C.CKA_MODULUS_BITS: n.bit_length()})
             secret = (C.CKA_PRIVATE_EXPONENT, C.CKA_PRIME_1, C.CKA_PRIME_2, C.CKA_EXPONENT_1,
                       C.CKA_EXPONENT_2, C.CKA_COEFFICIENT)
-        elif alg in CURVES:
-            params, _ = CURVES[alg]
-            point = (b"\x04" + key.public_key) if alg in (13, 14) else key.public_key
-            ed = alg in (15, 16)
-            a.update({C.CKA_KEY_TYPE: C.CKK_EC_EDWARDS if ed else C.CKK_EC,
-                      C.CKA_KEY_GEN_MECHANISM: C.CKM_EC_EDWARDS_KEY_PAIR_GEN if ed else C.CKM_EC_KEY_PAIR_GEN,
-                      C.CKA_EC_PARAMS: params, C.CKA_EC_POINT: _der_octets(point)})
+        elif row is not None and row.ec_params is not None:
+            # an ECDSA point is uncompressed (0x04 prefix); an EdDSA one is the key itself
+            point = (b"\x04" + key.public_key) if row.kind == "ecdsa" else key.public_key
+            a.update({C.CKA_KEY_TYPE: row.p11_key_type, C.CKA_KEY_GEN_MECHANISM: row.mech_keygen,
+                      C.CKA_EC_PARAMS: row.ec_params, C.CKA_EC_POINT: _der_octets(point)})
             secret = (C.CKA_VALUE,)
         else:
             secret = (C.CKA_VALUE,)
@@ -564,15 +573,15 @@ class Module:
         if not isinstance(label, bytes) or not label:
             raise P11Error(C.CKR_TEMPLATE_INCOMPLETE)
         if mech.type == C.CKM_RSA_PKCS_KEY_PAIR_GEN:
-            alg = 8
+            alg = _RSA_KEYGEN.number
         else:
             params = tmpl.get(C.CKA_EC_PARAMS)
             if params is None:
                 raise P11Error(C.CKR_TEMPLATE_INCOMPLETE)
-            by_params = {p: a for a, (p, _) in CURVES.items()} | CURVE_ALIASES
-            alg = by_params.get(params, 0)
-            if (alg in (15, 16)) != (mech.type == C.CKM_EC_EDWARDS_KEY_PAIR_GEN) or not alg:
+            row = algorithms.by_ec_params(params) if isinstance(params, bytes) else None
+            if row is None or row.mech_keygen != mech.type or not row.generate:
                 raise P11Error(C.CKR_ATTRIBUTE_VALUE_INVALID)
+            alg = row.number
         if not self._b(self.backend.keygen_allowed):
             raise P11Error(C.CKR_FUNCTION_REJECTED)
         try:

@@ -1,9 +1,9 @@
 """Which token keys sign, and what each signs, from the key files named and the keys' token roles."""
 from __future__ import annotations
 
-import dns.dnssec
 import dns.exception
 
+from .. import algorithms
 from ..api import KeyInfo
 from . import keys as zkeys
 from .fatal import Fatal
@@ -58,5 +58,5 @@ def key_roles(keys: list[zkeys.SignKey]) -> tuple[tuple[zkeys.SignKey, ...], tup
 
 
 def _alg_name(alg: int) -> str:
-    name = dns.dnssec.algorithm_to_text(alg)
-    return name if name == str(alg) else f"{name} ({alg})"
+    row = algorithms.TABLE.get(alg)
+    return f"{row.mnemonic} ({alg})" if row else str(alg)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import struct
 import sys
 from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -22,6 +21,7 @@ import dns.rdatatype
 import dns.rrset
 from cryptography.exceptions import InvalidSignature
 
+from .. import algorithms
 from . import keys as zkeys
 from .batch import Batch, Sample
 from .fatal import Fatal
@@ -42,9 +42,8 @@ def verify_chunk(specs: list[tuple[int, int, bytes]], idx: bytes, datas: list[by
     for spec in specs:
         pub = _pubkeys.get(spec)
         if pub is None:
-            alg, flags, key = spec
-            dnskey = dns.rdata.from_wire(dns.rdataclass.IN, DNSKEY, struct.pack("!HBB", flags, 3, alg) + key, 0, 4 + len(key))
-            pub = _pubkeys[spec] = zkeys.public_key(dnskey)
+            alg, _flags, key = spec
+            pub = _pubkeys[spec] = algorithms.public_key_from(alg, key)
         pubs.append(pub.verify)
     bad = []
     for i, data in enumerate(datas):
@@ -143,7 +142,7 @@ def check_sample(origin: dns.name.Name, dk: RRset, samples: list[Sample], incept
 def report_keys(dk: RRset, keys: list[zkeys.SignKey], keyset_keys, zone_keys) -> None:
     """dnssec-signzone's ``Zone fully signed`` report of active, stand-by and revoked keys."""
     algs = sorted({k.info.algorithm for k in keys})
-    names = [dns.dnssec.algorithm_to_text(a) for a in algs]
+    names = [algorithms.by_number(a).mnemonic for a in algs]
     print(f"Verifying the zone using the following algorithms: {' '.join(names)}.", file=sys.stderr)
     print("Zone fully signed:", file=sys.stderr)
     present = [dns.rdata.from_wire(dns.rdataclass.IN, DNSKEY, w, 0, len(w)) for w, _ in dk.items()]
