@@ -1,6 +1,7 @@
 """The token at rest and under abuse: its files, its clock across restarts, its audit log, a full disk."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -13,7 +14,8 @@ import pytest
 
 from cryptobat.errors import StoreError
 from cryptobat.home import init_token
-from support import CONFIGURED_PIN, ConsoleSocket, Daemon, Officers, cli, payload, signing_data
+from support import (CONFIGURED_PIN, PIN, ConsoleSocket, Daemon, Officers, SockClient, cli, make_signing_data, payload,
+                     setup_home, signing_data)
 
 
 def _init(home, quorum: int = 1):
@@ -336,5 +338,48 @@ def test_a_request_whose_client_left_is_not_signed(configured):
         c.close()
         time.sleep(1.5)  # counters reach the audit log about once a second
         assert signatures() - before < 4096, "abandoned requests were signed"
+    finally:
+        d.stop()
+
+
+def test_a_digest_that_failed_at_the_token_ends_its_operation(small_disk):
+    """C_Digest whose binding could not be recorded (full disk) fails and ends the operation, as
+    PKCS#11 says; a retry is refused, not answered with the hash of the data fed twice."""
+    from cryptobat.p11rpc import constants as C
+    from cryptobat.p11rpc.codec import Mechanism
+    home = small_disk / "t"
+    d = Daemon(home, codes=setup_home(home, keys=(("13", "k13"),), compat=()))
+    try:
+        c = SockClient(home / "pkcs11.sock")
+        h = c.start()
+        officers = d.officers_session()
+        from cryptobat.client import SocketClient
+        sc = SocketClient(str(home / "native.sock"), PIN.decode())
+        key, now = sc.keys()[0], sc.time()
+        sc.close()
+        data = make_signing_data(key, now + 3600, now - 60)  # RRSIG data the policy accepts: bound
+        with open(small_disk / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        for j in range(500):
+            if officers.cmd(f"setmaxval {3000 + j}").startswith("fail:"):
+                break
+        else:
+            pytest.fail("the store never filled up")
+        c.ok("C_DigestInit", h, Mechanism(C.CKM_SHA256, None))
+        rv, _ = c.call("C_Digest", h, data, 32)
+        assert rv == C.CKR_DEVICE_ERROR, hex(rv)
+        rv, _ = c.call("C_Digest", h, data, 32)
+        assert rv == C.CKR_OPERATION_NOT_INITIALIZED, hex(rv)
+        (small_disk / "filler").unlink()
+        c.ok("C_DigestInit", h, Mechanism(C.CKM_SHA256, None))
+        (digest,) = c.ok("C_Digest", h, data, 32)
+        assert digest.data == hashlib.sha256(data).digest()
+        officers.close()
+        c.close()
     finally:
         d.stop()

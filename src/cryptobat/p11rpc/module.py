@@ -751,11 +751,19 @@ class Module:
         return [out]
 
     def _digest_done(self, s: Session, op: Op) -> bytes:
-        """Finish a digest and keep what the token binds it to (see ``Backend.bind_digest``)."""
+        """Finish a digest and keep what the token binds it to (see ``Backend.bind_digest``).
+
+        A failure ends the operation, as any failed C_Digest/C_DigestFinal does (PKCS#11 §5.10):
+        a retry must not hash the data a second time."""
         digest = op.hasher.digest()
         data = bytes(op.data)
         if self.logged_in and op.keep:
-            for label, signable in self._b(self.backend.bind_digest, DIGESTS[op.mech], data, digest):
+            try:
+                bound = self._b(self.backend.bind_digest, DIGESTS[op.mech], data, digest)
+            except BaseException:
+                s.digest = None
+                raise
+            for label, signable in bound:
                 s.bound[(label, signable)] = data
                 while len(s.bound) > MAX_BOUND:
                     s.bound.popitem(last=False)
