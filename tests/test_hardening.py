@@ -170,6 +170,17 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+def fill(path) -> None:
+    """Write ``path`` until its file system is full."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
 def test_full_disk_refuses_changes_and_signing_keeps_status_and_recovers(small_disk):
     from cryptobat.console import Console
     t = init_token(small_disk / "t", quorum=1)
@@ -184,13 +195,7 @@ def test_full_disk_refuses_changes_and_signing_keeps_status_and_recovers(small_d
         rrset = dns.rrset.from_text("www.testzone.", 300, "IN", "A", "192.0.2.1")
         _, data = signing_data(key, rrset, t.now() - 60, t.now() + 600)
         filler = small_disk / "filler"
-        with open(filler, "wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
+        fill(filler)
         for i in range(500):  # the last free pages go to a few more changes, then none fits
             out = c.handle(f"setmaxval {3000 + i}")
             if out.startswith("fail:"):
@@ -204,13 +209,8 @@ def test_full_disk_refuses_changes_and_signing_keeps_status_and_recovers(small_d
         assert c.handle("setpin 123456").startswith("fail:")  # no PIN was set: the store is full
         filler.unlink()
         assert c.handle("setpin 123456") == " Signer PIN set\n"
-        with open(filler, "wb") as f:  # full again: a PIN check whose failure could not be counted
-            try:                        # would allow unlimited guesses, so none is checked at all
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
+        fill(filler)  # full again: a PIN check whose failure could not be counted would allow
+        # unlimited guesses, so none is checked at all
         for j in range(500):
             if c.handle(f"setmaxval {2000 + j}").startswith("fail:"):
                 break
@@ -358,13 +358,7 @@ def test_a_digest_that_failed_at_the_token_ends_its_operation(small_disk):
         key, now = sc.keys()[0], sc.time()
         sc.close()
         data = make_signing_data(key, now + 3600, now - 60)  # RRSIG data the policy accepts: bound
-        with open(small_disk / "filler", "wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
+        fill(small_disk / "filler")
         for j in range(500):
             if officers.cmd(f"setmaxval {3000 + j}").startswith("fail:"):
                 break
