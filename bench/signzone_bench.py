@@ -39,8 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support import zone_token  # noqa: E402
+TESTS = Path(__file__).resolve().parents[1] / "tests"
 
 ORIGIN = "example.com"
 TOOLS = ("dnssec-keygen", "dnssec-signzone", "ldns-keygen", "ldns-signzone", "keymgr", "kzonesign",
@@ -153,6 +152,9 @@ def _run(cmd, cwd, env=None) -> str:
 
 def setup_cryptobat(d: str) -> tuple[str, str, str]:
     """A real token (quorum 1), one officer logged in, max validity set, ECDSA KSK+ZSK; key files."""
+    sys.path.insert(0, str(TESTS))
+    from support import zone_token  # here, not at the top: the measuring wrapper runs this file too,
+    # and what it imports counts in every signer's process-tree RSS
     zt = zone_token(Path(d) / "token", ORIGIN, Path(d) / "keys", algs=(13,), max_validity=MAXVAL)
     return str(zt.home), zt.keys[(13, "ksk")], zt.keys[(13, "zsk")]
 

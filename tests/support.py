@@ -1058,3 +1058,22 @@ def _exponent_for(base, flags: int, keytag: int):
         if low < 256 and low % 2 == 1 and e > 65537 and tag(e) == keytag and math.gcd(e, lam) == 1:
             return e, p, q, lam
     return None, p, q, lam
+
+
+# --- the standards' signed examples (tests/vectors/*.json) -----------------------------------------
+VECTORS = Path(__file__).parent / "vectors"
+
+
+def load_vectors(name: str) -> list[dict]:
+    return json.loads((VECTORS / name).read_text())["examples"]
+
+
+def vector_rrset(lines: list[str]) -> dns.rrset.RRset:
+    """An RRset from presentation lines of one owner, TTL, class and type."""
+    name, ttl, cls, typ = lines[0].split()[:4]
+    return dns.rrset.from_text_list(name, int(ttl), cls, typ, [" ".join(l.split()[4:]) for l in lines])
+
+
+def vector_rr(text: str) -> dns.rrset.RRset:
+    name, ttl, cls, typ, rdata = text.split(None, 4)
+    return dns.rrset.from_text(name, int(ttl), cls, typ, rdata)

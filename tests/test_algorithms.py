@@ -24,7 +24,7 @@ from cryptobat import algorithms, bindkey, keystore
 from cryptobat.custody import SoftwareCustody
 from cryptobat.errors import InvalidArgument
 from cryptobat.p11rpc import constants as C
-from test_vectors import _load, _rr, _rrset
+from support import load_vectors, vector_rr, vector_rrset
 
 SRC = Path(algorithms.__file__).parent
 
@@ -199,15 +199,15 @@ def test_sha1_signatures_verify(number):
 
 def _examples():
     for name in ("rfc5702.json", "rfc8080.json", "rfc6605.json"):
-        for ex in _load(name):
+        for ex in load_vectors(name):
             yield pytest.param(ex, id=f"{name[:-5]}-{ex['section']}-{ex['key_tag']}")
 
 
 @pytest.mark.parametrize("ex", _examples())
 def test_rfc_examples_verify(ex):
-    dnskey = _rr(ex["dnskey"])[0]
-    rrsig = _rr(ex["rrsig"])[0]
-    data = dns.dnssec._make_rrsig_signature_data(_rrset(ex["rrset"]), rrsig.replace(signature=b""))
+    dnskey = vector_rr(ex["dnskey"])[0]
+    rrsig = vector_rr(ex["rrsig"])[0]
+    data = dns.dnssec._make_rrsig_signature_data(vector_rrset(ex["rrset"]), rrsig.replace(signature=b""))
     assert algorithms.verify(dnskey.algorithm, dnskey.key, rrsig.signature, data)
     assert not algorithms.verify(dnskey.algorithm, dnskey.key, rrsig.signature, data[:-1])
     assert algorithms.public_key_of(dnskey).encode_key_bytes() == dnskey.key

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
 
 import dns.dnssec
 import dns.name
@@ -20,27 +19,8 @@ import pytest
 
 from cryptobat.console import Console
 from cryptobat.token import Token
-from support import make_token
+from support import VECTORS, load_vectors, make_token, vector_rr, vector_rrset
 
-VECTORS = Path(__file__).parent / "vectors"
-
-
-def _load(name):
-    return json.loads((VECTORS / name).read_text())["examples"]
-
-
-def _rrset(lines):
-    return dns.rrset.from_text_list(*_split(lines))
-
-
-def _split(lines):
-    name, ttl, cls, typ = lines[0].split()[:4]
-    return name, int(ttl), cls, typ, [" ".join(l.split()[4:]) for l in lines]
-
-
-def _rr(text):
-    name, ttl, cls, typ, rdata = text.split(None, 4)
-    return dns.rrset.from_text(name, int(ttl), cls, typ, rdata)
 
 
 def _token_at(tmp_path, when: int, maxval: int) -> tuple[Token, Console]:
@@ -52,15 +32,15 @@ def _token_at(tmp_path, when: int, maxval: int) -> tuple[Token, Console]:
 def _import(c: Console, tmp_path, ex, role: str) -> str:
     keyfile = tmp_path / "example.private"
     keyfile.write_text(ex["private_key"])
-    zone = _rr(ex["dnskey"]).name.to_text()
+    zone = vector_rr(ex["dnskey"]).name.to_text()
     out = c.handle(f"keyimport {role} {zone} {keyfile} rfc")
     assert out.startswith("ok: key imported") and f"tag={ex['key_tag']}" in out, out
     return zone
 
 
 def _sign_example(t: Token, ex):
-    rrset = _rrset(ex["rrset"])
-    rrsig = _rr(ex["rrsig"])[0]
+    rrset = vector_rrset(ex["rrset"])
+    rrsig = vector_rr(ex["rrsig"])[0]
     template = rrsig.replace(signature=b"")
     data = dns.dnssec._make_rrsig_signature_data(rrset, template)
     res = t.timed_sign([("rfc", data)])[0]
@@ -69,13 +49,13 @@ def _sign_example(t: Token, ex):
 
 
 def _validate(ex, rrset, rrsig, signature, when):
-    dnskey = _rr(ex["dnskey"])
+    dnskey = vector_rr(ex["dnskey"])
     dns.dnssec.validate_rrsig(rrset, rrsig.replace(signature=signature), {dnskey.name: dnskey}, now=when)
 
 
-@pytest.mark.parametrize("ex", _load("rfc5702.json"), ids=lambda e: e["section"])
+@pytest.mark.parametrize("ex", load_vectors("rfc5702.json"), ids=lambda e: e["section"])
 def test_rfc5702_rsa_signatures_bit_for_bit(tmp_path, ex):
-    rrsig = _rr(ex["rrsig"])[0]
+    rrsig = vector_rr(ex["rrsig"])[0]
     when = rrsig.expiration - 86400  # a day before the example expires
     t, c = _token_at(tmp_path, when, 2 * 86400)
     try:
@@ -87,9 +67,9 @@ def test_rfc5702_rsa_signatures_bit_for_bit(tmp_path, ex):
         t.close()
 
 
-@pytest.mark.parametrize("ex", _load("rfc8080.json"), ids=lambda e: f"{e['section']}-{e['key_tag']}")
+@pytest.mark.parametrize("ex", load_vectors("rfc8080.json"), ids=lambda e: f"{e['section']}-{e['key_tag']}")
 def test_rfc8080_eddsa_signatures_bit_for_bit(tmp_path, ex):
-    rrsig = _rr(ex["rrsig"])[0]
+    rrsig = vector_rr(ex["rrsig"])[0]
     when = rrsig.expiration - 86400
     t, c = _token_at(tmp_path, when, 2 * 86400)
     try:
@@ -101,16 +81,16 @@ def test_rfc8080_eddsa_signatures_bit_for_bit(tmp_path, ex):
         t.close()
 
 
-@pytest.mark.parametrize("ex", _load("rfc6605.json"), ids=lambda e: e["section"])
+@pytest.mark.parametrize("ex", load_vectors("rfc6605.json"), ids=lambda e: e["section"])
 def test_rfc6605_ecdsa_key_signs_what_validates(tmp_path, ex):
-    rrsig = _rr(ex["rrsig"])[0]
+    rrsig = vector_rr(ex["rrsig"])[0]
     when = rrsig.expiration - 86400
     t, c = _token_at(tmp_path, when, 2 * 86400)
     try:
         zone = _import(c, tmp_path, ex, "csk")
         k = t.key("rfc")
-        assert k.dnskey() == _rr(ex["dnskey"])[0]
-        ds = _rr(ex["ds"])[0]
+        assert k.dnskey() == vector_rr(ex["dnskey"])[0]
+        ds = vector_rr(ex["ds"])[0]
         assert dns.dnssec.make_ds(zone, k.dnskey(), ds.digest_type) == ds
         rrset, rrsig, sig = _sign_example(t, ex)
         assert sig != rrsig.signature  # ECDSA is randomized (or deterministic per RFC 6979): a new signature
@@ -121,12 +101,12 @@ def test_rfc6605_ecdsa_key_signs_what_validates(tmp_path, ex):
 
 def test_example_outside_policy_is_refused(tmp_path):
     """The same RFC 5702 payload, on a token whose clock is years before the example expires."""
-    ex = _load("rfc5702.json")[0]
-    rrsig = _rr(ex["rrsig"])[0]
+    ex = load_vectors("rfc5702.json")[0]
+    rrsig = vector_rr(ex["rrsig"])[0]
     t, c = _token_at(tmp_path, rrsig.expiration - 5 * 365 * 86400, 2 * 86400)
     try:
         _import(c, tmp_path, ex, "zsk")
-        rrset = _rrset(ex["rrset"])
+        rrset = vector_rrset(ex["rrset"])
         data = dns.dnssec._make_rrsig_signature_data(rrset, rrsig.replace(signature=b""))
         assert t.timed_sign([("rfc", data)])[0].reason == "RRSIG expiration time exceeds HSM policy"
     finally:
