@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from cryptobat.home import open_engine
-from cryptobat import signing
+from cryptobat import signing, workers
 from cryptobat.client import connect
 from cryptobat.errors import CryptobatError
 from support import (MAX_VALIDITY, PIN, ROOT, Daemon, alive, children, cli, cmdline, descendants,
@@ -330,7 +330,7 @@ def test_workers_outlive_the_thread_that_asked_for_them(tmp_path):
     try:
         k = t.key("z")
         now = t.now()
-        items = [("z", make_signing_data(k, now + 600, now - 60))] * (signing.PARALLEL_MIN * 4)
+        items = [("z", make_signing_data(k, now + 600, now - 60))] * (workers.PARALLEL_MIN * 4)
         pids: list[set[int]] = []
 
         def batch() -> None:

@@ -23,7 +23,8 @@ from .errors import (ConfigurationDisabled, CryptobatError, IntegrityError, Inva
                      NotPermitted, PinIncorrect, Refusal)
 from .quorum import Approval
 from .timespec import parse_time
-from .token import MAX_KEY_FILE, Token, code_hash
+from .release import code_hash
+from .token import MAX_KEY_FILE, Token
 
 _KEYGEN_ALGS = "|".join(str(a.number) for a in algorithms.TABLE.values() if a.generate)
 

@@ -116,7 +116,7 @@ def open_engine(token, workers: int | None = None, custody_factory: Callable[...
     """Signing worker processes for ``token``'s large batches; the caller closes them.
 
     Each worker opens the token's custody again (by default the same kind the token has)."""
-    from .signing import Engine
+    from .workers import Engine
     return Engine(token.custody, custody_factory or type(token.custody), token.home, workers, cache=token.cache)
 
 

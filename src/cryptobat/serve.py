@@ -54,8 +54,9 @@ from .api import SignResult
 from .console import Console
 from .errors import CryptobatError, LimitReached, PinIncorrect, PinLocked, TokenBusy
 from .home import close_token, open_engine, open_token
-from .signing import Engine
-from .token import Token, code_hash
+from .workers import Engine
+from .release import code_hash
+from .token import Token
 
 MAX_LINE = 64 << 10  # bytes in one console line, without its end
 MAX_CONNECTIONS = 64  # at once, per console or native socket

@@ -65,7 +65,7 @@ class Token:
     """The token's decisions over an opened store and custody (see :mod:`cryptobat.home` to open one).
 
     Signing runs in this process unless the caller passes another ``run`` (an adapter's
-    :class:`cryptobat.signing.Engine`), so a token starts no processes of its own.
+    :class:`cryptobat.workers.Engine`), so a token starts no processes of its own.
     """
 
     def __init__(self, store: Store, custody: Custody, state: TokenState, *,
@@ -726,13 +726,3 @@ class Token:
             self.flush_audit(force=True)
         rows = list(self.store.audit_rows(max(0, self._chain.head.seq - n)))
         return [entry for _, entry, _ in rows]
-
-
-def code_hash() -> str:
-    """Eight hex digits of SHA-256 over the running package's source: the 'firmware' id."""
-    h = hashlib.sha256()
-    pkg = Path(__file__).parent
-    for p in sorted(pkg.rglob("*.py")):
-        h.update(p.relative_to(pkg).as_posix().encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()[:8].upper()
-
