@@ -39,3 +39,16 @@ def test_the_core_opens_nothing():
                                                                   "write_text", "rglob", "fsync", "replace_file"):
                 found.append(f"{name}: .{node.attr}")
     assert not found, found
+
+
+def test_pkcs11_numbers_the_core_repeats_match_the_rpc_layers():
+    """errors.py and algorithms.py keep PKCS#11 numbers so the core does not import p11rpc;
+    they must be the RPC layer's numbers."""
+    from cryptobat import algorithms, errors
+    from cryptobat.p11rpc import constants as C
+    for mod in (errors, algorithms):
+        names = [n for n in dir(mod) if n.startswith(("CKR_", "CKM_", "CKK_"))]
+        assert names
+        for n in names:
+            if hasattr(C, n):
+                assert getattr(mod, n) == getattr(C, n), (mod.__name__, n)
