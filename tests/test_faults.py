@@ -283,6 +283,26 @@ def test_embedded_signzone_kill9_with_verifier_processes_leaves_no_process(tmp_p
     assert not left, f"processes outlived signzone: {left}"
 
 
+def test_a_small_zone_is_signed_without_starting_any_process(tmp_path, reaper):
+    """A zone whose signatures fit one in-process batch starts no signing worker (their start-up
+    would cost more than the signing): the embedded signzone runs alone."""
+    home = tmp_path / "token"
+    csk_token(home)
+    zone = write_zone(tmp_path / "testzone", 50, txt=False)
+    p = subprocess.Popen(signzone_cmd(zone, tmp_path / "out", "--home", str(home)),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reaper.add(p.pid)
+    seen: set[int] = set()
+    stop = threading.Event()
+    w = watch(p.pid, seen, stop)
+    _, err = p.communicate(timeout=120)
+    stop.set()
+    w.join()
+    reaper.update(seen)
+    assert p.returncode == 0, err
+    assert not seen, f"signzone started {len(seen)} process(es) for a 50-name zone"
+
+
 def test_normal_runs_leave_no_process(tmp_path, reaper):
     """A signzone run that uses the signing workers, and a daemon stopped with SIGTERM after a
     large batch, leave no process behind."""

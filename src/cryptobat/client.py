@@ -53,8 +53,12 @@ class EmbeddedClient:
                 self._engine = open_engine(self.token)
             return self._engine
 
-    def warm(self) -> None:
-        """Start the worker processes now, so the first batch does not wait for them."""
+    def warm(self, items: int | None = None) -> None:
+        """Start the worker processes now, so the first batch does not wait for them; not for
+        a job of ``items`` signatures too small to use them (it is signed in this process)."""
+        from .workers import PARALLEL_MIN
+        if items is not None and items < PARALLEL_MIN:
+            return
         self._pool().warm()
 
     def keys(self) -> list[KeyInfo]:

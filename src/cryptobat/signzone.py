@@ -178,7 +178,7 @@ def _run(args, client) -> int:
     except OSError:
         size_hint = 0
     verifier = None if args.noverify else verify.verifier_pool(size_hint)
-    warmer = threading.Thread(target=_warm, args=(client, verifier), daemon=True)
+    warmer = threading.Thread(target=_warm, args=(client, verifier, size_hint), daemon=True)
     warmer.start()
     job = _Job(origin, chain, keys, roles, now, validity, verifier, warmer, stats)
     try:
@@ -190,11 +190,12 @@ def _run(args, client) -> int:
         raise
 
 
-def _warm(client, verifier: Executor | None) -> None:
-    """Start the token's workers (if the client can) and the verifier pool ahead of the first batch."""
+def _warm(client, verifier: Executor | None, size_hint: int) -> None:
+    """Start the token's workers (if the client can, and the zone is large enough to use them)
+    and the verifier pool ahead of the first batch."""
     warm = getattr(client, "warm", None)
     if warm:
-        warm()
+        warm(size_hint)
     if verifier is not None:
         verify.warm_pool(verifier)
 
