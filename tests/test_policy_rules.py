@@ -368,3 +368,11 @@ def test_token_delete_request_inside_window_validates(zone_token, rdtype):
     validate(k, rr, tpl, res.signature, now)
     extra["delete_until"] = token.now()
     assert _sign(token, "ksk8", rr)[2].reason == policy.DELETE_CLOSED
+
+
+def test_meta_type_and_class_sets_agree_with_dnspython_everywhere():
+    """rrsig builds its meta type/class sets from 0-255 only: dnspython agrees on all 65536."""
+    from cryptobat import rrsig
+    assert all((t in rrsig._NEVER_SIGNED) == (dns.rdatatype.is_metatype(t) or t in rrsig._UNSIGNABLE)
+               for t in range(65536))
+    assert all((c in rrsig._META_CLASSES) == dns.rdataclass.is_metaclass(c) for c in range(65536))

@@ -29,8 +29,10 @@ _UNSIGNABLE = {dns.rdatatype.RRSIG, dns.rdatatype.OPT, dns.rdatatype.TKEY, dns.r
                dns.rdatatype.IXFR, dns.rdatatype.AXFR, dns.rdatatype.MAILA, dns.rdatatype.MAILB,
                dns.rdatatype.ANY, 0}
 # The same decisions as dns.rdatatype.is_metatype / dns.rdataclass.is_metaclass, as set lookups.
-_NEVER_SIGNED = frozenset(_UNSIGNABLE) | frozenset(t for t in range(65536) if dns.rdatatype.is_metatype(t))
-_META_CLASSES = frozenset(c for c in range(65536) if dns.rdataclass.is_metaclass(c))
+# Meta types and classes are all below 256 (RFC 6895 §3.1: 128-255 plus OPT; NONE and ANY), so
+# only those are asked at import (tests/test_policy_rules.py checks all 65536 of each).
+_NEVER_SIGNED = frozenset(_UNSIGNABLE) | frozenset(t for t in range(256) if dns.rdatatype.is_metatype(t))
+_META_CLASSES = frozenset(c for c in range(256) if dns.rdataclass.is_metaclass(c))
 _NSEC = int(dns.rdatatype.NSEC)
 _TXT = int(dns.rdatatype.TXT)
 
