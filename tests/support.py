@@ -186,6 +186,15 @@ def make_token(home: Path, *, quorum: int = 2, officers: Iterable[str] | None = 
     return o
 
 
+def signing_token(home: Path, workers: int = 2):
+    """An open token (one officer, max validity 3600 s, ECDSA zone key ``z`` for testzone) and a
+    worker-process Engine for it; the caller closes both."""
+    from cryptobat.home import open_engine
+    t = make_token(home, quorum=1, officers=("solo",), close=False, maxval=3600,
+                   keys=("13 zsk testzone z",)).console.token
+    return t, open_engine(t, workers=workers)
+
+
 def setup_home(home: Path, keys=KEYS, compat=COMPAT, quorum: int = 2) -> Officers:
     """The PKCS#11 tests' token: max validity 30 days, signer PIN, zone-signing ``keys`` for testzone."""
     return make_token(home, quorum=quorum, maxval=MAX_VALIDITY, pin=PIN_TEXT,

@@ -21,12 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from cryptobat.home import open_engine
 from cryptobat import signing, workers
 from cryptobat.client import connect
 from cryptobat.errors import CryptobatError
 from support import (MAX_VALIDITY, PIN, ROOT, Daemon, alive, children, cli, cmdline, descendants,
-                     make_signing_data, make_token, mentioning, survivors)
+                     make_signing_data, make_token, mentioning, signing_token, survivors)
 
 
 def wait_for(cond, timeout: float, what: str) -> None:
@@ -283,32 +282,12 @@ def test_embedded_signzone_kill9_with_verifier_processes_leaves_no_process(tmp_p
     assert not left, f"processes outlived signzone: {left}"
 
 
-def test_a_small_zone_is_signed_without_starting_any_process(tmp_path, reaper):
-    """A zone whose signatures fit one in-process batch starts no signing worker (their start-up
-    would cost more than the signing): the embedded signzone runs alone."""
+def _signzone_watched(tmp_path, reaper, names: int) -> tuple[int, str, set[int]]:
+    """An embedded signzone run over a zone of ``names`` names: exit status, stderr and every
+    process it started (all handed to ``reaper``)."""
     home = tmp_path / "token"
     csk_token(home)
-    zone = write_zone(tmp_path / "testzone", 50, txt=False)
-    p = subprocess.Popen(signzone_cmd(zone, tmp_path / "out", "--home", str(home)),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    reaper.add(p.pid)
-    seen: set[int] = set()
-    stop = threading.Event()
-    w = watch(p.pid, seen, stop)
-    _, err = p.communicate(timeout=120)
-    stop.set()
-    w.join()
-    reaper.update(seen)
-    assert p.returncode == 0, err
-    assert not seen, f"signzone started {len(seen)} process(es) for a 50-name zone"
-
-
-def test_normal_runs_leave_no_process(tmp_path, reaper):
-    """A signzone run that uses the signing workers, and a daemon stopped with SIGTERM after a
-    large batch, leave no process behind."""
-    home = tmp_path / "token"
-    csk_token(home)
-    zone = write_zone(tmp_path / "testzone", 3000, txt=False)
+    zone = write_zone(tmp_path / "testzone", names, txt=False)
     p = subprocess.Popen(signzone_cmd(zone, tmp_path / "out", "--home", str(home)),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     reaper.add(p.pid)
@@ -319,7 +298,23 @@ def test_normal_runs_leave_no_process(tmp_path, reaper):
     stop.set()
     w.join()
     reaper.update(seen)
-    assert p.returncode == 0, err
+    return p.returncode, err, seen
+
+
+def test_a_small_zone_is_signed_without_starting_any_process(tmp_path, reaper):
+    """A zone whose signatures fit one in-process batch starts no signing worker (their start-up
+    would cost more than the signing): the embedded signzone runs alone."""
+    rc, err, seen = _signzone_watched(tmp_path, reaper, 50)
+    assert rc == 0, err
+    assert not seen, f"signzone started {len(seen)} process(es) for a 50-name zone"
+
+
+def test_normal_runs_leave_no_process(tmp_path, reaper):
+    """A signzone run that uses the signing workers, and a daemon stopped with SIGTERM after a
+    large batch, leave no process behind."""
+    rc, err, seen = _signzone_watched(tmp_path, reaper, 3000)
+    assert rc == 0, err
+    home = tmp_path / "token"
     assert seen, "signzone started no worker process"
     assert not survivors(seen)
 
@@ -344,9 +339,7 @@ def test_normal_runs_leave_no_process(tmp_path, reaper):
 def test_workers_outlive_the_thread_that_asked_for_them(tmp_path):
     """A worker's parent-death signal follows the thread that started it: the daemon's connection
     threads come and go, and the workers they used must stay (and be reused) until the token closes."""
-    t = make_token(tmp_path / "t", quorum=1, officers=("solo",), close=False, maxval=3600,
-                   keys=("13 zsk testzone z",)).console.token
-    engine = open_engine(t, workers=2)
+    t, engine = signing_token(tmp_path / "t")
     try:
         k = t.key("z")
         now = t.now()
@@ -373,9 +366,7 @@ def test_workers_outlive_the_thread_that_asked_for_them(tmp_path):
 def test_a_killed_worker_fails_one_batch_not_the_token(tmp_path):
     """A worker killed mid-batch fails that batch with one CryptobatError; one killed while idle
     costs nothing; either way the next batch runs on fresh workers."""
-    t = make_token(tmp_path / "t", quorum=1, officers=("solo",), close=False, maxval=3600,
-                   keys=("13 zsk testzone z",)).console.token
-    engine = open_engine(t, workers=2)
+    t, engine = signing_token(tmp_path / "t")
     try:
         k = t.key("z")
         now = t.now()

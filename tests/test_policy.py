@@ -8,9 +8,9 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from cryptobat.home import init_token, open_engine
+from cryptobat.home import init_token
 from cryptobat import policy
-from support import Officers, make_token, payload, signing_data, validate, wire
+from support import Officers, payload, signing_data, signing_token, validate, wire
 from cryptobat.console import Console
 
 A, DNSKEY, MX, NS, CDS, TXT = (dns.rdatatype.A, dns.rdatatype.DNSKEY, dns.rdatatype.MX, dns.rdatatype.NS,
@@ -182,9 +182,7 @@ def test_refusals_are_counted_and_audited(ready, keys):
 
 def test_batch_results_in_order_across_workers(tmp_path):
     """A large batch goes to the worker processes; results still come back in order, each checked."""
-    t = make_token(tmp_path / "t", quorum=1, officers=("solo",), close=False, maxval=3600,
-                   keys=("13 zsk testzone z",)).console.token
-    engine = open_engine(t, workers=2)
+    t, engine = signing_token(tmp_path / "t")
     try:
         k = t.key("z")
         now = t.now()
