@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark ``cryptobat signzone`` (real token) against BIND, ldns and Knot, in one run.
 
-    python3 bench/signzone_bench.py [--names 100000] [--runs 1] [--keep DIR]
+    python3 bench/signzone_bench.py [--names 100000] [--runs 1] [--small 20] [--zones 1000] [--keep DIR]
 
 Generates a zone of N names under example.com (an A record for each name, a TXT
 record for every fourth, and for every tenth a delegation: NS plus an in-bailiwick
@@ -19,6 +19,12 @@ which becomes a child subreaper, waits for every descendant and reports wall
 time, CPU (user+sys of all descendants, ``RUSAGE_CHILDREN``), the peak RSS of
 the largest single process (``ru_maxrss``) and the sampled peak of the summed
 RSS of the whole process tree (worker processes included).
+
+``--small RUNS`` also signs a 50-name zone RUNS times per signer (medians, the signers taking
+turns, beside the interpreter's own start-up), and ``--zones K`` signs K zones of 50 names with one
+``cryptobat signzone --zones DIR`` against K ``dnssec-signzone`` runs. Every cryptobat output is
+checked by BIND's ``dnssec-verify`` (``--no-verify`` skips it), and a run that leaves a process
+behind fails the benchmark.
 
 A missing tool is an error (exit status 2), never skipped.
 """
@@ -52,8 +58,8 @@ PIN = "123456"
 # ---------------------------------------------------------------- measuring one run
 
 
-def _tree_rss(root: int) -> int:
-    """Summed RSS (bytes) of ``root`` and its descendants, from /proc."""
+def _proc_table() -> tuple[dict[int, list[int]], dict[int, int]]:
+    """(children of each pid, RSS in bytes of each pid), from /proc."""
     kids: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     page = os.sysconf("SC_PAGE_SIZE")
@@ -69,6 +75,22 @@ def _tree_rss(root: int) -> int:
         pid = int(d)
         kids.setdefault(int(fields[1]), []).append(pid)
         rss[pid] = int(fields[21]) * page
+    return kids, rss
+
+
+def _descendants(root: int) -> set[int]:
+    kids, _ = _proc_table()
+    out, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        out.add(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def _tree_rss(root: int) -> int:
+    """Summed RSS (bytes) of ``root`` and its descendants."""
+    kids, rss = _proc_table()
     total, todo = 0, [root]
     while todo:
         p = todo.pop()
@@ -96,6 +118,7 @@ def measure(cmd: list[str], cwd: str, env: dict | None, log: str) -> dict:
         th.start()
         rc = p.wait()
         wall = time.perf_counter() - t0
+    left = _descendants(me) - {me}
     while True:  # reap whatever the command left behind (e.g. a forkserver)
         try:
             os.waitpid(-1, 0)
@@ -105,7 +128,7 @@ def measure(cmd: list[str], cwd: str, env: dict | None, log: str) -> dict:
     th.join()
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"rc": rc, "wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "maxrss": ru.ru_maxrss * 1024,
-            "treerss": peak[0]}
+            "treerss": peak[0], "left": len(left)}
 
 
 def run_measured(cmd: list[str], cwd: str, env: dict | None = None, log: str | None = None) -> dict:
@@ -113,6 +136,8 @@ def run_measured(cmd: list[str], cwd: str, env: dict | None = None, log: str | N
     w = [sys.executable, os.path.abspath(__file__), "--_measure", json.dumps({"cmd": cmd, "cwd": cwd, "env": env, "log": log})]
     r = subprocess.run(w, capture_output=True, text=True, check=True)
     res = json.loads(r.stdout)
+    if res["left"]:
+        raise SystemExit(f"FAILED: {res['left']} processes outlived {' '.join(cmd)}")
     if res["rc"] != 0:
         with open(log, errors="replace") as f:
             tail = f.read()[-3000:]
@@ -123,9 +148,9 @@ def run_measured(cmd: list[str], cwd: str, env: dict | None = None, log: str | N
 # ---------------------------------------------------------------- setup
 
 
-def make_zone(path: str, n: int) -> int:
+def make_zone(path: str, n: int, origin: str = ORIGIN) -> int:
     """Write the zone; return the number of records."""
-    lines = [f"$TTL 3600\n$ORIGIN {ORIGIN}.\n@ IN SOA ns1 hostmaster 1 7200 3600 1209600 3600\n",
+    lines = [f"$TTL 3600\n$ORIGIN {origin}.\n@ IN SOA ns1 hostmaster 1 7200 3600 1209600 3600\n",
              "@ NS ns1\n@ NS ns2\nns1 A 192.0.2.1\nns2 A 192.0.2.2\n"]
     count = 5
     for i in range(n):
@@ -159,9 +184,9 @@ def setup_cryptobat(d: str) -> tuple[str, str, str]:
     return str(zt.home), zt.keys[(13, "ksk")], zt.keys[(13, "zsk")]
 
 
-def setup_bind(d: str) -> tuple[str, str]:
-    ksk = _run(["dnssec-keygen", "-q", "-a", "ECDSAP256SHA256", "-f", "KSK", ORIGIN], d).strip()
-    zsk = _run(["dnssec-keygen", "-q", "-a", "ECDSAP256SHA256", ORIGIN], d).strip()
+def setup_bind(d: str, origin: str = ORIGIN) -> tuple[str, str]:
+    ksk = _run(["dnssec-keygen", "-q", "-a", "ECDSAP256SHA256", "-f", "KSK", origin], d).strip()
+    zsk = _run(["dnssec-keygen", "-q", "-a", "ECDSAP256SHA256", origin], d).strip()
     return ksk, zsk
 
 
@@ -281,86 +306,252 @@ def table(rows: list[dict], ref: dict) -> str:
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------- scenarios
+
+
+def dnssec_verify(path: str, origin: str = ORIGIN) -> None:
+    """BIND's validator on an output: the benchmark fails on a zone it does not accept."""
+    r = subprocess.run(["dnssec-verify", "-q", "-o", origin, path], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"dnssec-verify rejects {path}:\n{r.stdout}{r.stderr}"[-3000:])
+
+
+def large(a, d: str) -> dict:
+    """One zone of ``--names`` names, every signer once per ``--runs`` (the fastest is reported)."""
+    dirs = {k: os.path.join(d, k) for k in ("cryptobat", "bind", "ldns", "knot")}
+    for p in dirs.values():
+        os.makedirs(p, exist_ok=True)
+    zsrc = os.path.join(d, "zone")
+    nrec = make_zone(zsrc, a.names)
+    zones = {}
+    for k, p in dirs.items():
+        zones[k] = os.path.join(p, f"{ORIGIN}.zone")
+        shutil.copyfile(zsrc, zones[k])
+    print(f"zone: {a.names} names, {nrec} records; work dir {d}", file=sys.stderr)
+
+    home, cksk, czsk = setup_cryptobat(dirs["cryptobat"])
+    bksk, bzsk = setup_bind(dirs["bind"])
+    with open(zones["bind"], "a") as f:  # dnssec-signzone without -S wants the DNSKEYs in the zone
+        f.write(f"$INCLUDE {bksk}.key\n$INCLUDE {bzsk}.key\n")
+    lksk, lzsk = setup_ldns(dirs["ldns"])
+    kconf, kenv = setup_knot(dirs["knot"], zones["knot"])
+
+    cb = [sys.executable, "-m", "cryptobat", "--home", home, "signzone"]
+    runs = [
+        ("cryptobat signzone (real token, policy-checked)", dirs["cryptobat"],
+         cb + ["-o", ORIGIN, "-f", "out.signed", "-k", cksk, zones["cryptobat"], czsk], None, "out.signed"),
+        ("cryptobat signzone -P (real token, policy-checked)", dirs["cryptobat"],
+         cb + ["-P", "-o", ORIGIN, "-f", "outP.signed", "-k", cksk, zones["cryptobat"], czsk], None, "outP.signed"),
+        ("dnssec-signzone -P -n 2", dirs["bind"],
+         ["dnssec-signzone", "-P", "-n", "2", "-o", ORIGIN, "-f", "outP.signed", "-k", bksk, zones["bind"], bzsk],
+         None, "outP.signed"),
+        ("dnssec-signzone -n 2 (verifies)", dirs["bind"],
+         ["dnssec-signzone", "-n", "2", "-o", ORIGIN, "-f", "out.signed", "-k", bksk, zones["bind"], bzsk],
+         None, "out.signed"),
+        ("ldns-signzone", dirs["ldns"],
+         ["ldns-signzone", "-o", ORIGIN, "-f", "out.signed", zones["ldns"], lzsk, lksk], None, "out.signed"),
+        ("kzonesign (SoftHSM, 2 threads)", dirs["knot"],
+         ["kzonesign", "-c", kconf, "-o", os.path.join(dirs["knot"], "out"), f"{ORIGIN}."], kenv,
+         os.path.join("out", f"{ORIGIN}.zone")),
+    ]
+    rows = []
+    for name, cwd, cmd, env, out in runs:
+        best = None
+        for _ in range(a.runs):
+            r = run_measured(cmd, cwd, env, os.path.join(cwd, "run.log"))
+            if best is None or r["wall"] < best["wall"]:
+                best = r
+        best["name"] = name
+        best["cmd"] = " ".join(cmd)
+        best["sigs"] = count_rrsigs(os.path.join(cwd, out))
+        rows.append(best)
+        print(f"{name}: wall {best['wall']:.2f} s, CPU {best['cpu']:.2f} s, "
+              f"max RSS {best['maxrss'] / 2**20:.0f} MiB, tree {best['treerss'] / 2**20:.0f} MiB, "
+              f"{best['sigs']} RRSIGs", file=sys.stderr)
+    if not a.no_verify:
+        for out in ("out.signed", "outP.signed"):
+            t0 = time.perf_counter()
+            dnssec_verify(os.path.join(dirs["cryptobat"], out))
+            print(f"dnssec-verify accepts cryptobat's {out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return {"names": a.names, "records": nrec, "rows": rows, "verified": not a.no_verify}
+
+
+def small(a, d: str) -> dict:
+    """A 50-name zone signed ``--small`` times by each signer, the signers taking turns; medians.
+
+    Also timed: the interpreter alone and with the libraries every run imports, the floor
+    under any Python signer on this machine."""
+    names = 50
+    cdir, bdir = os.path.join(d, "cryptobat"), os.path.join(d, "bind")
+    os.makedirs(cdir)
+    os.makedirs(bdir)
+    make_zone(os.path.join(cdir, f"{ORIGIN}.zone"), names)
+    make_zone(os.path.join(bdir, f"{ORIGIN}.zone"), names)
+    home, cksk, czsk = setup_cryptobat(cdir)
+    bksk, bzsk = setup_bind(bdir)
+    with open(os.path.join(bdir, f"{ORIGIN}.zone"), "a") as f:
+        f.write(f"$INCLUDE {bksk}.key\n$INCLUDE {bzsk}.key\n")
+    cb = [sys.executable, "-m", "cryptobat", "--home", home, "signzone"]
+    zc = os.path.join(cdir, f"{ORIGIN}.zone")
+    zb = os.path.join(bdir, f"{ORIGIN}.zone")
+    runs = [
+        ("cryptobat signzone -P", cdir, cb + ["-P", "-o", ORIGIN, "-f", "outP.signed", "-k", cksk, zc, czsk], "outP.signed"),
+        ("cryptobat signzone", cdir, cb + ["-o", ORIGIN, "-f", "out.signed", "-k", cksk, zc, czsk], "out.signed"),
+        ("dnssec-signzone -P -n 2", bdir,
+         ["dnssec-signzone", "-P", "-n", "2", "-o", ORIGIN, "-f", "outP.signed", "-k", bksk, zb, bzsk], "outP.signed"),
+        ("dnssec-signzone -n 2", bdir,
+         ["dnssec-signzone", "-n", "2", "-o", ORIGIN, "-f", "out.signed", "-k", bksk, zb, bzsk], "out.signed"),
+        ("python3 -c pass (interpreter start)", cdir, [sys.executable, "-c", "pass"], None),
+        ("python3 importing dnspython + cryptography", cdir,
+         [sys.executable, "-c", "import dns.zone, dns.dnssec, cryptography.hazmat.primitives.asymmetric.ec"], None),
+    ]
+    walls: dict[str, list[float]] = {r[0]: [] for r in runs}
+    for _ in range(a.small):
+        for name, cwd, cmd, _out in runs:
+            walls[name].append(run_measured(cmd, cwd, None, os.path.join(cwd, "run.log"))["wall"])
+    rows = []
+    for name, cwd, cmd, out in runs:
+        w = sorted(walls[name])
+        rows.append({"name": name, "cmd": " ".join(cmd), "median": w[len(w) // 2], "best": w[0],
+                     "sigs": count_rrsigs(os.path.join(cwd, out)) if out else 0})
+        print(f"{name}: median {rows[-1]['median'] * 1000:.1f} ms, best {w[0] * 1000:.1f} ms", file=sys.stderr)
+    if not a.no_verify:
+        for out in ("out.signed", "outP.signed"):
+            dnssec_verify(os.path.join(cdir, out))
+    return {"names": names, "runs": a.small, "rows": rows}
+
+
+def fleet(a, d: str) -> dict:
+    """``--zones`` zones of 50 names: one ``cryptobat signzone --zones DIR`` run against as many
+    ``dnssec-signzone`` runs (one shell loop), each zone with its own KSK and ZSK."""
+    k, names = a.zones, 50
+    cdir, bdir = os.path.join(d, "cryptobat"), os.path.join(d, "bind")
+    czones = os.path.join(cdir, "zones")
+    os.makedirs(czones)
+    os.makedirs(bdir)
+    origins = [f"z{i:05d}.example" for i in range(k)]
+    t0 = time.perf_counter()
+    sys.path.insert(0, str(TESTS))
+    from support import make_token
+    home = os.path.join(cdir, "token")
+    make_token(Path(home), quorum=1, maxval=MAXVAL,
+               keys=[f"13 {role} {o}" for o in origins for role in ("ksk", "zsk")])
+    script = ["set -e"]
+    for o in origins:
+        make_zone(os.path.join(czones, f"{o}.zone"), names, o)
+        bz = os.path.join(bdir, f"{o}.zone")
+        make_zone(bz, names, o)
+        ksk, zsk = setup_bind(bdir, o)
+        with open(bz, "a") as f:
+            f.write(f"$INCLUDE {ksk}.key\n$INCLUDE {zsk}.key\n")
+        script.append(f"dnssec-signzone -q -P -n 2 -o {o} -f {o}.signed -k {ksk} {o}.zone {zsk}")
+    with open(os.path.join(bdir, "all.sh"), "w") as f:
+        f.write("\n".join(script) + "\n")
+    print(f"{k} zones of {names} names set up in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    runs = [
+        (f"cryptobat signzone -P --zones ({k} zones, one process)", cdir,
+         [sys.executable, "-m", "cryptobat", "--home", home, "signzone", "-P", "--zones", czones]),
+        (f"dnssec-signzone -P -n 2 ({k} runs)", bdir, ["sh", os.path.join(bdir, "all.sh")]),
+    ]
+    rows = []
+    for name, cwd, cmd in runs:
+        r = run_measured(cmd, cwd, None, os.path.join(cwd, "run.log"))
+        r["name"], r["cmd"] = name, " ".join(cmd)
+        rows.append(r)
+        print(f"{name}: wall {r['wall']:.2f} s, CPU {r['cpu']:.2f} s, tree {r['treerss'] / 2**20:.0f} MiB",
+              file=sys.stderr)
+    rows[0]["sigs"] = sum(count_rrsigs(os.path.join(czones, f"{o}.zone.signed")) for o in origins)
+    rows[1]["sigs"] = sum(count_rrsigs(os.path.join(bdir, f"{o}.signed")) for o in origins)
+    if not a.no_verify:  # BIND's validator on a spread of the zones
+        for o in origins[:: max(1, k // 20)]:
+            dnssec_verify(os.path.join(czones, f"{o}.zone.signed"), o)
+    return {"zones": k, "names": names, "rows": rows}
+
+
 # ---------------------------------------------------------------- main
+
+
+def report(results: dict, m: dict) -> str:
+    when = results["date"]
+    out = [f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, {m['os']}, Linux {m['kernel']}, "
+           f"Python {m['python']}; load before the run {results['load']}\n",
+           "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + "\n"]
+    if "large" in results:
+        r = results["large"]
+        out += [f"### {r['names']} names, {r['records']} records, ECDSAP256SHA256 KSK+ZSK, NSEC ({when})\n",
+                table(r["rows"], r["rows"][0]), ""]
+        bind = next(x for x in r["rows"] if x["name"].startswith("dnssec-signzone -P"))
+        ours = r["rows"][1]
+        out.append(f"cryptobat -P / BIND -P: wall {ours['wall'] / bind['wall']:.2f}×, "
+                   f"process-tree peak RSS {ours['treerss'] / max(bind['treerss'], 1):.2f}×; "
+                   f"outputs accepted by dnssec-verify: {'yes' if r['verified'] else 'not checked'}\n")
+    if "small" in results:
+        r = results["small"]
+        bind = next(x for x in r["rows"] if x["name"] == "dnssec-signzone -P -n 2")
+        out += [f"### {r['names']} names, {r['runs']} runs each, signers taking turns ({when})\n",
+                "| run | median ms | best ms | RRSIGs | median / BIND -P |", "|---|---:|---:|---:|---:|"]
+        for x in r["rows"]:
+            out.append(f"| {x['name']} | {x['median'] * 1000:.1f} | {x['best'] * 1000:.1f} | {x['sigs'] or ''} "
+                       f"| {x['median'] / bind['median']:.2f} |")
+        out.append("")
+    if "fleet" in results:
+        r = results["fleet"]
+        bind = r["rows"][1]
+        out += [f"### {r['zones']} zones of {r['names']} names ({when})\n",
+                "| run | wall s | CPU s | peak RSS MiB (process tree) | RRSIGs | wall / BIND |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for x in r["rows"]:
+            out.append(f"| {x['name']} | {x['wall']:.2f} | {x['cpu']:.2f} | {x['treerss'] / 2**20:.0f} | {x['sigs']} "
+                       f"| {x['wall'] / bind['wall']:.2f} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--names", type=int, default=100000)
-    ap.add_argument("--runs", type=int, default=1, help="runs per signer; the fastest is reported")
+    ap.add_argument("--names", type=int, default=100000, help="names in the large zone (0: no large zone)")
+    ap.add_argument("--runs", type=int, default=1, help="runs per signer on the large zone; the fastest is reported")
+    ap.add_argument("--small", type=int, default=0, metavar="RUNS",
+                    help="also sign a 50-name zone RUNS times per signer (medians)")
+    ap.add_argument("--zones", type=int, default=0, metavar="K",
+                    help="also sign K zones of 50 names: signzone --zones against K dnssec-signzone runs")
+    ap.add_argument("--no-verify", action="store_true", help="do not run dnssec-verify on the outputs")
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     a = ap.parse_args(argv)
 
-    missing = [t for t in TOOLS if shutil.which(t) is None]
+    missing = [t for t in TOOLS + ("dnssec-verify",) if shutil.which(t) is None]
     if missing:
         print(f"signzone_bench: missing tools: {' '.join(missing)} "
               "(apt-get install -y bind9-utils ldnsutils knot-dnssecutils knot softhsm2)", file=sys.stderr)
         return 2
 
+    # bytecode as an installed package has it (pip compiles on install): with PYTHONDONTWRITEBYTECODE
+    # set, a source tree would otherwise be compiled again by every run
+    import compileall
+
+    import cryptobat
+    compileall.compile_dir(os.path.dirname(cryptobat.__file__), quiet=1)
+
     d = a.keep or tempfile.mkdtemp(prefix="signzone-bench-")
     os.makedirs(d, exist_ok=True)
-    dirs = {k: os.path.join(d, k) for k in ("cryptobat", "bind", "ldns", "knot")}
-    for p in dirs.values():
-        os.makedirs(p, exist_ok=True)
+    results: dict = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                     "load": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     try:
-        zsrc = os.path.join(d, "zone")
-        nrec = make_zone(zsrc, a.names)
-        zones = {}
-        for k, p in dirs.items():
-            zones[k] = os.path.join(p, f"{ORIGIN}.zone")
-            shutil.copyfile(zsrc, zones[k])
-        print(f"zone: {a.names} names, {nrec} records; work dir {d}", file=sys.stderr)
-
-        home, cksk, czsk = setup_cryptobat(dirs["cryptobat"])
-        bksk, bzsk = setup_bind(dirs["bind"])
-        with open(zones["bind"], "a") as f:  # dnssec-signzone without -S wants the DNSKEYs in the zone
-            f.write(f"$INCLUDE {bksk}.key\n$INCLUDE {bzsk}.key\n")
-        lksk, lzsk = setup_ldns(dirs["ldns"])
-        kconf, kenv = setup_knot(dirs["knot"], zones["knot"])
-
-        cb = [sys.executable, "-m", "cryptobat", "--home", home, "signzone"]
-        runs = [
-            ("cryptobat signzone (real token, policy-checked)", dirs["cryptobat"],
-             cb + ["-o", ORIGIN, "-f", "out.signed", "-k", cksk, zones["cryptobat"], czsk], None, "out.signed"),
-            ("cryptobat signzone -P (real token, policy-checked)", dirs["cryptobat"],
-             cb + ["-P", "-o", ORIGIN, "-f", "outP.signed", "-k", cksk, zones["cryptobat"], czsk], None, "outP.signed"),
-            ("dnssec-signzone -P -n 2", dirs["bind"],
-             ["dnssec-signzone", "-P", "-n", "2", "-o", ORIGIN, "-f", "outP.signed", "-k", bksk, zones["bind"], bzsk],
-             None, "outP.signed"),
-            ("dnssec-signzone -n 2 (verifies)", dirs["bind"],
-             ["dnssec-signzone", "-n", "2", "-o", ORIGIN, "-f", "out.signed", "-k", bksk, zones["bind"], bzsk],
-             None, "out.signed"),
-            ("ldns-signzone", dirs["ldns"],
-             ["ldns-signzone", "-o", ORIGIN, "-f", "out.signed", zones["ldns"], lzsk, lksk], None, "out.signed"),
-            ("kzonesign (SoftHSM, 2 threads)", dirs["knot"],
-             ["kzonesign", "-c", kconf, "-o", os.path.join(dirs["knot"], "out"), f"{ORIGIN}."], kenv,
-             os.path.join("out", f"{ORIGIN}.zone")),
-        ]
-        rows = []
-        for name, cwd, cmd, env, out in runs:
-            best = None
-            for _ in range(a.runs):
-                r = run_measured(cmd, cwd, env, os.path.join(cwd, "run.log"))
-                if best is None or r["wall"] < best["wall"]:
-                    best = r
-            best["name"] = name
-            best["cmd"] = " ".join(cmd)
-            best["sigs"] = count_rrsigs(os.path.join(cwd, out))
-            rows.append(best)
-            print(f"{name}: wall {best['wall']:.2f} s, CPU {best['cpu']:.2f} s, "
-                  f"max RSS {best['maxrss'] / 2**20:.0f} MiB, tree {best['treerss'] / 2**20:.0f} MiB, "
-                  f"{best['sigs']} RRSIGs", file=sys.stderr)
+        if a.names:
+            results["large"] = large(a, os.path.join(d, "large"))
+        if a.small:
+            results["small"] = small(a, os.path.join(d, "small"))
+        if a.zones:
+            results["fleet"] = fleet(a, os.path.join(d, "fleet"))
         m = machine()
-        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        print(f"### {a.names} names, {nrec} records, ECDSAP256SHA256 KSK+ZSK, NSEC ({when})\n")
-        print(f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, {m['os']}, Linux {m['kernel']}, "
-              f"Python {m['python']}\n")
-        print("Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + "\n")
-        print(table(rows, rows[0]))
+        print(report(results, m))
         if a.json:
+            results["machine"] = m
+            if "large" in results:  # the layout before the other scenarios: names, records, rows at the top
+                results.update({k: results["large"][k] for k in ("names", "records", "rows")})
             with open(a.json, "w") as f:
-                json.dump({"names": a.names, "records": nrec, "date": when, "machine": m, "rows": rows}, f, indent=1)
+                json.dump(results, f, indent=1)
         return 0
     finally:
         if not a.keep:

@@ -27,6 +27,6 @@ def test_bench_script_on_a_tiny_zone(tmp_path):
         assert row["wall"] > 0 and row["cpu"] > 0 and row["maxrss"] > 0
     assert "| cryptobat signzone (real token, policy-checked) |" in r.stdout
     # our output passes BIND's validator
-    v = subprocess.run(["dnssec-verify", "-o", "example.com", str(tmp_path / "work" / "cryptobat" / "out.signed")],
+    v = subprocess.run(["dnssec-verify", "-o", "example.com", str(tmp_path / "work" / "large" / "cryptobat" / "out.signed")],
                        capture_output=True, text=True, timeout=120)
     assert v.returncode == 0, v.stderr

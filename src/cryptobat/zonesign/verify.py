@@ -55,16 +55,22 @@ def verify_chunk(specs: list[tuple[int, int, bytes]], idx: bytes, datas: list[by
 
 
 def verifier_pool(nsigs_hint: int) -> Executor:
-    """Processes for big zones (no GIL contention with signing), threads for small ones."""
+    """Processes for big zones (no GIL contention with signing), threads for small ones.
+
+    The processes are forked from this one (they need only what it has imported) and each asks
+    the kernel to kill it when signzone dies: a fork server and its resource tracker, or spawned
+    interpreters, would outlive a killed run, and spawning costs an interpreter start each.
+    """
     n = os.cpu_count() or 2
     if nsigs_hint < 20000:
         return ThreadPoolExecutor(n, thread_name_prefix="signzone-verify")
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    return ProcessPoolExecutor(n, mp_context=ctx)
+    from ..workers import die_with_parent
+
+    return ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"),
+                               initializer=die_with_parent, initargs=(os.getpid(),))
 
 
 def warm_pool(pool: Executor) -> None:
