@@ -418,8 +418,10 @@ def test_pipelined_wrong_logins_cost_no_more_than_the_lockout(lib, daemon, offic
     key, rrset, tpl, data, now = rrsig_data(daemon.home, "k8")
     before = json.loads(cli("audit", "-n", "1", home=daemon.home).stdout.splitlines()[-1])["seq"]
     try:
-        c.s.sendall(frames)
-        with lib.get_token().open(user_pin=PIN.decode()) as s:  # logged in before the lockout bites
+        # the signer logs in before the frames are sent: a right PIN while they are being checked
+        # would reset the failure count, and more than MAX_PIN_FAILURES wrong ones be checked
+        with lib.get_token().open(user_pin=PIN.decode()) as s:
+            c.s.sendall(frames)
             k8 = s.get_key(ObjectClass.PRIVATE_KEY, KeyType.RSA, label="k8")
             validate(key, rrset, tpl, k8.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS), now)
             got: list[int] = []
