@@ -120,7 +120,7 @@ class Service:
             engine = self.engine()
         results = engine.run(job)
         with self.lock:
-            self.token.account(results)
+            self.token.account(results, labels=[label for label, _ in items])
         return results
 
     def call(self, fn: Callable, *args):

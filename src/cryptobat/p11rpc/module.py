@@ -582,8 +582,6 @@ class Module:
             if row is None or row.mech_keygen != mech.type or not row.generate:
                 raise P11Error(C.CKR_ATTRIBUTE_VALUE_INVALID)
             alg = row.number
-        if not self._b(self.backend.keygen_allowed):
-            raise P11Error(C.CKR_FUNCTION_REJECTED)
         try:
             label_s = label.decode()
         except UnicodeDecodeError:
