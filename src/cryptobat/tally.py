@@ -85,7 +85,8 @@ class Tally:
             fields["calls_refused"] = self.calls_refused
         if self.keyed:
             fields["refused"] = [[k, why, n] for (k, why), n in self.keyed.items()]
-        event = "refused-sign" if self.refusals else "refused-call" if self.calls_refused else "sign"
+        event = ("refused-sign" if self.refusals else
+                 "refused-call" if self.calls_refused or self.pin_refused else "sign")
         return event, fields
 
 
