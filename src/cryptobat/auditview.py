@@ -56,13 +56,13 @@ class Reader:
 
     def __init__(self, home: Path) -> None:
         path = Path(home) / "state.db"
-        if not path.exists():
-            raise CryptobatError(f"no token at {home}: {path} is missing")
         try:
             with open(path, "rb"):  # a clear refusal for another user, before SQLite's vaguer one
                 pass
             self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
             self.db.execute("SELECT 1 FROM audit LIMIT 1").fetchall()
+        except FileNotFoundError:
+            raise CryptobatError(f"no token at {home}: {path} is missing") from None
         except PermissionError:
             raise CryptobatError(f"cannot read {path}: permission denied (the audit log is readable "
                                  f"by the token's own user only)") from None
