@@ -49,6 +49,27 @@ def test_refusals_by_key_and_reason_are_bounded_per_entry_and_in_total(ready):
     assert ready.counters()["refusals"] == 2105
 
 
+def test_refused_key_management_is_audited_at_once_then_aggregated(ready):
+    """The first refused key generation or deletion of a second has an entry of its own, with its
+    reason; a client repeating it adds counts, not entries."""
+    from cryptobat.errors import KeygenRefused, NotPermitted
+    before = ready.audit_seq()
+    for i in range(300):
+        with pytest.raises(KeygenRefused):
+            ready.generate_key(13, "csk", "", f"gen{i % 3}")
+        with pytest.raises(NotPermitted):
+            ready.delete_key("zsk13")
+    ready.flush_audit(force=True)
+    entries = [json.loads(e) for e in ready.audit_tail(ready.audit_seq() - before)]
+    assert len(entries) <= 4, entries  # a run this short spans a second or two
+    first = entries[0]
+    assert first["event"] == "refused" and first["command"] == "p11-keygen" and first["label"] == "gen0"
+    assert first["why"] == "no PKCS#11 key management window open"
+    total = ready.counters()["refused"]
+    assert total["zsk13"]["p11-keydel: no PKCS#11 key management window open"] == 300
+    assert sum(total[f"gen{i}"]["p11-keygen: no PKCS#11 key management window open"] for i in range(3)) == 300
+
+
 def test_merge_keeps_counting_past_the_bound():
     total: dict = {}
     for i in range(tally.MAX_TOTAL + 10):
@@ -163,9 +184,13 @@ def refused_signs(env: dict, seconds: float) -> dict:
 
 
 def refused_pairs(entries: list[dict]) -> dict[tuple[str, str], int]:
+    """(key, reason) -> count over aggregated entries and the ``refused`` entries of their own."""
     out: dict[tuple[str, str], int] = {}
     for e in entries:
-        for key, why, n in e.get("refused", []):
+        pairs = e.get("refused", [])
+        if e["event"] == "refused" and "label" in e:  # a key management refusal, audited at once
+            pairs = [[e["label"], f"{e['command']}: {e['why']}", 1]]
+        for key, why, n in pairs:
             out[(key, why)] = out.get((key, why), 0) + n
     return out
 
@@ -211,7 +236,8 @@ def test_refusals_are_audited_counted_followed_and_logged(served):
 
     logged = log.drain(lambda ls: sum("refused" in l for l in ls) >= 2 and any("PIN incorrect" in l for l in ls))
     text = "\n".join(logged)
-    assert "refused-sign" in text and f"k13: {policy.NOT_COMPAT}" in text and KEYGEN_REFUSED in text, text
+    assert "refused-sign" in text and f"k13: {policy.NOT_COMPAT}" in text, text
+    assert "p11-keygen" in text and "no PKCS#11 key management window open" in text, text
     assert all(l.startswith("<") and "cryptobat[" in l for l in logged), logged  # syslog priority, tag
     assert all("\n" not in l.rstrip("\x00\n") for l in logged)  # one line each
     assert PIN.decode() not in text and "wrong-pin" not in text  # never a PIN
@@ -262,3 +288,11 @@ def test_audit_follow_human_lines_and_refusals_only(served):
     line = next(l for l in lines if "refused-sign" in l)
     assert f"k13: {policy.NOT_COMPAT} x1" in line and line.count("\n") == 1
     assert all("refused" in l or "ok=false" in l or "pin_refused" in l for l in lines), lines
+
+
+def test_a_readable_line_is_one_line_whatever_a_client_named():
+    from cryptobat.auditview import line
+    entry = {"seq": 7, "time": 1795930108, "event": "refused-call", "calls_refused": 1,
+             "refused": [["evil\n2026-11-29 00:00:00 #1 serve", "p11-keygen: x", 1]], "label": "a\nb"}
+    text = line(entry)
+    assert "\n" not in text and "\\n" in text and text.startswith("2026-11-29 05:28:28 #7 refused-call")

@@ -30,7 +30,13 @@ def is_refusal(entry: dict) -> bool:
 
 
 def _value(v) -> str:
-    return v if isinstance(v, str) and v and " " not in v and "=" not in v else json.dumps(v, sort_keys=True)
+    if isinstance(v, str) and v and v.isprintable() and " " not in v and "=" not in v:
+        return v
+    return json.dumps(v, sort_keys=True)  # escaped: a label a client chose cannot start a line of its own
+
+
+def _text(v) -> str:
+    return v if isinstance(v, str) and v.isprintable() else json.dumps(v)
 
 
 def line(entry: dict) -> str:
@@ -44,7 +50,7 @@ def line(entry: dict) -> str:
             continue
         parts.append(f"{k}={_value(v)}")
     if isinstance(refused, list):  # [[key, reason, count], ...]: the reasons by key say it all
-        parts.append("refused: " + "; ".join(f"{r[0]}: {r[1]} x{r[2]}" for r in refused
+        parts.append("refused: " + "; ".join(f"{_text(r[0])}: {_text(r[1])} x{r[2]}" for r in refused
                                               if isinstance(r, list) and len(r) == 3))
     elif "reasons" in entry:
         parts.append(f"reasons={_value(entry['reasons'])}")

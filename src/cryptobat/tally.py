@@ -20,6 +20,7 @@ from .api import SignResult
 MAX_REASONS = 16  # distinct refusal reasons in one audit entry
 MAX_KEYED = 24  # distinct (key, reason) pairs in one audit entry (audit.MAX_ITEMS bounds a list at 32)
 MAX_TOTAL = 256  # distinct (key, reason) pairs in the token's cumulative counters
+MAX_KEY = 64  # characters of a key label kept (token labels are at most 64)
 OTHER = "other reasons"
 ANY_KEY = "*"  # the key of pairs past a bound
 NO_KEY = "-"  # the key of refusals that name none (PIN, a window for a zone)
@@ -68,7 +69,8 @@ class Tally:
         self._keyed(key or NO_KEY, reason)
 
     def _keyed(self, key: str, reason: str) -> None:
-        _bounded_add(self.keyed, (key, reason), 1, MAX_KEYED, (ANY_KEY, OTHER))
+        # a key a client named (a label to generate, an unknown one to sign with) is cut like a label
+        _bounded_add(self.keyed, (key[:MAX_KEY], reason), 1, MAX_KEYED, (ANY_KEY, OTHER))
 
     @property
     def empty(self) -> bool:

@@ -90,6 +90,7 @@ class Token:
         self._policy: tuple[tuple, policy.Policy] | None = None
         self._write_failed = False
         self._last_flush = mono()
+        self._last_refusal_entry = -AUDIT_FLUSH_SECONDS  # of a refused key management call
         self._mono = mono
         self.started = mono()
 
@@ -449,7 +450,7 @@ class Token:
         try:
             zone = self._window_zone(zone)
         except KeygenRefused as e:
-            self.refused(label or zone, f"p11-keygen: {e}")
+            self._refused_management("p11-keygen", label, str(e))
             raise
         if not _generates(algorithm):
             raise InvalidArgument(f"algorithm {algorithm} is not supported")
@@ -466,7 +467,7 @@ class Token:
         try:
             self._window_zone(self.key(label).zone)
         except KeygenRefused as e:
-            self.refused(label, f"p11-keydel: {e}")
+            self._refused_management("p11-keydel", label, str(e))
             raise NotPermitted(str(e)) from None
         self._change("p11-keydel", {"label": label}, lambda s: s.replace(keys=without(s.keys, label)))
 
@@ -646,6 +647,23 @@ class Token:
         ``labels`` names for each result; audit them at most once a second."""
         self._pending.add(results, compat, labels)
         self.flush_audit(force=len(results) >= 64 and not self._pending.refusals)
+
+    def _refused_management(self, command: str, label: str, why: str) -> None:
+        """A refused PKCS#11 key generation or deletion. The first in a second is audited at once in
+        an entry of its own (``refused``, with its reason); the rest of that second are counted and
+        audited together (:meth:`refused`), so a client repeating the call cannot fill the disk."""
+        now = self._mono()
+        if now - self._last_refusal_entry < AUDIT_FLUSH_SECONDS:
+            self.refused(label, f"{command}: {why}")
+            return
+        self._last_refusal_entry = now
+        pair = {((label or tally.NO_KEY)[:tally.MAX_KEY], f"{command}: {why}"): 1}
+
+        def count(s: TokenState) -> TokenState:
+            total = tally.merge(s.counters.refused, pair)
+            return s.replace(counters=replace(s.counters, refused=frozen({k: frozen(v) for k, v in total.items()})))
+
+        self._change("refused", {"command": command, "label": label, "why": why}, count)
 
     def refused(self, key: str, reason: str, pin: bool = False) -> None:
         """Count a refused call that is not a signature; audited with the next flush, as signatures are."""
