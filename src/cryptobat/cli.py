@@ -148,7 +148,26 @@ def cmd_status(a) -> int:
     return 1 if bad else 0
 
 
+def _audit_read(a) -> int:
+    """``audit --json`` / ``--follow``: the store read-only (a daemon may be running), one line an entry."""
+    import json
+
+    from .auditview import Reader, is_refusal, line
+    reader = Reader(resolve_home(a.home))
+    try:
+        reader.start(max(0, a.n))
+        for entry in (reader.follow() if a.follow else reader.new()):
+            if a.refusals and not is_refusal(entry):
+                continue
+            print(json.dumps(entry, sort_keys=True) if a.json else line(entry), flush=a.follow)
+    finally:
+        reader.close()
+    return 0
+
+
 def cmd_audit(a) -> int:
+    if a.action == "show" and (a.follow or a.json or a.refusals):
+        return _audit_read(a)
     cmd = "audit verify" if a.action == "verify" else f"audit {a.n}"
     out, bad = _run_console_commands(resolve_home(a.home), [cmd], check_audit=False)  # shows a broken log too
     sys.stdout.write(out)
@@ -196,7 +215,8 @@ def cmd_serve(a) -> int:
                  console_sock=Path(a.console_socket) if a.console_socket else None,
                  native_sock=Path(a.native_socket) if a.native_socket else None, p11_sock=p11,
                  signer_group=a.signer_group, socket_dir=sockets, takeover=a.takeover,
-                 takeover_check=a.takeover_check)
+                 takeover_check=a.takeover_check,
+                 syslog=a.syslog_socket or ("/dev/log" if a.syslog else None))
 
 
 def cmd_demo(a) -> int:
@@ -236,7 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("audit", help="show or verify the audit log")
     _home_arg(s)
     s.add_argument("action", choices=["show", "verify"], nargs="?", default="show")
-    s.add_argument("-n", type=int, default=20, help="entries to show")
+    s.add_argument("-n", type=int, default=20, help="entries to show (with --follow: before the new ones)")
+    s.add_argument("--follow", "-f", action="store_true",
+                   help="then print each new entry as it is committed, until interrupted (works while the "
+                        "daemon runs: the store is read read-only, by the token's own user only)")
+    s.add_argument("--json", action="store_true", help="one JSON object per line instead of readable lines")
+    s.add_argument("--refusals", action="store_true", help="only entries that record refused calls")
     s.set_defaults(fn=cmd_audit)
 
     s = sub.add_parser("recover", help="open a token whose store lost acknowledged changes")
@@ -270,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restart the daemon serving this home, with the code installed now, keeping every "
                         "PKCS#11 and native connection (console sessions end); the other options are ignored. "
                         "Exit status 0 if it restarted; if not, it serves on as before (systemd: ExecReload=)")
+    s.add_argument("--syslog", action="store_true",
+                   help="also log each refusal decision to syslog/journald (/dev/log), aggregated as in the audit")
+    s.add_argument("--syslog-socket", metavar="PATH", help="log refusals to this Unix socket instead of /dev/log")
     s.add_argument("--takeover", type=int, metavar="FD", help=argparse.SUPPRESS)  # the daemon's own restarts
     s.add_argument("--takeover-check", action="store_true", help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_serve)

@@ -33,7 +33,9 @@ Console sessions end at a restart: their officers log in again. See docs/deployi
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
 import os
 import re
 import select
@@ -78,11 +80,29 @@ _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 class Service:
     """The token as every transport of the daemon sees it."""
 
-    def __init__(self, token: Token) -> None:
+    def __init__(self, token: Token, syslog: str | None = None) -> None:
         self.token = token
         self.lock = threading.RLock()
         self.pin_lock = threading.Lock()
         self._engine: Engine | None = None  # the signing worker processes, started with the first batch
+        self._syslog = _syslog_logger(syslog) if syslog else None
+        self._logged = token.audit_seq()  # audit entries up to here were looked at for syslog
+
+    def _log_refusals(self) -> None:
+        """Send the refusals audited since the last call to syslog, one line an audit entry:
+        as bounded as the audit (refused signatures come aggregated, at most one entry a second).
+        Called with ``self.lock`` held."""
+        if self._syslog is None or self.token.audit_seq() <= self._logged:
+            return
+        from .auditview import is_refusal, line
+        try:
+            for seq, text, _ in self.token.store.audit_rows(self._logged):
+                self._logged = seq
+                entry = json.loads(text)
+                if is_refusal(entry):
+                    self._syslog.warning("%s", line(entry))
+        except (CryptobatError, ValueError) as e:
+            self._syslog.error("cannot read the audit log for syslog: %s", e)
 
     def engine(self) -> Engine:
         """The daemon's worker pool for large batches; called with ``self.lock`` held."""
@@ -93,6 +113,10 @@ class Service:
     def close(self) -> None:
         """Stop the worker processes, then close the token (its store lock is free after this)."""
         engine, self._engine = self._engine, None
+        if self._syslog is not None:
+            with self.lock, contextlib.suppress(CryptobatError):
+                self.token.flush_audit(force=True)
+                self._log_refusals()
         close_token(self.token, engine)
 
     def console(self, transport: str) -> Console:
@@ -120,7 +144,7 @@ class Service:
             engine = self.engine()
         results = engine.run(job)
         with self.lock:
-            self.token.account(results)
+            self.token.account(results, labels=[label for label, _ in items])
         return results
 
     def call(self, fn: Callable, *args):
@@ -131,6 +155,21 @@ class Service:
         with self.lock:
             self.token.flush_audit()
             self.token.now()
+            self._log_refusals()
+
+
+def _syslog_logger(address: str) -> logging.Logger:
+    """A logger to syslog/journald on ``address`` (a Unix socket, /dev/log normally), facility daemon."""
+    import logging.handlers
+    handler = logging.handlers.SysLogHandler(address=address, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+    handler.setFormatter(logging.Formatter(f"cryptobat[{os.getpid()}]: %(message)s"))
+    handler.handleError = lambda record: None  # a syslog daemon gone must not stop or flood the daemon:
+    # the audit log holds every refusal whatever syslog does
+    log = logging.getLogger(f"cryptobat.syslog.{id(handler)}")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    return log
 
 
 # --- console over a stream socket -----------------------------------------------
@@ -702,6 +741,7 @@ class Config:
     pty: bool = False
     serial_dev: str | None = None
     baud: int = 115200
+    syslog: str | None = None  # the syslog socket refusals are logged to (serve --syslog)
 
     @property
     def signer_mode(self) -> int:
@@ -739,6 +779,8 @@ class Config:
             a.append("--pty")
         if self.serial_dev:
             a += ["--serial", self.serial_dev, "--baud", str(self.baud)]
+        if self.syslog:
+            a += ["--syslog-socket", self.syslog]
         return a
 
 
@@ -872,7 +914,8 @@ class Daemon:
             requester = socket.socket(fileno=handed["requester"])
             requester.set_inheritable(False)
         try:
-            self.service = Service(_open_token(self.cfg.home, OPEN_SECONDS if handed is not None else 0.0))
+            self.service = Service(_open_token(self.cfg.home, OPEN_SECONDS if handed is not None else 0.0),
+                                   syslog=self.cfg.syslog)
             self._owns_paths = True
             self._start(handed)
         except BaseException as e:
@@ -1178,7 +1221,8 @@ class Daemon:
 
 def _config(home: Path, *, pty: bool = False, serial_dev: str | None = None, baud: int = 115200,
             console_sock: Path | None = None, native_sock: Path | None = None, p11_sock: Path | None = None,
-            signer_group: str | None = None, socket_dir: Path | None = None) -> Config:
+            signer_group: str | None = None, socket_dir: Path | None = None,
+            syslog: str | None = None) -> Config:
     gid = None
     if signer_group is not None:
         try:
@@ -1189,24 +1233,27 @@ def _config(home: Path, *, pty: bool = False, serial_dev: str | None = None, bau
     return Config(home=home, console_sock=console_sock or where / "console.sock",
                   native_sock=native_sock or where / "native.sock", p11_sock=p11_sock,
                   signer_group=signer_group, gid=gid, socket_dir=socket_dir, pty=pty, serial_dev=serial_dev,
-                  baud=baud)
+                  baud=baud, syslog=syslog)
 
 
 def serve(home: Path, *, pty: bool = False, serial_dev: str | None = None, baud: int = 115200,
           console_sock: Path | None = None, native_sock: Path | None = None,
           p11_sock: Path | None = None, signer_group: str | None = None,
           socket_dir: Path | None = None, out=sys.stdout, takeover: int | None = None,
-          takeover_check: bool = False) -> int:
+          takeover_check: bool = False, syslog: str | None = None) -> int:
     """Serve ``home``'s token until SIGTERM or SIGINT (SIGHUP restarts it, see the module docstring).
 
     ``p11_sock`` None serves no PKCS#11. ``signer_group``: the native and PKCS#11 sockets
     become 0660 in that group (the daemon's user must be a member). ``socket_dir``: sockets
     without an explicit path go there instead of the home, with links to them in the home
     (for ``cryptobat console`` and clients that look in the home). ``takeover`` (a descriptor
-    of a restart's state) and ``takeover_check`` are for the daemon's own restarts.
+    of a restart's state) and ``takeover_check`` are for the daemon's own restarts. ``syslog``:
+    the Unix socket refusals are logged to (``/dev/log`` for syslog/journald), one line an audit
+    entry that records refusals.
     """
     cfg = _config(home, pty=pty, serial_dev=serial_dev, baud=baud, console_sock=console_sock,
-                  native_sock=native_sock, p11_sock=p11_sock, signer_group=signer_group, socket_dir=socket_dir)
+                  native_sock=native_sock, p11_sock=p11_sock, signer_group=signer_group, socket_dir=socket_dir,
+                  syslog=syslog)
     if takeover_check:
         return check_takeover(cfg)
     handed = _read_handover(takeover) if takeover is not None else None

@@ -78,6 +78,8 @@ class Counters:
     compat_signatures: int = 0
     logins: int = 0
     login_failures: int = 0
+    # refused calls by key label, then reason, bounded (see cryptobat.tally.merge)
+    refused: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=frozen)
 
     def add(self, **more: int) -> "Counters":
         return dataclasses.replace(self, **{k: getattr(self, k) + v for k, v in more.items()})

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import time
 
-from . import algorithms
+from . import algorithms, tally
 from .quorum import Session
 from .token import Token
+
+
+MAX_REFUSED_ROWS = 20  # the cumulative refusal counters shown, most frequent first
 
 
 def _ago(now: int, t: int) -> str:
@@ -48,6 +51,15 @@ def render(token: Token, session: Session | None = None) -> str:
                           for where, until in (("console", o.locked_until), ("remote", o.remote_locked_until))
                           if until > now) or "ok"
         out.append(f"{name:<16} {'yes' if name in here else 'no':<8} {factors:<20} {state}")
+    refused = tally.rows(c["refused"])
+    if refused:
+        out.append("")
+        out.append(f"{'refused (key)':<28} {'count':>8}  reason")
+        for key, why, n in refused[:MAX_REFUSED_ROWS]:
+            out.append(f"{key:<28} {n:>8}  {why}")
+        if len(refused) > MAX_REFUSED_ROWS:
+            out.append(f"{'...':<28} {sum(r[2] for r in refused[MAX_REFUSED_ROWS:]):>8}  "
+                       f"{len(refused) - MAX_REFUSED_ROWS} more (key, reason) pairs")
     out.append("")
     out.append(f"{'key':<28} {'zone':<20} {'alg':<18} {'role':<5} {'tag':>5}  mode")
     for k in token.keys():

@@ -69,6 +69,10 @@ def _key(d: dict) -> KeyRecord:
                      d["blob"], d["created"])
 
 
+def _counters(d: dict) -> Counters:
+    return Counters(**{**d, "refused": frozen({k: frozen(v) for k, v in d.get("refused", {}).items()})})
+
+
 VERSION = TokenState.version  # the newest stored form this code reads and writes
 
 
@@ -116,7 +120,7 @@ def _typed(d: dict) -> TokenState:
         allowed_keys=frozen({z: tuple(w) for z, w in d["allowed_keys"].items()}),
         cds_delete=frozen(d["cds_delete"]), signer_peers=tuple(d["signer_peers"]),
         p11_window_until=d["p11_window_until"], p11_window_zone=d["p11_window_zone"],
-        counters=Counters(**d["counters"]), audit=AuditHead(**d["audit"]),
+        counters=_counters(d["counters"]), audit=AuditHead(**d["audit"]),
         audit_checked=AuditHead(**d["audit_checked"]))
 
 

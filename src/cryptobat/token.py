@@ -32,8 +32,9 @@ from .errors import (ConfigurationDisabled, Conflict, CryptobatError, InvalidArg
 from .quorum import IDLE_TIMEOUT, Approval, PendingOperation, Quorum, Session
 from . import signing
 from .signing import Job, KeyCache, SignKey, sign_one
-from .state import AuditHead, ClockRecord, KeyRecord, Officer, TokenState, with_item, without
+from .state import AuditHead, ClockRecord, KeyRecord, Officer, TokenState, frozen, with_item, without
 from .store import Store
+from . import tally
 from .tally import Tally
 
 MANUFACTURER = "Cryptobat"
@@ -89,6 +90,7 @@ class Token:
         self._policy: tuple[tuple, policy.Policy] | None = None
         self._write_failed = False
         self._last_flush = mono()
+        self._last_refusal_entry = -AUDIT_FLUSH_SECONDS  # of a refused key management call
         self._mono = mono
         self.started = mono()
 
@@ -445,7 +447,11 @@ class Token:
 
     def generate_key(self, algorithm: int, role: str, zone: str, label: str) -> KeyInfo:
         """PKCS#11 C_GenerateKeyPair: only inside a window a quorum opened, for the window's zone."""
-        zone = self._window_zone(zone)
+        try:
+            zone = self._window_zone(zone)
+        except KeygenRefused as e:
+            self._refused_management("p11-keygen", label, str(e))
+            raise
         if not _generates(algorithm):
             raise InvalidArgument(f"algorithm {algorithm} is not supported")
         if label:
@@ -461,7 +467,7 @@ class Token:
         try:
             self._window_zone(self.key(label).zone)
         except KeygenRefused as e:
-            self.audit("refused", command="p11-keydel", label=label, why=str(e))
+            self._refused_management("p11-keydel", label, str(e))
             raise NotPermitted(str(e)) from None
         self._change("p11-keydel", {"label": label}, lambda s: s.replace(keys=without(s.keys, label)))
 
@@ -591,14 +597,14 @@ class Token:
 
         ``run`` signs the job (e.g. ``engine.run`` to use worker processes); in-process by default."""
         results = (run or self.run)(self.sign_job(items))
-        self.account(results)
+        self.account(results, labels=[label for label, _ in items])
         return results
 
     def timed_sign_verbose(self, label: str, data: bytes) -> tuple[SignResult, int]:
         """One payload, with the latest expiration the policy allowed (for the console's report)."""
         job = self.sign_job([(label, data)])
         result = sign_one(self.cache, job, label, data)
-        self.account([result])
+        self.account([result], labels=[label])
         return result, policy.limit(job.policy, job.now)
 
     def check_signing_data(self, label: str, data: bytes) -> str | None:
@@ -610,7 +616,7 @@ class Token:
         try:
             policy.check(key.info, key.zone_wire, data, job.policy, job.now)
         except CryptobatError as e:
-            self.account([SignResult(reason=str(e))])
+            self.account([SignResult(reason=str(e))], labels=[label])
             return str(e)
         return None
 
@@ -632,13 +638,37 @@ class Token:
             result = SignResult(reason=str(e))
         else:
             result = SignResult(signature=self.cache.get(label, key).sign_digest(digest))
-        self.account([result], compat=bound is None)
+        self.account([result], compat=bound is None, labels=[label])
         return result
 
-    def account(self, results: Sequence[SignResult], compat: bool = False) -> None:
-        """Count signatures and refusals (:class:`cryptobat.tally.Tally`); audit them at most once a second."""
-        self._pending.add(results, compat)
+    def account(self, results: Sequence[SignResult], compat: bool = False,
+                labels: Sequence[str] | None = None) -> None:
+        """Count signatures and refusals (:class:`cryptobat.tally.Tally`), refusals by the key
+        ``labels`` names for each result; audit them at most once a second."""
+        self._pending.add(results, compat, labels)
         self.flush_audit(force=len(results) >= 64 and not self._pending.refusals)
+
+    def _refused_management(self, command: str, label: str, why: str) -> None:
+        """A refused PKCS#11 key generation or deletion. The first in a second is audited at once in
+        an entry of its own (``refused``, with its reason); the rest of that second are counted and
+        audited together (:meth:`refused`), so a client repeating the call cannot fill the disk."""
+        now = self._mono()
+        if now - self._last_refusal_entry < AUDIT_FLUSH_SECONDS:
+            self.refused(label, f"{command}: {why}")
+            return
+        self._last_refusal_entry = now
+        pair = {((label or tally.NO_KEY)[:tally.MAX_KEY], f"{command}: {why}"): 1}
+
+        def count(s: TokenState) -> TokenState:
+            total = tally.merge(s.counters.refused, pair)
+            return s.replace(counters=replace(s.counters, refused=frozen({k: frozen(v) for k, v in total.items()})))
+
+        self._change("refused", {"command": command, "label": label, "why": why}, count)
+
+    def refused(self, key: str, reason: str, pin: bool = False) -> None:
+        """Count a refused call that is not a signature; audited with the next flush, as signatures are."""
+        self._pending.refuse(key, reason, pin)
+        self.flush_audit()
 
     def flush_audit(self, force: bool = False) -> None:
         if not self._pending.empty and (force or self._mono() - self._last_flush >= AUDIT_FLUSH_SECONDS):
@@ -649,17 +679,23 @@ class Token:
         event, fields = p.audit_event()
 
         def count(s: TokenState) -> TokenState:
-            return s.replace(counters=s.counters.add(signatures=p.signatures, refusals=p.refusals,
-                                                     compat_signatures=p.compat_signatures))
+            c = s.counters.add(signatures=p.signatures, refusals=p.refusals, compat_signatures=p.compat_signatures)
+            if p.keyed:
+                total = tally.merge(c.refused, p.keyed)
+                c = replace(c, refused=frozen({k: frozen(v) for k, v in total.items()}))
+            return s.replace(counters=c)
 
         self._change(event, fields, count)
         self._pending = Tally()
         self._last_flush = self._mono()
 
     def counters(self) -> dict:
-        c = dataclasses.asdict(self.state.counters)
+        """Cumulative counts, those not yet audited included; ``refused``: key -> reason -> count."""
+        counters = self.state.counters
+        c: dict = {f.name: getattr(counters, f.name) for f in dataclasses.fields(counters)}
         for k in ("signatures", "compat_signatures", "refusals"):
             c[k] += getattr(self._pending, k)
+        c["refused"] = tally.merge(counters.refused, self._pending.keyed)
         return c
 
     # --- signer PIN and other PKCS#11 needs ------------------------------------------
@@ -680,8 +716,7 @@ class Token:
             rec = self.state.pin
             why = "no PIN set" if rec is None else "PIN locked" if self.pin_locked() else None
             if why:  # no scrypt spent; counted, audited with the next flush (at most once a second)
-                self._pending.pin_refused += 1
-                self.flush_audit()
+                self.refused(tally.NO_KEY, f"PIN refused: {why}", pin=True)
                 return False
             tag = (rec.hash, hmac.new(self._pin_key, text.encode(), hashlib.sha256).digest())
             cached = self._pin_ok
@@ -696,6 +731,7 @@ class Token:
                     self._change("pin", {"ok": True, "source": source}, lambda s: s.replace(pin_failures=0))
             else:
                 n = self.state.pin_failures + 1
+                self._pending.refuse(tally.NO_KEY, "PIN incorrect")  # for the counters; audited below too
                 self._change("pin", {"ok": False, "failures": n, "source": source,
                                      **({"why": "PIN now locked"} if n >= MAX_PIN_FAILURES else {})},
                              lambda s: s.replace(pin_failures=n))

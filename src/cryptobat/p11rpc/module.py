@@ -88,6 +88,11 @@ MECHANISMS: dict[int, tuple[int, int, int]] = {
 }
 
 
+def allowed_mechanisms(algorithm: int) -> list[int]:
+    """CKA_ALLOWED_MECHANISMS of a key of DNSSEC ``algorithm``: what signs (and verifies) with it."""
+    return [m for table in (FULL_SIGN, HASH_SIGN) for m, algs in table.items() if algorithm in algs]
+
+
 class P11Error(Exception):
     def __init__(self, ckr: int) -> None:
         super().__init__(hex(ckr))
@@ -465,6 +470,7 @@ class Module:
             C.CKA_ID: label, C.CKA_LABEL: label, C.CKA_TOKEN: True, C.CKA_PRIVATE: private,
             C.CKA_MODIFIABLE: False, C.CKA_COPYABLE: False, C.CKA_DESTROYABLE: True,
             C.CKA_LOCAL: True, C.CKA_DERIVE: False, C.CKA_SUBJECT: b"",
+            C.CKA_ALLOWED_MECHANISMS: allowed_mechanisms(alg),
         }
         if private:
             a.update({C.CKA_SIGN: True, C.CKA_DECRYPT: False, C.CKA_UNWRAP: False,
@@ -548,6 +554,14 @@ class Module:
                     out.append(a)
         return [out, rv]
 
+    def C_GetObjectSize(self, h: int, obj: int):
+        """The bytes of the attribute values the object shows (sensitive ones are not counted:
+        the private half never leaves the custody, so it has no size here)."""
+        self._session(h)
+        key, private = self._object(obj)
+        attrs, _ = self.attributes(key, private)
+        return [sum(encoded_length(Attribute(t, v)) for t, v in attrs.items())]
+
     def C_DestroyObject(self, h: int, obj: int):
         s = self._session(h)
         if not self.logged_in:
@@ -582,8 +596,6 @@ class Module:
             if row is None or row.mech_keygen != mech.type or not row.generate:
                 raise P11Error(C.CKR_ATTRIBUTE_VALUE_INVALID)
             alg = row.number
-        if not self._b(self.backend.keygen_allowed):
-            raise P11Error(C.CKR_FUNCTION_REJECTED)
         try:
             label_s = label.decode()
         except UnicodeDecodeError:
@@ -667,7 +679,7 @@ class Module:
             mechanism = "ecdsa" if op.mech == C.CKM_ECDSA else "rsa-pkcs"
             res = self._b(self.backend.sign_digest, key.label, data, mechanism, bound)
         if not res.ok:
-            raise P11Error(C.CKR_FUNCTION_REJECTED)
+            raise P11Error(C.CKR_FUNCTION_REJECTED)  # every refusal: the reason is audited (docs/pkcs11.md)
         return res.signature
 
     def C_VerifyInit(self, h: int, mech: Mechanism | None, key_handle: int):
@@ -691,9 +703,34 @@ class Module:
         op = s.verify
         if op is None:
             raise P11Error(C.CKR_OPERATION_NOT_INITIALIZED)
+        if op.updated:
+            raise P11Error(C.CKR_OPERATION_ACTIVE)
+        return self._finish_verify(s, op, bytes(data or b""), sig)
+
+    def C_VerifyUpdate(self, h: int, data: bytes | None):
+        s = self._session(h)
+        op = s.verify
+        if op is None:
+            raise P11Error(C.CKR_OPERATION_NOT_INITIALIZED)
+        if len(op.data) + len(data or b"") > MAX_DATA:
+            s.verify = None
+            raise P11Error(C.CKR_DATA_LEN_RANGE)
+        op.data += data or b""
+        op.updated = True
+        return []
+
+    def C_VerifyFinal(self, h: int, sig: bytes | None):
+        s = self._session(h)
+        op = s.verify
+        if op is None:
+            raise P11Error(C.CKR_OPERATION_NOT_INITIALIZED)
+        return self._finish_verify(s, op, bytes(op.data), sig)
+
+    def _finish_verify(self, s: Session, op: Op, data: bytes, sig: bytes | None) -> list:
+        """Verify with the public key; either way the operation ends (PKCS#11 §5.11)."""
         s.verify = None
         assert op.key is not None
-        if not verify_signature(op.key, op.mech, bytes(data or b""), bytes(sig or b"")):
+        if not verify_signature(op.key, op.mech, data, bytes(sig or b"")):
             raise P11Error(C.CKR_SIGNATURE_INVALID)
         return []
 
