@@ -176,8 +176,11 @@ def _chain(args) -> ChainSpec:
 
 
 def _validity(args, now: int) -> inputs.Validity:
-    start = parse_time(args.start, now, now) if args.start else now - 3600
-    end = parse_time(args.end, start, now) if args.end else start + 30 * 86400
+    try:
+        start = parse_time(args.start, now, now) if args.start else now - 3600
+        end = parse_time(args.end, start, now) if args.end else start + 30 * 86400
+    except CryptobatError as e:  # the zone's options, not the token: Fatal (one zone's failure with --zones)
+        raise Fatal(str(e)) from None
     if end <= start:
         raise Fatal("start time is not before end time")
     if args.jitter < 0 or args.jitter >= end - start:

@@ -337,15 +337,15 @@ def sign_all(zones: list[Zone], report: Report, sign: Callable, enter: Callable 
              threads: int = IN_FLIGHT) -> bool:
     """Sign ``zones``, ``threads`` at a time (``enter()`` around each); False if the token failed
     and the run stopped."""
-    todo = iter(zones)
+    for zone in zones:  # the list file's bad lines first, in order
+        if zone.error is not None:
+            report.fail(zone, zone.error)
+    todo = iter([z for z in zones if z.error is None])
     room = threading.Condition()  # guards todo and held
     held = 0  # bytes of the zone files being signed
     stopped = threading.Event()
 
     def one(zone: Zone) -> None:
-        if zone.error is not None:
-            report.fail(zone, zone.error)
-            return
         t = time.monotonic()
         try:
             stats = sign(zone.args)
