@@ -35,6 +35,7 @@ IN_FLIGHT = 48  # zones being signed at once (their requests go to the token tog
 BYTES_IN_FLIGHT = 16 << 20  # ... while their files add up to at most this (or it is one zone)
 GROUP = 4096  # signing requests a call to the token waits for, unless every zone in flight has asked
 GROUP_WAIT = 0.05  # seconds the oldest request waits at most for the others
+POOL_ZONES = 8  # zones to verify (without -P) from which the run starts verification processes
 ZONE_SUFFIX = ".zone"
 # names in a zone directory that are not zone files: outputs, BIND's own files, editors' and ours
 _SKIP_SUFFIXES = (".signed", ".jnl", ".key", ".private", ".tmp", ".swp", ".bak", "~")
@@ -174,6 +175,44 @@ class _Inline(Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         pass  # shared by every zone of the run
+
+
+class _SharedPool(Executor):
+    """Verification processes every zone of the run uses; a zone's ``shutdown`` leaves them be.
+
+    The run has them because a zone's verification costs more than its signing (ECDSA
+    P-256 verifies at a third of its signing speed) and holds the GIL: in processes it
+    runs on the other core beside the zones being read and written. They are spawned
+    (clean interpreters: nothing of the token's process, unsealed keys included, is
+    copied into them) from the main thread, which lives as long as the run, and each asks
+    the kernel to kill it when the run's process dies (``workers.die_with_parent``)."""
+
+    def __init__(self) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        from ..workers import die_with_parent
+        from .verify import warm_pool
+
+        self._pool = ProcessPoolExecutor(os.cpu_count() or 2, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=die_with_parent, initargs=(os.getpid(),))
+        warm_pool(self._pool)  # every process started now, by this thread
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        return self._pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass  # one zone's end; :meth:`close` ends the run's
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _verifier(zones: list[Zone]) -> Executor:
+    """Processes for a run with enough zones to verify, else in place."""
+    if sum(1 for z in zones if z.args is not None and not z.args.noverify) < POOL_ZONES:
+        return _Inline()
+    return _SharedPool()
 
 
 class Report:
@@ -418,6 +457,7 @@ def main(argv: list[str], client=None) -> int:
     zones = _usage(parser, common)
     report = Report(len(zones), common.verbose, sys.stderr.isatty())
     own = client is None
+    pool: Executor | None = None
     try:
         if own:
             from ..client import connect
@@ -427,8 +467,9 @@ def main(argv: list[str], client=None) -> int:
         by_zone: dict[str, list] = {}
         for k in keys:
             by_zone.setdefault(k.zone.lower(), []).append(k)
-        shared = signzone.Shared(lambda origin: by_zone.get(origin, []), _Inline())
         together = Coalescer(client)
+        pool = _verifier(zones)
+        shared = signzone.Shared(lambda origin: by_zone.get(origin, []), pool)
         # the zones' file names are not printed (dnssec-signzone prints its one): -v says them
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
             whole = sign_all(zones, report, lambda args: signzone.sign_zone(args, together, shared), together.zone)
@@ -436,8 +477,12 @@ def main(argv: list[str], client=None) -> int:
         report.line(f"{PROG}: fatal: {_one_line(e)}")
         whole = False
     finally:
-        if own and client is not None:
-            client.close()
+        try:
+            if isinstance(pool, _SharedPool):
+                pool.close()
+        finally:
+            if own and client is not None:
+                client.close()
     report.summary()
     if not whole:
         return STOPPED
