@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from support import MONTH, cli, make_token, need, zone_token
+from support import MONTH, PIN_TEXT, Daemon, cli, make_token, need, zone_token
 
 SUMMARY = re.compile(r"^signzone: (\d+) zones signed, (\d+) failed, (\d+) signatures, [\d.]+ s$")
 
@@ -32,9 +32,10 @@ def zone_text(origin: str, names: int = 50, serial: int = 2024010101) -> str:
     return "".join(lines)
 
 
-def fleet_token(home: Path, zones: list[str], maxval: int = MONTH) -> None:
+def fleet_token(home: Path, zones: list[str], maxval: int = MONTH, **settings):
     """A quorum-1 token with a KSK and a ZSK (ECDSA P-256) for each of ``zones``."""
-    make_token(home, quorum=1, maxval=maxval, keys=[f"13 {role} {z}" for z in zones for role in ("ksk", "zsk")])
+    return make_token(home, quorum=1, maxval=maxval, keys=[f"13 {role} {z}" for z in zones for role in ("ksk", "zsk")],
+                      **settings)
 
 
 def verify(path: Path, origin: str) -> None:
@@ -291,3 +292,37 @@ def test_progress_on_a_terminal(tmp_path):
     assert "zones 7/7, 1 failed, " in text and " signatures" in text
     assert "zz.bad: " in text and "\r\x1b[K" in text
     assert re.search(r"signzone: 6 zones signed, 1 failed, \d+ signatures, [\d.]+ s\r?\n", text), text
+
+
+def test_token_failure_stops_the_run(tmp_path):
+    """Through the daemon: zones are signed until the daemon dies; then the run stops (exit 101)
+    with one fatal line, and what was written is whole."""
+    zones = [f"d{i}.example" for i in range(300)]
+    home = tmp_path / "home"
+    codes = fleet_token(home, zones, pin=PIN_TEXT)
+    d = tmp_path / "zones"
+    d.mkdir()
+    for z in zones:
+        (d / f"{z}.zone").write_text(zone_text(z, names=100))
+    daemon = Daemon(home, "--no-pkcs11", codes=codes)
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "cryptobat", "signzone", "--hsm", f"unix:{home / 'native.sock'}",
+                              "--zones", str(d), "-P"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "CRYPTOBAT_PIN": PIN_TEXT})
+        deadline = time.monotonic() + 120
+        while len(list(d.glob("*.signed"))) < 5 and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.01)
+        daemon.kill()
+        out, err = p.communicate(timeout=120)
+    finally:
+        daemon.kill()
+    assert p.returncode == 101, err
+    lines = err.strip().splitlines()
+    assert sum(1 for l in lines if l.startswith("cryptobat signzone: fatal: ") and l.endswith("; the run stops")) == 1, err
+    signed, failed, _ = summary(err)
+    done = sorted(d.glob("*.signed"))
+    assert 5 <= signed == len(done) < len(zones) and failed >= 1, err
+    assert signed + failed < len(zones)  # zones after the failure are not started
+    for f in done[:3]:
+        verify(f, f.name[: -len(".zone.signed")])
+    assert temps(d) == []
