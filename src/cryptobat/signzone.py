@@ -294,7 +294,7 @@ def _sign(args, client, job: _Job) -> Stats:
     plan = inputs.make_plan(job.keys, job.roles, job.validity, samples, args.verbose)
     if job.warmer is not None:
         job.warmer.join()  # the worker pool exists before the first batch (no second pool from a race)
-    output = Output(args.output or args.zonefile + ".signed")
+    output = Output(args.output or args.zonefile + ".signed", clean=not job.quiet)
     checker = None if job.verifier is None else verify.Verifier(job.verifier, job.keys)
     delivery = _Delivery(output, checker, _progress(prep, plan, job.quiet))
     pipeline = Pipeline(client, job.keys, delivery)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shlex
 import sys
 import threading
@@ -26,6 +27,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 from ..errors import CryptobatError
+from . import output
 from .fatal import PROG, Fatal
 from .reader import ZoneError
 
@@ -41,8 +43,9 @@ ZONE_SUFFIX = ".zone"
 _SKIP_SUFFIXES = (".signed", ".jnl", ".key", ".private", ".tmp", ".swp", ".bak", "~")
 _SKIP_PREFIXES = (".", "#", "dsset-", "keyset-")
 # options that name one zone's files, or the token: per zone in a list file / once on the command line
-_PER_ZONE = ("origin", "output", "ksk")
+_PER_ZONE = (("-o", "origin"), ("-f", "output"), ("-k", "ksk"))
 _PER_RUN = ("hsm", "home", "pin_file")
+_TEMP = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp\Z")  # output.create_temp's names
 
 
 class LineError(Exception):
@@ -124,7 +127,7 @@ def read_dir(path: str, common: argparse.Namespace) -> list[Zone]:
     zones = []
     for name in sorted(os.listdir(path)):
         full = os.path.join(path, name)
-        if not is_zone_file(name) or not os.path.isfile(full) or os.path.islink(full) and not os.path.exists(full):
+        if not is_zone_file(name) or not os.path.isfile(full):
             continue
         args = parser.parse_args(["--", full])
         _complete(args, common, None)
@@ -206,6 +209,24 @@ class _SharedPool(Executor):
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def clean_stale_temps(zones: list[Zone]) -> None:
+    """Remove the temporary files killed runs left for the zones' outputs: one listing per
+    output directory, where each zone's :class:`~.output.Output` would list it again (10,000
+    zones in one directory: 10,000 listings of 20,000 names)."""
+    by_dir: dict[str, set[str]] = {}
+    for z in zones:
+        if z.args is not None:
+            out = os.path.abspath(z.args.output)
+            by_dir.setdefault(os.path.dirname(out), set()).add(os.path.basename(out))
+    for d, names in by_dir.items():
+        try:
+            found = {m.group(1) for m in map(_TEMP.match, os.listdir(d)) if m and m.group(1) in names}
+        except OSError:
+            continue  # the zone's own run reports it
+        for base in found:
+            output.clean_stale_temps(os.path.join(d, base))
 
 
 def _verifier(zones: list[Zone]) -> Executor:
@@ -428,14 +449,20 @@ def sign_all(zones: list[Zone], report: Report, sign: Callable, enter: Callable 
     pool = [threading.Thread(target=loop, name=f"signzone-zone{i}") for i in range(max(1, threads))]
     for th in pool:
         th.start()
-    for th in pool:
-        th.join()
+    try:
+        for th in pool:
+            th.join()
+    except BaseException:  # ^C: the zones under way finish (or fail), no other starts
+        stopped.set()
+        for th in pool:
+            th.join()
+        raise
     return not stopped.is_set()
 
 
 def _usage(parser: argparse.ArgumentParser, common: argparse.Namespace) -> list[Zone]:
     """The zones LIST names; a command line that cannot be run is a usage error (exit 2)."""
-    given = [o for o, k in (("-o", "origin"), ("-f", "output"), ("-k", "ksk")) if getattr(common, k)]
+    given = [o for o, k in _PER_ZONE if getattr(common, k)]
     if given:
         parser.error(f"{', '.join(given)} name one zone's files: give them per zone in a list file")
     if common.outdir is not None and not os.path.isdir(common.outdir):
@@ -468,6 +495,7 @@ def main(argv: list[str], client=None) -> int:
         for k in keys:
             by_zone.setdefault(k.zone.lower(), []).append(k)
         together = Coalescer(client)
+        clean_stale_temps(zones)
         pool = _verifier(zones)
         shared = signzone.Shared(lambda origin: by_zone.get(origin, []), pool)
         # the zones' file names are not printed (dnssec-signzone prints its one): -v says them
