@@ -326,3 +326,21 @@ def test_token_failure_stops_the_run(tmp_path):
     for f in done[:3]:
         verify(f, f.name[: -len(".zone.signed")])
     assert temps(d) == []
+
+
+def test_outdir_and_an_unwritable_output(tmp_path):
+    fleet_token(tmp_path / "home", ["a.example", "b.example"])
+    out = tmp_path / "out"
+    out.mkdir()
+    for z in ("a.example", "b.example"):
+        (tmp_path / f"{z}.zone").write_text(zone_text(z, names=10))
+    (tmp_path / "list").write_text("a.example.zone\n-f nodir/b.signed b.example.zone\n")
+    r = cli("signzone", "--zones", str(tmp_path / "list"), "--outdir", str(out), home=tmp_path / "home", timeout=300)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("b.example: cannot create a temporary file in "), r.stderr
+    assert os.listdir(out) == ["a.example.zone.signed"]
+    verify(out / "a.example.zone.signed", "a.example")
+    assert not (tmp_path / "nodir").exists() and not (tmp_path / "a.example.zone.signed").exists()
+    r = cli("signzone", "--zones", str(tmp_path / "list"), "--outdir", str(tmp_path / "nowhere"), home=tmp_path / "home")
+    assert r.returncode == 2 and "--outdir" in r.stderr and "not a directory" in r.stderr
