@@ -19,6 +19,9 @@ signer:
    re-validated by dnspython from the presentation form);
 5. :mod:`~.zonesign.stats` prints the progress line and ``-t`` statistics.
 
+:func:`sign_zone` is one zone's run on a client already open; ``--zones``
+(:mod:`~.zonesign.fleet`) makes one such run per zone of a list with the token opened once.
+
 What a key signs follows its role in the token, as the policy demands
 (:func:`~.zonesign.roles.key_roles`): the apex DNSKEY, CDS and CDNSKEY only KSKs and
 CSKs, as with ``dnssec-signzone -x``; everything else the ZSKs, or CSKs where there is none.
@@ -27,15 +30,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import dns.exception
 import dns.name
 
+from .api import KeyInfo
 from .errors import CryptobatError
 from .policy import SKEW
 from .timespec import parse_time
@@ -52,8 +58,16 @@ from .zonesign.roles import key_roles, select_keys
 from .zonesign.stats import Progress, Stats, print_stats
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Sign a zone with keys held by the Cryptobat token.")
+def _parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser, zones: bool = False) -> argparse.ArgumentParser:
+    """dnssec-signzone's command line; ``cls`` lets ``--zones`` parse its list file's lines with it.
+
+    With ``zones`` it is the command line of a run over many zones: ``--zones`` and
+    ``--outdir`` instead of a zone file and its keys, and ``-v`` without a level."""
+    p = cls(prog=PROG, description="Sign a zone with keys held by the Cryptobat token.")
+    if zones:
+        p.add_argument("--zones", required=True, metavar="LIST",
+                       help="sign many zones: a directory of zone files, or a list file of zones and their options")
+        p.add_argument("--outdir", metavar="DIR", help="write each ZONEFILE.signed here (default: beside it)")
     p.add_argument("-o", dest="origin", help="zone origin (default: zone file name)")
     p.add_argument("-f", dest="output", help="output file (default ZONEFILE.signed; - for stdout)")
     p.add_argument("-s", dest="start", help="signature inception: YYYYMMDDHHMMSS, epoch, +N, now, now+N (default now-3600); "
@@ -71,7 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-N", dest="serial", default="keep", choices=("keep", "increment", "unixtime", "date"))
     p.add_argument("-j", dest="jitter", type=int, default=0, help="expiration jitter in seconds")
     p.add_argument("-P", dest="noverify", action="store_true", help="skip post-sign verification")
-    p.add_argument("-v", dest="verbose", type=int, default=0, help="verbosity level")
+    if zones:
+        p.add_argument("-v", dest="verbose", type=int, nargs="?", const=1, default=0, help="one line per zone")
+    else:
+        p.add_argument("-v", dest="verbose", type=int, default=0, help="verbosity level")
     p.add_argument("-t", dest="stats", action="store_true", help="print statistics")
     p.add_argument("-n", dest="nthreads", type=int, help="ignored: the token parallelises signing itself")
     p.add_argument("-a", dest="verify_all", action="store_true", help="ignored: signatures are always verified unless -P")
@@ -79,8 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pin-file", metavar="FILE",
                    help="signer PIN for --hsm, first line of FILE (default $CRYPTOBAT_PIN)")
     p.add_argument("--home", help="home directory of the embedded token")
-    p.add_argument("zonefile")
-    p.add_argument("zsk", nargs="*", help="zone signing key files")
+    if not zones:
+        p.add_argument("zonefile")
+        p.add_argument("zsk", nargs="*", help="zone signing key files")
     return p
 
 
@@ -100,6 +118,11 @@ def _pin(path: str | None) -> str | None:
 
 def main(argv: list[str] | None = None, client=None) -> int:
     """Run the signer; ``client`` is the token to use (default: ``cryptobat.client.connect``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--zones" or a.startswith("--zones=") for a in argv):
+        from .zonesign import fleet
+
+        return fleet.main(argv, client)
     args = _parser().parse_args(argv)
     own = client is None
     try:
@@ -127,8 +150,9 @@ class _Job:
     now: int
     validity: inputs.Validity
     verifier: Executor | None  # None with -P
-    warmer: threading.Thread
+    warmer: threading.Thread | None  # None for one of many zones
     stats: Stats
+    quiet: bool  # one of many zones: no progress line, no key report
 
 
 def _origin(args) -> dns.name.Name:
@@ -153,8 +177,11 @@ def _chain(args) -> ChainSpec:
 
 
 def _validity(args, now: int) -> inputs.Validity:
-    start = parse_time(args.start, now, now) if args.start else now - 3600
-    end = parse_time(args.end, start, now) if args.end else start + 30 * 86400
+    try:
+        start = parse_time(args.start, now, now) if args.start else now - 3600
+        end = parse_time(args.end, start, now) if args.end else start + 30 * 86400
+    except CryptobatError as e:  # the zone's options, not the token: Fatal (one zone's failure with --zones)
+        raise Fatal(str(e)) from None
     if end <= start:
         raise Fatal("start time is not before end time")
     if args.jitter < 0 or args.jitter >= end - start:
@@ -163,29 +190,54 @@ def _validity(args, now: int) -> inputs.Validity:
 
 
 def _run(args, client) -> int:
+    stats = sign_zone(args, client)
+    if args.stats:
+        print_stats(stats)
+    return 0
+
+
+@dataclass
+class Shared:
+    """What a run over many zones (``--zones``) does once for all of them instead of per zone."""
+
+    keys_of: Callable[[str], list[KeyInfo]]  # the token's keys of a zone (lower-case origin), read once
+    verifier: Executor | None  # the verification pool every small zone uses (never shut down by one)
+
+
+def sign_zone(args, client, shared: Shared | None = None) -> Stats:
+    """Sign the zone ``args`` (dnssec-signzone's options, parsed) names with the open ``client``.
+
+    Alone (``shared`` None) the run starts the token's workers and a verifier pool of its
+    own and reports the keys as dnssec-signzone does; one of many takes them from
+    ``shared`` and reports nothing but its output file's name."""
     stats = Stats(time.monotonic())
     origin = _origin(args)
     chain = _chain(args)
-    token_keys = client.keys()
+    token_keys = client.keys() if shared is None else shared.keys_of(origin.to_text().lower())
     now = int(client.time())
     keys = select_keys(args, token_keys, origin.to_text().lower())
     roles = key_roles(keys)
     validity = _validity(args, now)
 
-    # start the token's signing workers and the verifier processes while the zone is read
-    try:
-        size_hint = os.path.getsize(args.zonefile) // 12
-    except OSError:
-        size_hint = 0
-    verifier = None if args.noverify else verify.verifier_pool(size_hint)
-    warmer = threading.Thread(target=_warm, args=(client, verifier, size_hint), daemon=True)
-    warmer.start()
-    job = _Job(origin, chain, keys, roles, now, validity, verifier, warmer, stats)
+    warmer = None
+    if shared is not None:
+        verifier = None if args.noverify else shared.verifier
+    else:
+        # start the token's signing workers and the verifier processes while the zone is read
+        try:
+            size_hint = os.path.getsize(args.zonefile) // 12
+        except OSError:
+            size_hint = 0
+        verifier = None if args.noverify else verify.verifier_pool(size_hint)
+        warmer = threading.Thread(target=_warm, args=(client, verifier, size_hint), daemon=True)
+        warmer.start()
+    job = _Job(origin, chain, keys, roles, now, validity, verifier, warmer, stats, shared is not None)
     try:
         return _sign(args, client, job)
     except BaseException:
-        warmer.join()
-        if verifier is not None:
+        if warmer is not None:
+            warmer.join()
+        if verifier is not None and shared is None:
             verifier.shutdown(wait=True, cancel_futures=True)
         raise
 
@@ -216,22 +268,35 @@ class _Delivery:
         self.progress.update(self.nsigs)
 
 
-def _progress(prep: Prepared, plan: inputs.Plan) -> Progress:
-    if sys.stderr.isatty() and len(prep.auth) >= 10000:
+def _progress(prep: Prepared, plan: inputs.Plan, quiet: bool) -> Progress:
+    if not quiet and sys.stderr.isatty() and len(prep.auth) >= 10000:
         return Progress(inputs.signature_count(prep, plan), True)
     return Progress(0, False)
 
 
-def _sign(args, client, job: _Job) -> int:
+FLEET_SAMPLE = 4  # names per zone re-validated by dnspython in a run over many zones
+
+
+def _sample_names(auth: list[tuple], many: bool) -> set:
+    """The names whose RRsets dnspython re-validates. One zone of many gets its apex and a few
+    random names: every signature is still verified, and the run as a whole samples thousands
+    of RRsets, where a zone's full sample would cost more than signing it (a 50-name zone: 32 names)."""
+    if not many or not auth:
+        return verify.sample_names(auth)
+    return {auth[0], *random.sample(auth, min(FLEET_SAMPLE - 1, len(auth)))}
+
+
+def _sign(args, client, job: _Job) -> Stats:
     prep = prepare(args.zonefile, job.origin, job.chain, job.keys, args.serial, job.now)
     stats = job.stats
     stats.t_prep = time.monotonic()
-    samples = set() if args.noverify else verify.sample_names(prep.auth)
+    samples = set() if args.noverify else _sample_names(prep.auth, job.quiet)
     plan = inputs.make_plan(job.keys, job.roles, job.validity, samples, args.verbose)
-    job.warmer.join()  # the worker pool exists before the first batch (no second pool from a race)
-    output = Output(args.output or args.zonefile + ".signed")
+    if job.warmer is not None:
+        job.warmer.join()  # the worker pool exists before the first batch (no second pool from a race)
+    output = Output(args.output or args.zonefile + ".signed", clean=not job.quiet)
     checker = None if job.verifier is None else verify.Verifier(job.verifier, job.keys)
-    delivery = _Delivery(output, checker, _progress(prep, plan))
+    delivery = _Delivery(output, checker, _progress(prep, plan, job.quiet))
     pipeline = Pipeline(client, job.keys, delivery)
     walk = inputs.SigningInputs(prep, plan)
     try:
@@ -245,7 +310,8 @@ def _sign(args, client, job: _Job) -> int:
             checker.finish()
             stats.verified = delivery.nsigs
             verify.check_sample(job.origin, prep.dnskeys, walk.samples, job.validity.inception)
-            verify.report_keys(prep.dnskeys, job.keys, *job.roles)
+            if not job.quiet:
+                verify.report_keys(prep.dnskeys, job.keys, *job.roles)
         output.commit()
     except BaseException:
         pipeline.abort()
@@ -255,8 +321,6 @@ def _sign(args, client, job: _Job) -> int:
     finally:
         output.close()
     stats.t_end = time.monotonic()
-    if args.stats:
-        stats.nrrsets, stats.nchain, stats.nsigs = walk.nrrsets, prep.nchain, delivery.nsigs
-        stats.nsec3, stats.dropped = not prep.chain.nsec, prep.zone.dropped
-        print_stats(stats)
-    return 0
+    stats.nrrsets, stats.nchain, stats.nsigs = walk.nrrsets, prep.nchain, delivery.nsigs
+    stats.nsec3, stats.dropped = not prep.chain.nsec, prep.zone.dropped
+    return stats

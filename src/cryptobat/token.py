@@ -86,7 +86,7 @@ class Token:
         self._pin_key = os.urandom(32)
         self._pepper = hmac.new(self.custody.mac_key(), b"cryptobat passphrase pepper", hashlib.sha256).digest()
         self._pin_ok: tuple[str, bytes] | None = None
-        self._sign_keys: dict[str, tuple[int, SignKey]] = {}  # label -> (generation, SignKey of its record)
+        self._sign_keys: dict[str, tuple[KeyRecord, SignKey]] = {}  # label -> (its record, SignKey of it)
         self._policy: tuple[tuple, policy.Policy] | None = None
         self._write_failed = False
         self._last_flush = mono()
@@ -540,10 +540,13 @@ class Token:
 
     # --- signing ------------------------------------------------------------------------
     def policy(self) -> policy.Policy:
-        """The policy every signature is checked against, rebuilt only when the state changes."""
+        """The policy every signature is checked against, rebuilt only when what it is made of
+        changes: not when an audit entry only moves the counters (once per signzone zone)."""
         tampered = self.clock.tampered or self.state.clock.tampered
+        st = self.state
+        basis = (st.keys, st.allowed_keys, st.cds_delete, st.max_validity, tampered)  # frozen: same object, same value
         cached = self._policy
-        if cached is not None and cached[0] == (self.generation, tampered):
+        if cached is not None and all(a is b for a, b in zip(cached[0], basis)):
             return cached[1]
         zone_keys: dict[bytes, set[bytes]] = {}
         for k in self.keys():
@@ -553,23 +556,23 @@ class Token:
         p = policy.Policy(self.state.max_validity, tampered,
                           zone_keys={z: frozenset(v) for z, v in zone_keys.items()},
                           delete_until={keystore.zone_wire(z): t for z, t in self.state.cds_delete.items()})
-        self._policy = ((self.generation, tampered), p)
+        self._policy = (basis, p)
         return p
 
     def _sign_key(self, label: str) -> SignKey | None:
-        """The SignKey of the current record for ``label``, rebuilt after every state change
-        (keyed by the state generation), so it is always derived from the current state."""
+        """The SignKey of the current record for ``label``, rebuilt whenever that record is
+        another object (records are frozen), so it is always derived from the current state."""
         recs = self.state.keys
         rec = recs.get(label)
         if rec is None:
             return None
         cached = self._sign_keys.get(label)
-        if cached is None or cached[0] != self.generation:
+        if cached is None or cached[0] is not rec:
             if len(self._sign_keys) > 2 * len(recs) + 16:
                 self._sign_keys.clear()
             info = rec.info
-            cached = self._sign_keys[label] = (self.generation, SignKey(info, keystore.zone_wire(info.zone),
-                                                                        bytes.fromhex(rec.blob)))
+            cached = self._sign_keys[label] = (rec, SignKey(info, keystore.zone_wire(info.zone),
+                                                            bytes.fromhex(rec.blob)))
         return cached[1]
 
     def sign_job(self, items: Sequence[tuple[str, bytes]]) -> Job:

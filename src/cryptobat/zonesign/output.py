@@ -106,7 +106,8 @@ class Output:
     uncommitted temporary file while still holding its lock.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, clean: bool = True) -> None:
+        """``clean`` False: the caller removed the stale temporary files (``--zones``: once per directory)."""
         self.path = path
         self._tmp: str | None = None
         self._f = None
@@ -114,7 +115,8 @@ class Output:
         if path == "-":
             self.write = self._parts.append
         else:
-            clean_stale_temps(path)
+            if clean:
+                clean_stale_temps(path)
             fd, self._tmp = create_temp(path)  # locked until renamed into place or removed
             self._f = os.fdopen(fd, "wb")
             self.write = self._f.write
