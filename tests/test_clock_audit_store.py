@@ -169,7 +169,8 @@ WRITER = textwrap.dedent("""
     i = 0
     while True:
         items = [("z", payload(k, now=t.now()))] * 64
-        t.timed_sign(items)            # 64 signatures: counted and audited in one commit
+        t.timed_sign(items)            # 64 signatures: counted,
+        t.flush_audit(force=True)      # and audited in one commit
         t.audit("tick", i=i)
         i += 1
         print(i, flush=True)

@@ -649,7 +649,7 @@ class Token:
         """Count signatures and refusals (:class:`cryptobat.tally.Tally`), refusals by the key
         ``labels`` names for each result; audit them at most once a second."""
         self._pending.add(results, compat, labels)
-        self.flush_audit(force=len(results) >= 64 and not self._pending.refusals)
+        self.flush_audit()
 
     def _refused_management(self, command: str, label: str, why: str) -> None:
         """A refused PKCS#11 key generation or deletion. The first in a second is audited at once in

@@ -57,8 +57,8 @@ def verify_chunk(specs: list[tuple[int, int, bytes]], idx: bytes, datas: list[by
 def verifier_pool(nsigs_hint: int) -> Executor:
     """Processes for big zones (no GIL contention with signing), threads for small ones.
 
-    The processes are forked from this one (they need only what it has imported) and each asks
-    the kernel to kill it when signzone dies: a fork server and its resource tracker, or spawned
+    The processes are forked from this one, in this thread, at once (they need only what it has
+    imported) and each asks the kernel to kill it when signzone dies: a fork server and its resource tracker, or spawned
     interpreters, would outlive a killed run, and spawning costs an interpreter start each.
     """
     n = os.cpu_count() or 2
@@ -69,8 +69,12 @@ def verifier_pool(nsigs_hint: int) -> Executor:
 
     from ..workers import die_with_parent
 
-    return ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"),
+    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"),
                                initializer=die_with_parent, initargs=(os.getpid(),))
+    # forked now, by the calling (main) thread: the kernel's parent-death signal follows the
+    # thread that forked, so processes forked by a short-lived thread would die with it
+    warm_pool(pool)
+    return pool
 
 
 def warm_pool(pool: Executor) -> None:
