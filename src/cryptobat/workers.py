@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 from .api import SignResult
 from .custody import Custody
 from .errors import CryptobatError
-from .signing import KEY_IDLE, Job, KeyCache, run
+from .signing import KEY_IDLE, Job, KeyCache, results, run, signatures
 
 PARALLEL_MIN = 256  # batches at least this large go to the worker processes
 WORKER_KEYS = 8  # unsealed keys a worker process keeps at most
@@ -106,17 +106,8 @@ def die_with_parent(ppid: int) -> None:
 
 def _worker_run(cache: KeyCache, job: Job) -> tuple[list[bytes | None], dict[int, str]]:
     """Results in a compact, fast-to-pickle form: the signatures (None where refused)
-    and the refusal reasons by position; :func:`_unpack` rebuilds the SignResults."""
-    res = run(cache, job)
-    return [r.signature for r in res], {i: r.reason for i, r in enumerate(res) if r.signature is None}
-
-
-def _unpack(part: tuple[list[bytes | None], dict[int, str]]) -> list[SignResult]:
-    sigs, reasons = part
-    out = [SignResult(s) for s in sigs]
-    for i, reason in reasons.items():
-        out[i] = SignResult(reason=reason)
-    return out
+    and the refusal reasons by position; :func:`cryptobat.signing.results` rebuilds the SignResults."""
+    return signatures(cache, job)
 
 
 def _worker_main(rfd: int, wfd: int, ppid: int) -> None:
@@ -366,7 +357,7 @@ class Engine:
                       file=sys.stderr)
                 return run(self.cache, job)
             try:
-                results = self._map(pool, parts)
+                answers = self._map(pool, parts)
             except _WorkerFailed as e:  # a broken worker must not take the token down
                 self._stop_pool()
                 raise CryptobatError(f"signing worker failed: {e}") from None
@@ -376,8 +367,8 @@ class Engine:
             finally:
                 self._last_used = time.monotonic()
         out: list[SignResult] = []
-        for part in results:
-            out.extend(_unpack(part))
+        for part in answers:
+            out.extend(results(part))
         return out
 
     @staticmethod

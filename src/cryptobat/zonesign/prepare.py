@@ -5,7 +5,10 @@ afterwards travels in one :class:`Prepared` record.
 """
 from __future__ import annotations
 
+import gc
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import dns.name
@@ -102,9 +105,34 @@ def _add_dnskeys(zone: reader.Zone, keys: list[SignKey], ttl: int) -> RRset:
     return dk
 
 
+@contextmanager
+def _no_cycle_collection() -> Iterator[None]:
+    """Build the zone without the cycle collector, then freeze what was built.
+
+    The zone is a million small objects and not one reference cycle: each full
+    collection while it grows walks all of them (30% of the read's CPU at 100k
+    names), and every later one during the walk would walk them again. Frozen
+    objects are still freed by reference counting when the zone goes.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
 def prepare(zonefile: str, origin: dns.name.Name, chain: ChainSpec, keys: list[SignKey],
             serial_method: str, now: int) -> Prepared:
     """Read ``zonefile`` and complete it with everything but the signatures and NSEC records."""
+    with _no_cycle_collection():
+        return _prepare(zonefile, origin, chain, keys, serial_method, now)
+
+
+def _prepare(zonefile: str, origin: dns.name.Name, chain: ChainSpec, keys: list[SignKey],
+             serial_method: str, now: int) -> Prepared:
     zone = reader.read_zone(zonefile, origin)
     soa = _set_serial(zone, serial_method, now)
     neg_ttl = min(zone.apex.rrsets[SOA].ttl, soa.minimum)  # RFC 9077
