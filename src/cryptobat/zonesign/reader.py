@@ -47,6 +47,9 @@ RRSIG, NSEC, DNSKEY, NSEC3, NSEC3PARAM = 46, 47, 48, 50, 51
 # Records the signer regenerates: dropped from the input.
 GENERATED = frozenset((RRSIG, NSEC, NSEC3, NSEC3PARAM))
 _NAME_ONLY = frozenset((NS, CNAME, PTR, DNAME))
+# RRsets whose first line an error names (:func:`check`); the others keep none, as a line
+# number over 256 is an int object of its own (4.5 MiB in a 100k-name zone)
+_LINE_KEPT = frozenset((SOA, CNAME))
 _CLASSES = frozenset(("IN", "CLASS1"))
 _OTHER_CLASSES = frozenset(("CH", "HS", "CS", "NONE", "ANY"))
 _inet_pton, _inet_ntop = socket.inet_pton, socket.inet_ntop
@@ -473,7 +476,7 @@ class _Reader:
                     self.last_ttl = ttl
                 rrs = owner.rrsets.get(rdtype)
                 if rrs is None:
-                    rrs = owner.rrsets[rdtype] = RRset(ttl, lineno)
+                    rrs = owner.rrsets[rdtype] = RRset(ttl, lineno if rdtype in _LINE_KEPT else 0)
                 elif ttl < rrs.ttl:
                     rrs.ttl = ttl
                 rrs.add(wire, rtext)
@@ -534,7 +537,7 @@ class _Reader:
                     continue
                 rrs = owner.rrsets.get(t)
                 if rrs is None:
-                    rrs = owner.rrsets[t] = RRset(rds.ttl, lineno)
+                    rrs = owner.rrsets[t] = RRset(rds.ttl, lineno if t in _LINE_KEPT else 0)
                 elif rds.ttl < rrs.ttl:
                     rrs.ttl = rds.ttl
                 for rd in rds:
