@@ -48,7 +48,8 @@ class TypeMaps:
 
 def lower_text(node: Node) -> str:
     """The owner as the next-name field of an NSEC shows it (lower case, escapes kept)."""
-    return node.disp.lower() if "\\" not in node.disp else key_text(node.key)
+    low = node.lower_disp
+    return low if low is not None else key_text(node.key)
 
 
 def chain_types(node: Node) -> list[int]:

@@ -168,7 +168,7 @@ class SigningInputs:
         self._carry = (nkey, nwire)
         bw, bt = self._maps.get(chain_types(node) + [RRSIG, NSEC])
         nsec = RRset(self._prep.neg_ttl)
-        nsec.rd = (nwire + bw, f"{lower_text(self._nodes[nkey])} {bt}")
+        nsec.add(nwire + bw, f"{lower_text(self._nodes[nkey])} {bt}")
         return nsec
 
     def _type_name(self, t: int) -> str:
@@ -190,8 +190,8 @@ class SigningInputs:
         disp = node.disp
         head = f"{disp}\t{ttl}\tIN\t{tn}\t"
         rd = rrs.rd
-        if type(rd) is tuple:
-            app(head + rd[1] + "\n")
+        if type(rd) is bytes:
+            app(head + rrs.text + "\n")
             rl = None
         else:
             rl = sorted(rd.items())
@@ -201,8 +201,7 @@ class SigningInputs:
             return
         pre = self._wire + _pack_tct(t, 1, ttl)
         if rl is None:
-            w = rd[0]
-            blob = pre + len(w).to_bytes(2, "big") + w
+            blob = pre + len(rd).to_bytes(2, "big") + rd
         else:
             blob = b"".join([pre + len(w).to_bytes(2, "big") + w for w, _ in rl])
         exp, es = self._fixed_exp or self._expiration()
@@ -212,7 +211,7 @@ class SigningInputs:
             print(f"{PROG}: {disp.rstrip('.') or '.'}/{tn}:", file=sys.stderr)
         sm = None
         if self._sampled:
-            sm = Sample(disp, t, ttl, [x for _, x in rl] if rl is not None else [rd[1]])
+            sm = Sample(disp, t, ttl, [x for _, x in rl] if rl is not None else [rrs.text])
             batch.samples.append(sm)
             self.samples.append(sm)
         inception, labels = self._inception, self._labels

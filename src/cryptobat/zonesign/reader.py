@@ -76,29 +76,33 @@ class ZoneError(Exception):
 class RRset:
     """One RRset: its TTL and RRs, compactly (most RRsets hold a single RR).
 
-    ``rd`` is ``(wire, text)`` for one RR, else a dict canonical wire -> presentation text.
+    ``rd`` is the canonical wire form of the one RR (``text`` its presentation form),
+    else a dict canonical wire -> presentation text (``text`` None). A 100k-name zone
+    is a few hundred thousand of these: no tuple per RR, no line number but where an
+    error names it.
     """
 
-    __slots__ = ("ttl", "rd", "line")
+    __slots__ = ("ttl", "rd", "text", "line")
 
     def __init__(self, ttl: int, line: int = 0):
         self.ttl = ttl
-        self.rd: tuple | dict | None = None
+        self.rd: bytes | dict | None = None
+        self.text: str | None = None
         self.line = line
 
     def add(self, wire: bytes, text: str) -> None:
         rd = self.rd
         if rd is None:
-            self.rd = (wire, text)
-        elif type(rd) is tuple:
-            if rd[0] != wire:
-                self.rd = {rd[0]: rd[1], wire: text}
+            self.rd, self.text = wire, text
+        elif type(rd) is bytes:
+            if rd != wire:
+                self.rd, self.text = {rd: self.text, wire: text}, None
         else:
             rd.setdefault(wire, text)
 
     def __len__(self) -> int:
         rd = self.rd
-        return 0 if rd is None else 1 if type(rd) is tuple else len(rd)
+        return 0 if rd is None else 1 if type(rd) is bytes else len(rd)
 
     @property
     def rdatas(self) -> dict[bytes, str]:
@@ -106,11 +110,11 @@ class RRset:
         rd = self.rd
         if rd is None:
             return {}
-        return {rd[0]: rd[1]} if type(rd) is tuple else rd
+        return {rd: self.text} if type(rd) is bytes else rd
 
     @rdatas.setter
     def rdatas(self, d: dict[bytes, str]) -> None:
-        self.rd = None
+        self.rd = self.text = None
         for w, t in d.items():
             self.add(w, t)
 
@@ -119,20 +123,41 @@ class RRset:
         rd = self.rd
         if rd is None:
             return []
-        return [rd] if type(rd) is tuple else sorted(rd.items())
+        return [(rd, self.text)] if type(rd) is bytes else sorted(rd.items())
 
 
 AUTH, DELEGATION, OCCLUDED = 0, 1, 2
 
 
+def plain_text(key: tuple) -> str:
+    """The labels of ``key`` joined by dots: the presentation form of most names as written."""
+    return ".".join(key[::-1]) + "." if key else "."
+
+
 class Node:
-    __slots__ = ("key", "disp", "rrsets", "kind")
+    __slots__ = ("key", "_disp", "rrsets", "kind")
 
     def __init__(self, key: tuple, disp: str):
         self.key = key
-        self.disp = disp  # absolute presentation form, as first written
+        # the absolute presentation form as first written, kept only where it is not
+        # plain_text(key) (upper case, escapes): most names are, and 8 MiB at 100k names
+        self._disp = None if disp == plain_text(key) else disp
         self.rrsets: dict[int, RRset] = {}
         self.kind = AUTH  # AUTH, DELEGATION (NS below the apex) or OCCLUDED (glue, below DNAME)
+
+    @property
+    def disp(self) -> str:
+        """The owner's presentation form, as first written."""
+        d = self._disp
+        return plain_text(self.key) if d is None else d
+
+    @property
+    def lower_disp(self) -> str | None:
+        """The presentation form in lower case where cheap to tell (None: has escapes)."""
+        d = self._disp
+        if d is None:
+            return plain_text(self.key)
+        return None if "\\" in d else d.lower()
 
 
 class Zone:
