@@ -83,7 +83,7 @@ def signature_count(prep: Prepared, plan: Plan) -> int:
     okey = prep.zone.origin_key
     return len(prep.auth) * len(plan.others) + sum(
         len(plan.keyset if (t in KEYSET_TYPES and k == okey) else plan.others)
-        for k in prep.auth for t in nodes[k].rrsets
+        for k in prep.auth for t in nodes[k].types()
         if nodes[k].kind != DELEGATION or t == DS)
 
 
@@ -131,7 +131,7 @@ class SigningInputs:
 
     def _node(self, batch: Batch, key: tuple) -> None:
         node = self._nodes[key]
-        types = sorted(node.rrsets)
+        types = sorted(node.types())
         nsec = None
         if node.kind == OCCLUDED:
             self._wire = b""
@@ -145,17 +145,16 @@ class SigningInputs:
         self._labels = len(key) - (1 if key and key[-1] == "*" else 0)
         self._sampled = key in self._plan.sample_keys
         apex = self._apex = key == self._okey
-        rrsets = node.rrsets
         if not apex:
             app = batch.text.append
             for t in types:
-                self._rrset(batch, app, node, t, nsec if t == NSEC and nsec is not None else rrsets[t])
+                self._rrset(batch, app, node, t, nsec if t == NSEC and nsec is not None else node[t])
             return
         # the key RRsets are signed first, as dnssec-signzone does; SOA is written first
         parts: dict[int, list] = {}
         for t in sorted(types, key=lambda t: (t not in KEYSET_TYPES, t)):
             self._rrset(batch, parts.setdefault(t, []).append, node, t,
-                        nsec if t == NSEC and nsec is not None else rrsets[t])
+                        nsec if t == NSEC and nsec is not None else node[t])
         for t in sorted(parts, key=lambda t: (t != SOA, t)):
             batch.text.extend(parts[t])
 

@@ -73,16 +73,16 @@ def classify(order: list[tuple], nodes: dict[tuple, Node], apex_key: tuple) -> N
             continue
         cut = None
         if key != apex_key:
-            if NS in node.rrsets:
+            if NS in node:
                 node.kind = DELEGATION
                 cut = key
-            elif DNAME in node.rrsets:
+            elif DNAME in node:
                 cut = key
 
 
 def _set_serial(zone: reader.Zone, method: str, now: int):
     """Apply ``-N`` to the SOA; return the SOA RDATA (dnspython), new serial in place."""
-    soa_rrs = zone.apex.rrsets[SOA]
+    soa_rrs = zone.apex[SOA]
     (_, soa_text), = soa_rrs.rdatas.items()
     origin = zone.origin
     soa = dns.rdata.from_text(dns.rdataclass.IN, SOA, soa_text, origin=origin, relativize=False)
@@ -96,9 +96,9 @@ def _set_serial(zone: reader.Zone, method: str, now: int):
 def _add_dnskeys(zone: reader.Zone, keys: list[SignKey], ttl: int) -> RRset:
     """The DNSKEY RRset: the zone's own plus every signing key (TTL ``ttl`` if the zone has none)."""
     apex = zone.apex
-    dk = apex.rrsets.get(DNSKEY)
+    dk = apex.get(DNSKEY)
     if dk is None:
-        dk = apex.rrsets[DNSKEY] = RRset(ttl)
+        dk = apex.put(DNSKEY, RRset(ttl))
     for k in keys:
         rd = k.info.dnskey()
         dk.add(rd.to_digestable(), rd.to_text())
@@ -135,7 +135,7 @@ def _prepare(zonefile: str, origin: dns.name.Name, chain: ChainSpec, keys: list[
              serial_method: str, now: int) -> Prepared:
     zone = reader.read_zone(zonefile, origin)
     soa = _set_serial(zone, serial_method, now)
-    neg_ttl = min(zone.apex.rrsets[SOA].ttl, soa.minimum)  # RFC 9077
+    neg_ttl = min(zone.apex[SOA].ttl, soa.minimum)  # RFC 9077
     dk = _add_dnskeys(zone, keys, soa.minimum)
     nodes = zone.nodes
     order = sorted(nodes)

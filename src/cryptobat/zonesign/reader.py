@@ -135,15 +135,52 @@ def plain_text(key: tuple) -> str:
 
 
 class Node:
-    __slots__ = ("key", "_disp", "rrsets", "kind")
+    """A name and its RRsets by type.
+
+    The RRsets are a flat list ``[type, RRset, type, RRset, ...]``: a dict is 224 bytes a
+    name, this list 88 for the usual one or two RRsets, and the lookups stay in C
+    (an int never equals an RRset, so ``t in list`` finds only types).
+    """
+
+    __slots__ = ("key", "_disp", "_rr", "kind")
 
     def __init__(self, key: tuple, disp: str):
         self.key = key
         # the absolute presentation form as first written, kept only where it is not
         # plain_text(key) (upper case, escapes): most names are, and 8 MiB at 100k names
         self._disp = None if disp == plain_text(key) else disp
-        self.rrsets: dict[int, RRset] = {}
+        self._rr: list = []
         self.kind = AUTH  # AUTH, DELEGATION (NS below the apex) or OCCLUDED (glue, below DNAME)
+
+    def __contains__(self, rdtype: int) -> bool:
+        return rdtype in self._rr
+
+    def get(self, rdtype: int) -> RRset | None:
+        rr = self._rr
+        return rr[rr.index(rdtype) + 1] if rdtype in rr else None
+
+    def __getitem__(self, rdtype: int) -> RRset:
+        rr = self._rr
+        return rr[rr.index(rdtype) + 1]
+
+    def put(self, rdtype: int, rrs: RRset) -> RRset:
+        """Set the RRset of ``rdtype`` (replacing any); return it."""
+        rr = self._rr
+        if rdtype in rr:
+            rr[rr.index(rdtype) + 1] = rrs
+        else:
+            rr += (rdtype, rrs)
+        return rrs
+
+    @property
+    def rrsets(self) -> dict[int, RRset]:
+        """The RRsets by type, as a new dict (to look at; the walk uses the methods above)."""
+        rr = self._rr
+        return dict(zip(rr[::2], rr[1::2]))
+
+    def types(self) -> list[int]:
+        """The types of the name's RRsets, in the order they were added."""
+        return self._rr[::2]
 
     @property
     def disp(self) -> str:
@@ -499,9 +536,9 @@ class _Reader:
                         raise ValueError("missing TTL and no $TTL before it")
                     ttl = int.from_bytes(wire[-4:], "big")
                     self.last_ttl = ttl
-                rrs = owner.rrsets.get(rdtype)
+                rrs = owner.get(rdtype)
                 if rrs is None:
-                    rrs = owner.rrsets[rdtype] = RRset(ttl, lineno if rdtype in _LINE_KEPT else 0)
+                    rrs = owner.put(rdtype, RRset(ttl, lineno if rdtype in _LINE_KEPT else 0))
                 elif ttl < rrs.ttl:
                     rrs.ttl = ttl
                 rrs.add(wire, rtext)
@@ -560,9 +597,9 @@ class _Reader:
                 if t in GENERATED:
                     zone.dropped += len(rds)
                     continue
-                rrs = owner.rrsets.get(t)
+                rrs = owner.get(t)
                 if rrs is None:
-                    rrs = owner.rrsets[t] = RRset(rds.ttl, lineno if t in _LINE_KEPT else 0)
+                    rrs = owner.put(t, RRset(rds.ttl, lineno if t in _LINE_KEPT else 0))
                 elif rds.ttl < rrs.ttl:
                     rrs.ttl = rds.ttl
                 for rd in rds:
@@ -682,7 +719,7 @@ def _prune(zone: Zone) -> None:
     """Drop names whose records were all dropped (e.g. the hashed owners of an old NSEC3
     chain): they are no names of the zone, and would get an NSEC or clash with NSEC3."""
     if zone.dropped:
-        zone.nodes = {k: n for k, n in zone.nodes.items() if n.rrsets}
+        zone.nodes = {k: n for k, n in zone.nodes.items() if n.types()}
 
 
 def read_zone(path: str, origin: dns.name.Name) -> Zone:
@@ -714,7 +751,7 @@ def from_dnspython(path: str, origin: dns.name.Name) -> Zone:
             if rds.rdtype in GENERATED:
                 zone.dropped += len(rds)
                 continue
-            rrs = n.rrsets[int(rds.rdtype)] = RRset(rds.ttl)
+            rrs = n.put(int(rds.rdtype), RRset(rds.ttl))
             for rd in rds:
                 rrs.add(rd.to_digestable(origin), rd.to_text())
     _prune(zone)
@@ -726,14 +763,14 @@ def check(zone: Zone) -> None:
     """What the signer relies on: SOA and NS at the apex, no CNAME beside other data."""
     f = zone.filename
     apex = zone.nodes.get(zone.origin_key)
-    if apex is None or SOA not in apex.rrsets:
+    if apex is None or SOA not in apex:
         raise ZoneError(f"{f}: no SOA record at the zone apex {zone.origin_text}")
-    soa = apex.rrsets[SOA]
+    soa = apex[SOA]
     if len(soa) != 1:
         raise ZoneError(f"{f}:{soa.line}: more than one SOA record at the apex")
-    if NS not in apex.rrsets:
+    if NS not in apex:
         raise ZoneError(f"{f}: no NS records at the zone apex {zone.origin_text}")
     for node in zone.nodes.values():
-        c = node.rrsets.get(CNAME)
-        if c is not None and len(node.rrsets) > 1 and any(t not in (CNAME, 25) for t in node.rrsets):
+        c = node.get(CNAME)
+        if c is not None and any(t not in (CNAME, 25) for t in node.types()):
             raise ZoneError(f"{f}:{c.line}: CNAME and other data at {node.disp}")
