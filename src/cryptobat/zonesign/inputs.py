@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import NamedTuple
 
 import dns.rdatatype
@@ -27,6 +28,7 @@ from .reader import DELEGATION, DNSKEY, NSEC, OCCLUDED, RRSIG, SOA, Node, RRset,
 CDS, CDNSKEY = 59, 60
 KEYSET_TYPES = frozenset((DNSKEY, CDS, CDNSKEY))  # signed by the KSKs and CSKs only
 BATCH = 8192  # signing inputs per timed_sign call
+_first = itemgetter(0)
 
 _pack_hdr = struct.Struct("!HBBIIIH").pack  # RRSIG RDATA up to the signer's name
 _pack_tct = struct.Struct("!HHI").pack  # type, class, TTL of an RR in the signing input
@@ -115,7 +117,7 @@ class SigningInputs:
         self._rand = random.SystemRandom().randrange
         self._keyset, self._others, self._verbose = plan.keyset, plan.others, plan.verbose
         # the name being walked
-        self._wire, self._labels, self._apex, self._sampled = b"", 0, False, False
+        self._wire, self._disp, self._labels, self._apex, self._sampled = b"", "", 0, False, False
         self.nrrsets = 0
         self.samples: list[Sample] = []
 
@@ -131,30 +133,28 @@ class SigningInputs:
 
     def _node(self, batch: Batch, key: tuple) -> None:
         node = self._nodes[key]
-        types = sorted(node.types())
-        nsec = None
+        pairs = node.by_type()
         if node.kind == OCCLUDED:
             self._wire = b""
         else:
             carry_key, carry_wire = self._carry
             self._wire = carry_wire if key == carry_key else key_wire(key)
             if self._nsec:
-                nsec = self._make_nsec(node)
-                types.append(NSEC)
-                types.sort()
+                pairs.append((NSEC, self._make_nsec(node)))
+                pairs.sort(key=_first)
+        self._disp = node.disp
         self._labels = len(key) - (1 if key and key[-1] == "*" else 0)
         self._sampled = key in self._plan.sample_keys
         apex = self._apex = key == self._okey
         if not apex:
             app = batch.text.append
-            for t in types:
-                self._rrset(batch, app, node, t, nsec if t == NSEC and nsec is not None else node[t])
+            for t, rrs in pairs:
+                self._rrset(batch, app, node, t, rrs)
             return
         # the key RRsets are signed first, as dnssec-signzone does; SOA is written first
         parts: dict[int, list] = {}
-        for t in sorted(types, key=lambda t: (t not in KEYSET_TYPES, t)):
-            self._rrset(batch, parts.setdefault(t, []).append, node, t,
-                        nsec if t == NSEC and nsec is not None else node[t])
+        for t, rrs in sorted(pairs, key=lambda p: (p[0] not in KEYSET_TYPES, p[0])):
+            self._rrset(batch, parts.setdefault(t, []).append, node, t, rrs)
         for t in sorted(parts, key=lambda t: (t != SOA, t)):
             batch.text.extend(parts[t])
 
@@ -186,7 +186,7 @@ class SigningInputs:
         """Write the RRset's text; unless occluded or unsigned delegation data, add its signing inputs."""
         ttl = rrs.ttl
         tn = self._tnames.get(t) or self._type_name(t)
-        disp = node.disp
+        disp = self._disp
         head = f"{disp}\t{ttl}\tIN\t{tn}\t"
         rd = rrs.rd
         if type(rd) is bytes:

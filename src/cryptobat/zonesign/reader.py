@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+from operator import itemgetter
 import socket
 import stat
 from typing import Iterator
@@ -67,6 +68,7 @@ MAX_MESSAGE = 65535
 _RDATA_ALWAYS_FITS = MAX_MESSAGE - 12 - 255 - 10  # whatever the owner name
 _UNSAFE = re.compile(r"[^\t\n -~]")  # what is read as a \DDD escape
 _CHUNK = 1 << 20  # bytes read at once
+_first = itemgetter(0)
 
 
 class ZoneError(Exception):
@@ -177,6 +179,11 @@ class Node:
         """The RRsets by type, as a new dict (to look at; the walk uses the methods above)."""
         rr = self._rr
         return dict(zip(rr[::2], rr[1::2]))
+
+    def by_type(self) -> list[tuple[int, RRset]]:
+        """(type, RRset) pairs in type order."""
+        rr = self._rr
+        return sorted(zip(rr[::2], rr[1::2]), key=_first)
 
     def types(self) -> list[int]:
         """The types of the name's RRsets, in the order they were added."""
