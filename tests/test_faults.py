@@ -308,6 +308,38 @@ def test_a_small_zone_is_signed_without_starting_any_process(tmp_path, reaper):
     assert not seen, f"signzone started {len(seen)} process(es) for a 50-name zone"
 
 
+def test_a_worker_killed_mid_zone_fails_signzone_in_one_line(tmp_path, reaper):
+    """A signing worker gets SIGKILL while signzone signs a zone (parts queued in its pipe): signzone
+    exits 1 with one line saying so, writes no output file, leaves no temporary file and no process."""
+    home = tmp_path / "token"
+    csk_token(home)
+    zone = write_zone(tmp_path / "testzone", 40000, txt=False)
+    out = tmp_path / "out"
+    cmd = signzone_cmd(zone, out, "--home", str(home))
+    cmd.insert(cmd.index("signzone") + 1, "-P")
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reaper.add(p.pid)
+    seen: set[int] = set()
+    stop = threading.Event()
+    w = watch(p.pid, seen, stop)
+    try:
+        def signing() -> bool:  # the workers are up and a first batch is written
+            temps = list(tmp_path.glob(".out.*.tmp"))
+            return len(children(p.pid)) >= 2 and bool(temps) and temps[0].stat().st_size > 0
+        wait_for(lambda: signing() or p.poll() is not None, 120, "signzone's first signed batch")
+        assert p.poll() is None, "signzone finished before a worker could be killed"
+        os.kill(min(children(p.pid)), signal.SIGKILL)
+        _, err = p.communicate(timeout=120)
+    finally:
+        stop.set()
+        w.join()
+        reaper.update(seen)
+    assert p.returncode == 1, err
+    assert err.count("\n") == 1 and "fatal: signing worker failed" in err and "killed by signal 9" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    assert seen and not survivors(seen)
+
+
 def test_normal_runs_leave_no_process(tmp_path, reaper):
     """A signzone run that uses the signing workers, and a daemon stopped with SIGTERM after a
     large batch, leave no process behind."""

@@ -353,3 +353,22 @@ def test_only_our_stale_temps_are_removed(rt, tmp_path):
     finally:
         os.close(fd)
     zone_validates(str(out), "example.org", ksk_only=True)
+
+
+def test_a_prepared_zone_is_frozen_while_it_lives(tmp_path):
+    """prepare() builds the zone without the cycle collector and freezes it (no full collection
+    walks it during the run); the collector is back on, and everything unfrozen, once it goes."""
+    import gc
+
+    import dns.name
+
+    from cryptobat.zonesign.prepare import ChainSpec, prepare
+    zone = tmp_path / "testzone"
+    zone.write_text("$TTL 300\n$ORIGIN testzone.\n@ SOA ns1 hostmaster 1 7200 3600 1209600 300\n@ NS ns1\n"
+                    "ns1 A 192.0.2.1\n")
+    gc.unfreeze()
+    prep = prepare(str(zone), dns.name.from_text("testzone."), ChainSpec(None), [], "keep", 0)
+    assert gc.isenabled() and gc.get_freeze_count() > 0
+    assert prep.auth == [("testzone",), ("testzone", "ns1")]
+    del prep
+    assert gc.get_freeze_count() == 0

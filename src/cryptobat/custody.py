@@ -59,14 +59,26 @@ class Custody(Protocol):
 class _DnssecKey:
     """A private key that signs RRSIG signing data per its DNSSEC algorithm (hash inside)."""
 
-    __slots__ = ("_key", "_alg")
+    __slots__ = ("_key", "_alg", "_ecdsa", "_half")
 
     def __init__(self, key: dns.dnssecalgs.GenericPrivateKey, algorithm: algorithms.DnssecAlgorithm) -> None:
         self._key = key
         self._alg = algorithm
+        # dnspython's ECDSA signing (RFC 6605, RFC 6979 deterministic) with its parameters made
+        # once per key, not per signature: a fifth of the time of a P-256 signature otherwise
+        self._ecdsa = None
+        if algorithm.kind == "ecdsa":
+            pub = key.public_cls
+            self._ecdsa = ec.ECDSA(pub.chosen_hash, deterministic_signing=True)  # type: ignore[attr-defined]
+            self._half = pub.octets  # type: ignore[attr-defined]
 
     def sign(self, data: bytes) -> bytes:
-        return self._key.sign(data)
+        a = self._ecdsa
+        if a is None:
+            return self._key.sign(data)
+        r, s = decode_dss_signature(self._key.key.sign(data, a))
+        n = self._half
+        return r.to_bytes(n, "big") + s.to_bytes(n, "big")
 
     def sign_digest(self, digest: bytes) -> bytes:
         k, alg = self._key.key, self._alg

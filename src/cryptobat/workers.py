@@ -35,13 +35,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .api import SignResult
 from .custody import Custody
 from .errors import CryptobatError
-from .signing import KEY_IDLE, Job, KeyCache, run
+from .signing import KEY_IDLE, Job, KeyCache, results, run, signatures
 
 PARALLEL_MIN = 256  # batches at least this large go to the worker processes
 WORKER_KEYS = 8  # unsealed keys a worker process keeps at most
@@ -50,13 +51,31 @@ WORKER_IDLE = 600.0  # seconds without a batch after which the worker processes 
 
 # --- frames between the token's process and its workers ----------------------------
 _LEN = struct.Struct("!Q")
+PIPE_SIZE = 1 << 20  # bytes a pipe to or from a worker holds (Linux's default limit for a user)
+QUEUED_FRAME = PIPE_SIZE // 4  # a part this small may wait in a busy worker's pipe
 
 
-def _write_frame(fd: int, obj) -> None:
-    body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+def _frame(obj) -> bytes:
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _write_body(fd: int, body: bytes) -> None:
     for data in (memoryview(_LEN.pack(len(body))), memoryview(body)):
         while data:
             data = data[os.write(fd, data):]
+
+
+def _write_frame(fd: int, obj) -> None:
+    _write_body(fd, _frame(obj))
+
+
+def _grow_pipe(fd: int) -> bool:
+    """Give the pipe of ``fd`` :data:`PIPE_SIZE` bytes; False where the system refuses (or is not Linux)."""
+    try:
+        import fcntl
+        return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE) >= PIPE_SIZE
+    except (ImportError, AttributeError, OSError):
+        return False
 
 
 def _read_exact(fd: int, n: int) -> bytearray | None:
@@ -106,17 +125,8 @@ def die_with_parent(ppid: int) -> None:
 
 def _worker_run(cache: KeyCache, job: Job) -> tuple[list[bytes | None], dict[int, str]]:
     """Results in a compact, fast-to-pickle form: the signatures (None where refused)
-    and the refusal reasons by position; :func:`_unpack` rebuilds the SignResults."""
-    res = run(cache, job)
-    return [r.signature for r in res], {i: r.reason for i, r in enumerate(res) if r.signature is None}
-
-
-def _unpack(part: tuple[list[bytes | None], dict[int, str]]) -> list[SignResult]:
-    sigs, reasons = part
-    out = [SignResult(s) for s in sigs]
-    for i, reason in reasons.items():
-        out[i] = SignResult(reason=reason)
-    return out
+    and the refusal reasons by position; :func:`cryptobat.signing.results` rebuilds the SignResults."""
+    return signatures(cache, job)
 
 
 def _worker_main(rfd: int, wfd: int, ppid: int) -> None:
@@ -179,14 +189,19 @@ class _Worker:
         os.close(from_child)
         self.w, self.r = from_parent, to_parent
         self.ready = False
+        # with room for two parts in its request pipe, a worker finds its next part waiting
+        # when it finishes one, instead of waiting for this process to read the answer and
+        # send another (this process is busy too: a zone's walk holds the GIL)
+        self.roomy = _grow_pipe(from_parent) and _grow_pipe(to_parent)
         try:
             _write_frame(self.w, (factory, home))
         except OSError:
             pass  # seen as a failed worker at its first batch
 
-    def send(self, job: Job) -> None:
+    def send(self, body: bytes) -> None:
+        """Send a pickled job (:func:`_frame`)."""
         try:
-            _write_frame(self.w, job)
+            _write_body(self.w, body)
         except OSError as e:
             raise _WorkerFailed(self._why(e)) from None
 
@@ -239,6 +254,16 @@ class _Worker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def _split(n: int, workers: int) -> list[tuple[int, int]]:
+    """[start, end) of the parts of an ``n``-item batch: four a worker, the last ones a quarter
+    of that, so that the workers finish the batch close together."""
+    big = -(-n // (workers * 4))
+    small = max(1, big // 4)
+    tail = max(0, n - workers * big)
+    out = [(i, min(i + big, tail)) for i in range(0, tail, big)]
+    return out + [(i, min(i + small, n)) for i in range(tail, n, small)]
 
 
 def _stop_workers(workers: Sequence[_Worker], timeout: float = 2.0) -> None:
@@ -356,8 +381,7 @@ class Engine:
         n = len(job.items)
         if self.workers <= 1 or n < PARALLEL_MIN:
             return run(self.cache, job)
-        chunk = -(-n // (self.workers * 4))
-        parts = [Job(job.policy, job.now, job.keys, job.items[i:i + chunk]) for i in range(0, n, chunk)]
+        parts = [_frame(Job(job.policy, job.now, job.keys, job.items[i:j])) for i, j in _split(n, self.workers)]
         with self._lock:
             try:
                 pool = self._start()
@@ -366,7 +390,7 @@ class Engine:
                       file=sys.stderr)
                 return run(self.cache, job)
             try:
-                results = self._map(pool, parts)
+                answers = self._map(pool, parts)
             except _WorkerFailed as e:  # a broken worker must not take the token down
                 self._stop_pool()
                 raise CryptobatError(f"signing worker failed: {e}") from None
@@ -376,30 +400,41 @@ class Engine:
             finally:
                 self._last_used = time.monotonic()
         out: list[SignResult] = []
-        for part in results:
-            out.extend(_unpack(part))
+        for part in answers:
+            out.extend(results(part))
         return out
 
     @staticmethod
-    def _map(pool: list[_Worker], parts: list[Job]) -> list:
-        """Each part to a free worker, one at a time per worker; the answers in order."""
+    def _map(pool: list[_Worker], parts: list[bytes]) -> list:
+        """Each part to a free worker, the answers in order.
+
+        A worker whose pipes could be enlarged has a second part queued behind the one it
+        signs, if that part is small enough that writing it never blocks: this thread then
+        never waits on a worker while another waits on it."""
         results: list = [None] * len(parts)
-        todo = list(range(len(parts)))[::-1]
-        busy: dict[int, tuple[_Worker, int]] = {}
-        for w in pool:
-            if not todo:
-                break
-            i = todo.pop()
-            w.send(parts[i])
-            busy[w.r] = (w, i)
+        todo = deque(range(len(parts)))
+        queues = {w.r: (w, deque()) for w in pool}
+
+        def feed(w: _Worker, queue: deque, depth: int) -> None:
+            while todo and len(queue) < depth:
+                i = todo[0]
+                if queue and not (w.roomy and len(parts[i]) <= QUEUED_FRAME):
+                    return
+                todo.popleft()
+                w.send(parts[i])
+                queue.append(i)
+
+        for depth in (1, 2):  # every worker starts on a part before any has a second one
+            for w, queue in queues.values():
+                feed(w, queue, depth)
+        busy = {fd: wq for fd, wq in queues.items() if wq[1]}
         while busy:
             for fd in _wait_readable(busy, None):
-                w, i = busy.pop(fd)
-                results[i] = w.recv()
-                if todo:
-                    j = todo.pop()
-                    w.send(parts[j])
-                    busy[fd] = (w, j)
+                w, queue = busy[fd]
+                results[queue.popleft()] = w.recv()
+                feed(w, queue, 2)
+                if not queue:
+                    del busy[fd]
         return results
 
     def warm(self) -> None:

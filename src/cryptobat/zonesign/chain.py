@@ -48,14 +48,15 @@ class TypeMaps:
 
 def lower_text(node: Node) -> str:
     """The owner as the next-name field of an NSEC shows it (lower case, escapes kept)."""
-    return node.disp.lower() if "\\" not in node.disp else key_text(node.key)
+    low = node.lower_disp
+    return low if low is not None else key_text(node.key)
 
 
 def chain_types(node: Node) -> list[int]:
     """The types a name's NSEC or NSEC3 lists, before RRSIG and NSEC: a delegation has only NS and DS."""
     if node.kind == DELEGATION:
-        return [t for t in node.rrsets if t in (NS, DS)]
-    return list(node.rrsets)
+        return [t for t in node.types() if t in (NS, DS)]
+    return node.types()
 
 
 def nsec3_hasher(salt: bytes, iterations: int) -> Callable[[bytes], bytes]:
@@ -81,10 +82,10 @@ def _nsec3_covered(zone: reader.Zone, order: list[tuple], optout: bool) -> dict[
         node = nodes[key]
         if node.kind == OCCLUDED:
             continue
-        if node.kind == DELEGATION and optout and DS not in node.rrsets:
+        if node.kind == DELEGATION and optout and DS not in node:
             continue
         types = chain_types(node)
-        if node.kind != DELEGATION or DS in node.rrsets:
+        if node.kind != DELEGATION or DS in node:
             types.append(RRSIG)
         covered[key] = types
         for i in range(len(okey) + 1, len(key)):
@@ -99,7 +100,7 @@ def add_nsec3(zone: reader.Zone, order: list[tuple], ttl: int, salt: bytes, iter
     nodes = zone.nodes
     okey = zone.origin_key
     flags = 1 if optout else 0
-    p = zone.apex.rrsets[NSEC3PARAM] = RRset(0)
+    p = zone.apex.put(NSEC3PARAM, RRset(0))
     p.add(struct.pack("!BBHB", 1, 0, iterations, len(salt)) + salt, f"1 0 {iterations} {salt.hex() or '-'}")
     h = nsec3_hasher(salt, iterations)
     hashed = sorted((h(key_wire(k)), types) for k, types in _nsec3_covered(zone, order, optout).items())
@@ -119,6 +120,6 @@ def add_nsec3(zone: reader.Zone, order: list[tuple], ttl: int, salt: bytes, iter
             raise Fatal(f"NSEC3 owner {label}.{otext} is already in the zone")
         node = nodes[key] = Node(key, f"{label}.{otext}" if otext != "." else f"{label}.")
         bw, bt = maps.get(types)
-        rrs = node.rrsets[NSEC3] = RRset(ttl)
+        rrs = node.put(NSEC3, RRset(ttl))
         rrs.add(pre + nd + bw, ptext + b32(nd).decode() + (" " + bt if bt else ""))
     return len(hashed)

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import NamedTuple
 
 import dns.rdatatype
@@ -27,6 +28,7 @@ from .reader import DELEGATION, DNSKEY, NSEC, OCCLUDED, RRSIG, SOA, Node, RRset,
 CDS, CDNSKEY = 59, 60
 KEYSET_TYPES = frozenset((DNSKEY, CDS, CDNSKEY))  # signed by the KSKs and CSKs only
 BATCH = 8192  # signing inputs per timed_sign call
+_first = itemgetter(0)
 
 _pack_hdr = struct.Struct("!HBBIIIH").pack  # RRSIG RDATA up to the signer's name
 _pack_tct = struct.Struct("!HHI").pack  # type, class, TTL of an RR in the signing input
@@ -83,7 +85,7 @@ def signature_count(prep: Prepared, plan: Plan) -> int:
     okey = prep.zone.origin_key
     return len(prep.auth) * len(plan.others) + sum(
         len(plan.keyset if (t in KEYSET_TYPES and k == okey) else plan.others)
-        for k in prep.auth for t in nodes[k].rrsets
+        for k in prep.auth for t in nodes[k].types()
         if nodes[k].kind != DELEGATION or t == DS)
 
 
@@ -115,7 +117,7 @@ class SigningInputs:
         self._rand = random.SystemRandom().randrange
         self._keyset, self._others, self._verbose = plan.keyset, plan.others, plan.verbose
         # the name being walked
-        self._wire, self._labels, self._apex, self._sampled = b"", 0, False, False
+        self._wire, self._disp, self._labels, self._apex, self._sampled = b"", "", 0, False, False
         self.nrrsets = 0
         self.samples: list[Sample] = []
 
@@ -131,31 +133,28 @@ class SigningInputs:
 
     def _node(self, batch: Batch, key: tuple) -> None:
         node = self._nodes[key]
-        types = sorted(node.rrsets)
-        nsec = None
+        pairs = node.by_type()
         if node.kind == OCCLUDED:
             self._wire = b""
         else:
             carry_key, carry_wire = self._carry
             self._wire = carry_wire if key == carry_key else key_wire(key)
             if self._nsec:
-                nsec = self._make_nsec(node)
-                types.append(NSEC)
-                types.sort()
+                pairs.append((NSEC, self._make_nsec(node)))
+                pairs.sort(key=_first)
+        self._disp = node.disp
         self._labels = len(key) - (1 if key and key[-1] == "*" else 0)
         self._sampled = key in self._plan.sample_keys
         apex = self._apex = key == self._okey
-        rrsets = node.rrsets
         if not apex:
             app = batch.text.append
-            for t in types:
-                self._rrset(batch, app, node, t, nsec if t == NSEC and nsec is not None else rrsets[t])
+            for t, rrs in pairs:
+                self._rrset(batch, app, node, t, rrs)
             return
         # the key RRsets are signed first, as dnssec-signzone does; SOA is written first
         parts: dict[int, list] = {}
-        for t in sorted(types, key=lambda t: (t not in KEYSET_TYPES, t)):
-            self._rrset(batch, parts.setdefault(t, []).append, node, t,
-                        nsec if t == NSEC and nsec is not None else rrsets[t])
+        for t, rrs in sorted(pairs, key=lambda p: (p[0] not in KEYSET_TYPES, p[0])):
+            self._rrset(batch, parts.setdefault(t, []).append, node, t, rrs)
         for t in sorted(parts, key=lambda t: (t != SOA, t)):
             batch.text.extend(parts[t])
 
@@ -168,7 +167,7 @@ class SigningInputs:
         self._carry = (nkey, nwire)
         bw, bt = self._maps.get(chain_types(node) + [RRSIG, NSEC])
         nsec = RRset(self._prep.neg_ttl)
-        nsec.rd = (nwire + bw, f"{lower_text(self._nodes[nkey])} {bt}")
+        nsec.add(nwire + bw, f"{lower_text(self._nodes[nkey])} {bt}")
         return nsec
 
     def _type_name(self, t: int) -> str:
@@ -187,11 +186,11 @@ class SigningInputs:
         """Write the RRset's text; unless occluded or unsigned delegation data, add its signing inputs."""
         ttl = rrs.ttl
         tn = self._tnames.get(t) or self._type_name(t)
-        disp = node.disp
+        disp = self._disp
         head = f"{disp}\t{ttl}\tIN\t{tn}\t"
         rd = rrs.rd
-        if type(rd) is tuple:
-            app(head + rd[1] + "\n")
+        if type(rd) is bytes:
+            app(head + rrs.text + "\n")
             rl = None
         else:
             rl = sorted(rd.items())
@@ -201,8 +200,7 @@ class SigningInputs:
             return
         pre = self._wire + _pack_tct(t, 1, ttl)
         if rl is None:
-            w = rd[0]
-            blob = pre + len(w).to_bytes(2, "big") + w
+            blob = pre + len(rd).to_bytes(2, "big") + rd
         else:
             blob = b"".join([pre + len(w).to_bytes(2, "big") + w for w, _ in rl])
         exp, es = self._fixed_exp or self._expiration()
@@ -212,7 +210,7 @@ class SigningInputs:
             print(f"{PROG}: {disp.rstrip('.') or '.'}/{tn}:", file=sys.stderr)
         sm = None
         if self._sampled:
-            sm = Sample(disp, t, ttl, [x for _, x in rl] if rl is not None else [rd[1]])
+            sm = Sample(disp, t, ttl, [x for _, x in rl] if rl is not None else [rrs.text])
             batch.samples.append(sm)
             self.samples.append(sm)
         inception, labels = self._inception, self._labels

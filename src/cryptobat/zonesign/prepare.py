@@ -5,7 +5,9 @@ afterwards travels in one :class:`Prepared` record.
 """
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 from dataclasses import dataclass
 
 import dns.name
@@ -70,16 +72,16 @@ def classify(order: list[tuple], nodes: dict[tuple, Node], apex_key: tuple) -> N
             continue
         cut = None
         if key != apex_key:
-            if NS in node.rrsets:
+            if NS in node:
                 node.kind = DELEGATION
                 cut = key
-            elif DNAME in node.rrsets:
+            elif DNAME in node:
                 cut = key
 
 
 def _set_serial(zone: reader.Zone, method: str, now: int):
     """Apply ``-N`` to the SOA; return the SOA RDATA (dnspython), new serial in place."""
-    soa_rrs = zone.apex.rrsets[SOA]
+    soa_rrs = zone.apex[SOA]
     (_, soa_text), = soa_rrs.rdatas.items()
     origin = zone.origin
     soa = dns.rdata.from_text(dns.rdataclass.IN, SOA, soa_text, origin=origin, relativize=False)
@@ -93,9 +95,9 @@ def _set_serial(zone: reader.Zone, method: str, now: int):
 def _add_dnskeys(zone: reader.Zone, keys: list[SignKey], ttl: int) -> RRset:
     """The DNSKEY RRset: the zone's own plus every signing key (TTL ``ttl`` if the zone has none)."""
     apex = zone.apex
-    dk = apex.rrsets.get(DNSKEY)
+    dk = apex.get(DNSKEY)
     if dk is None:
-        dk = apex.rrsets[DNSKEY] = RRset(ttl)
+        dk = apex.put(DNSKEY, RRset(ttl))
     for k in keys:
         rd = k.info.dnskey()
         dk.add(rd.to_digestable(), rd.to_text())
@@ -104,10 +106,31 @@ def _add_dnskeys(zone: reader.Zone, keys: list[SignKey], ttl: int) -> RRset:
 
 def prepare(zonefile: str, origin: dns.name.Name, chain: ChainSpec, keys: list[SignKey],
             serial_method: str, now: int) -> Prepared:
-    """Read ``zonefile`` and complete it with everything but the signatures and NSEC records."""
+    """Read ``zonefile`` and complete it with everything but the signatures and NSEC records.
+
+    The zone is built without the cycle collector and then frozen until the Prepared record
+    goes: it is a million small objects and not one reference cycle, and each full collection
+    would walk all of them (30% of the read's CPU at 100k names, and again during the walk).
+    Frozen objects are still freed by reference counting; unfreezing when the zone goes lets
+    the collector see anything else frozen with it (a run of many zones).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        prep = _prepare(zonefile, origin, chain, keys, serial_method, now)
+        gc.freeze()
+    finally:
+        if enabled:
+            gc.enable()
+    weakref.finalize(prep, gc.unfreeze)
+    return prep
+
+
+def _prepare(zonefile: str, origin: dns.name.Name, chain: ChainSpec, keys: list[SignKey],
+             serial_method: str, now: int) -> Prepared:
     zone = reader.read_zone(zonefile, origin)
     soa = _set_serial(zone, serial_method, now)
-    neg_ttl = min(zone.apex.rrsets[SOA].ttl, soa.minimum)  # RFC 9077
+    neg_ttl = min(zone.apex[SOA].ttl, soa.minimum)  # RFC 9077
     dk = _add_dnskeys(zone, keys, soa.minimum)
     nodes = zone.nodes
     order = sorted(nodes)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+from operator import itemgetter
 import socket
 import stat
 from typing import Iterator
@@ -47,6 +48,9 @@ RRSIG, NSEC, DNSKEY, NSEC3, NSEC3PARAM = 46, 47, 48, 50, 51
 # Records the signer regenerates: dropped from the input.
 GENERATED = frozenset((RRSIG, NSEC, NSEC3, NSEC3PARAM))
 _NAME_ONLY = frozenset((NS, CNAME, PTR, DNAME))
+# RRsets whose first line an error names (:func:`check`); the others keep none, as a line
+# number over 256 is an int object of its own (4.5 MiB in a 100k-name zone)
+_LINE_KEPT = frozenset((SOA, CNAME))
 _CLASSES = frozenset(("IN", "CLASS1"))
 _OTHER_CLASSES = frozenset(("CH", "HS", "CS", "NONE", "ANY"))
 _inet_pton, _inet_ntop = socket.inet_pton, socket.inet_ntop
@@ -64,6 +68,7 @@ MAX_MESSAGE = 65535
 _RDATA_ALWAYS_FITS = MAX_MESSAGE - 12 - 255 - 10  # whatever the owner name
 _UNSAFE = re.compile(r"[^\t\n -~]")  # what is read as a \DDD escape
 _CHUNK = 1 << 20  # bytes read at once
+_first = itemgetter(0)
 
 
 class ZoneError(Exception):
@@ -73,29 +78,33 @@ class ZoneError(Exception):
 class RRset:
     """One RRset: its TTL and RRs, compactly (most RRsets hold a single RR).
 
-    ``rd`` is ``(wire, text)`` for one RR, else a dict canonical wire -> presentation text.
+    ``rd`` is the canonical wire form of the one RR (``text`` its presentation form),
+    else a dict canonical wire -> presentation text (``text`` None). A 100k-name zone
+    is a few hundred thousand of these: no tuple per RR, no line number but where an
+    error names it.
     """
 
-    __slots__ = ("ttl", "rd", "line")
+    __slots__ = ("ttl", "rd", "text", "line")
 
     def __init__(self, ttl: int, line: int = 0):
         self.ttl = ttl
-        self.rd: tuple | dict | None = None
+        self.rd: bytes | dict | None = None
+        self.text: str | None = None
         self.line = line
 
     def add(self, wire: bytes, text: str) -> None:
         rd = self.rd
         if rd is None:
-            self.rd = (wire, text)
-        elif type(rd) is tuple:
-            if rd[0] != wire:
-                self.rd = {rd[0]: rd[1], wire: text}
+            self.rd, self.text = wire, text
+        elif type(rd) is bytes:
+            if rd != wire:
+                self.rd, self.text = {rd: self.text, wire: text}, None
         else:
             rd.setdefault(wire, text)
 
     def __len__(self) -> int:
         rd = self.rd
-        return 0 if rd is None else 1 if type(rd) is tuple else len(rd)
+        return 0 if rd is None else 1 if type(rd) is bytes else len(rd)
 
     @property
     def rdatas(self) -> dict[bytes, str]:
@@ -103,11 +112,11 @@ class RRset:
         rd = self.rd
         if rd is None:
             return {}
-        return {rd[0]: rd[1]} if type(rd) is tuple else rd
+        return {rd: self.text} if type(rd) is bytes else rd
 
     @rdatas.setter
     def rdatas(self, d: dict[bytes, str]) -> None:
-        self.rd = None
+        self.rd = self.text = None
         for w, t in d.items():
             self.add(w, t)
 
@@ -116,20 +125,83 @@ class RRset:
         rd = self.rd
         if rd is None:
             return []
-        return [rd] if type(rd) is tuple else sorted(rd.items())
+        return [(rd, self.text)] if type(rd) is bytes else sorted(rd.items())
 
 
 AUTH, DELEGATION, OCCLUDED = 0, 1, 2
 
 
+def plain_text(key: tuple) -> str:
+    """The labels of ``key`` joined by dots: the presentation form of most names as written."""
+    return ".".join(key[::-1]) + "." if key else "."
+
+
 class Node:
-    __slots__ = ("key", "disp", "rrsets", "kind")
+    """A name and its RRsets by type.
+
+    The RRsets are a flat list ``[type, RRset, type, RRset, ...]``: a dict is 224 bytes a
+    name, this list 88 for the usual one or two RRsets, and the lookups stay in C
+    (an int never equals an RRset, so ``t in list`` finds only types).
+    """
+
+    __slots__ = ("key", "_disp", "_rr", "kind")
 
     def __init__(self, key: tuple, disp: str):
         self.key = key
-        self.disp = disp  # absolute presentation form, as first written
-        self.rrsets: dict[int, RRset] = {}
+        # the absolute presentation form as first written, kept only where it is not
+        # plain_text(key) (upper case, escapes): most names are, and 8 MiB at 100k names
+        self._disp = None if disp == plain_text(key) else disp
+        self._rr: list = []
         self.kind = AUTH  # AUTH, DELEGATION (NS below the apex) or OCCLUDED (glue, below DNAME)
+
+    def __contains__(self, rdtype: int) -> bool:
+        return rdtype in self._rr
+
+    def get(self, rdtype: int) -> RRset | None:
+        rr = self._rr
+        return rr[rr.index(rdtype) + 1] if rdtype in rr else None
+
+    def __getitem__(self, rdtype: int) -> RRset:
+        rr = self._rr
+        return rr[rr.index(rdtype) + 1]
+
+    def put(self, rdtype: int, rrs: RRset) -> RRset:
+        """Set the RRset of ``rdtype`` (replacing any); return it."""
+        rr = self._rr
+        if rdtype in rr:
+            rr[rr.index(rdtype) + 1] = rrs
+        else:
+            rr += (rdtype, rrs)
+        return rrs
+
+    @property
+    def rrsets(self) -> dict[int, RRset]:
+        """The RRsets by type, as a new dict (to look at; the walk uses the methods above)."""
+        rr = self._rr
+        return dict(zip(rr[::2], rr[1::2]))
+
+    def by_type(self) -> list[tuple[int, RRset]]:
+        """(type, RRset) pairs in type order."""
+        rr = self._rr
+        return sorted(zip(rr[::2], rr[1::2]), key=_first)
+
+    def types(self) -> list[int]:
+        """The types of the name's RRsets, in the order they were added."""
+        return self._rr[::2]
+
+    @property
+    def disp(self) -> str:
+        """The owner's presentation form, as first written."""
+        d = self._disp
+        return plain_text(self.key) if d is None else d
+
+    @property
+    def lower_disp(self) -> str | None:
+        """The presentation form in lower case where cheap to tell (None: has escapes)."""
+        d = self._disp
+        if d is None:
+            return plain_text(self.key)
+        return None if "\\" in d else d.lower()
 
 
 class Zone:
@@ -471,9 +543,9 @@ class _Reader:
                         raise ValueError("missing TTL and no $TTL before it")
                     ttl = int.from_bytes(wire[-4:], "big")
                     self.last_ttl = ttl
-                rrs = owner.rrsets.get(rdtype)
+                rrs = owner.get(rdtype)
                 if rrs is None:
-                    rrs = owner.rrsets[rdtype] = RRset(ttl, lineno)
+                    rrs = owner.put(rdtype, RRset(ttl, lineno if rdtype in _LINE_KEPT else 0))
                 elif ttl < rrs.ttl:
                     rrs.ttl = ttl
                 rrs.add(wire, rtext)
@@ -532,9 +604,9 @@ class _Reader:
                 if t in GENERATED:
                     zone.dropped += len(rds)
                     continue
-                rrs = owner.rrsets.get(t)
+                rrs = owner.get(t)
                 if rrs is None:
-                    rrs = owner.rrsets[t] = RRset(rds.ttl, lineno)
+                    rrs = owner.put(t, RRset(rds.ttl, lineno if t in _LINE_KEPT else 0))
                 elif rds.ttl < rrs.ttl:
                     rrs.ttl = rds.ttl
                 for rd in rds:
@@ -654,7 +726,7 @@ def _prune(zone: Zone) -> None:
     """Drop names whose records were all dropped (e.g. the hashed owners of an old NSEC3
     chain): they are no names of the zone, and would get an NSEC or clash with NSEC3."""
     if zone.dropped:
-        zone.nodes = {k: n for k, n in zone.nodes.items() if n.rrsets}
+        zone.nodes = {k: n for k, n in zone.nodes.items() if n.types()}
 
 
 def read_zone(path: str, origin: dns.name.Name) -> Zone:
@@ -686,7 +758,7 @@ def from_dnspython(path: str, origin: dns.name.Name) -> Zone:
             if rds.rdtype in GENERATED:
                 zone.dropped += len(rds)
                 continue
-            rrs = n.rrsets[int(rds.rdtype)] = RRset(rds.ttl)
+            rrs = n.put(int(rds.rdtype), RRset(rds.ttl))
             for rd in rds:
                 rrs.add(rd.to_digestable(origin), rd.to_text())
     _prune(zone)
@@ -698,14 +770,14 @@ def check(zone: Zone) -> None:
     """What the signer relies on: SOA and NS at the apex, no CNAME beside other data."""
     f = zone.filename
     apex = zone.nodes.get(zone.origin_key)
-    if apex is None or SOA not in apex.rrsets:
+    if apex is None or SOA not in apex:
         raise ZoneError(f"{f}: no SOA record at the zone apex {zone.origin_text}")
-    soa = apex.rrsets[SOA]
+    soa = apex[SOA]
     if len(soa) != 1:
         raise ZoneError(f"{f}:{soa.line}: more than one SOA record at the apex")
-    if NS not in apex.rrsets:
+    if NS not in apex:
         raise ZoneError(f"{f}: no NS records at the zone apex {zone.origin_text}")
     for node in zone.nodes.values():
-        c = node.rrsets.get(CNAME)
-        if c is not None and len(node.rrsets) > 1 and any(t not in (CNAME, 25) for t in node.rrsets):
+        c = node.get(CNAME)
+        if c is not None and any(t not in (CNAME, 25) for t in node.types()):
             raise ZoneError(f"{f}:{c.line}: CNAME and other data at {node.disp}")
