@@ -100,11 +100,18 @@ def test_binary_ids_kept_labels_derived_and_public_destroy_keeps_the_key(rt):
     m2, h2 = session(rt)
     assert len(find(m2, h2, Attribute(C.CKA_ID, ODS_ID))) == 2
 
-    # the same CKA_ID twice, and a label that is taken, are refused
-    for attrs in ((Attribute(C.CKA_ID, KNOT_ID),), (Attribute(C.CKA_LABEL, b"k13"),)):
+    assert f"role=csk tag={knot.keytag} id={KNOT_ID.hex()} role-open" in rt.console.handle("keylist")
+
+    # the same CKA_ID twice, and a label that is taken, are refused; so are ids too long and labels not text
+    for attrs in ((Attribute(C.CKA_ID, KNOT_ID),), (Attribute(C.CKA_LABEL, b"k13"),), (Attribute(C.CKA_ID, b"k13"),)):
         with pytest.raises(P11Error) as e:
             ec_keygen(m, h, *attrs)
         assert e.value.ckr == Conflict.ckr
+    for attrs in ((Attribute(C.CKA_ID, b"\x01" * 65),), (Attribute(C.CKA_LABEL, b"\xff\xfe"),),
+                  (Attribute(C.CKA_LABEL, b"two words"),)):
+        with pytest.raises(P11Error) as e:
+            ec_keygen(m, h, *attrs)
+        assert e.value.ckr == C.CKR_ATTRIBUTE_VALUE_INVALID
 
     # the window made 2 of its 3 keys: a key without id or label gets a label, then it is spent
     m.call("C_GenerateKeyPair", [h, Mechanism(C.CKM_EC_KEY_PAIR_GEN, None), [Attribute(C.CKA_EC_PARAMS, P256)], []])
@@ -166,6 +173,7 @@ def sign(rt: RealToken, label: str, data: bytes):
 def test_first_signature_with_the_zsk_tag_makes_a_zsk_for_good(rt):
     k = open_key(rt, "w1")
     assert (k.role, k.flags) == ("csk", 257)
+    assert f"w1  zone=testzone. alg=13 (ECDSAP256SHA256) role=csk tag={k.keytag} role-open" in rt.console.handle("keylist")
     zsk, now = keystore.with_role(k, "zsk"), rt.now
     r = sign(rt, "w1", payload(zsk, now=now))
     assert r.ok, r.reason
@@ -181,6 +189,7 @@ def test_first_signature_with_the_zsk_tag_makes_a_zsk_for_good(rt):
         assert not r.ok
     assert not sign(rt, "w1", payload(ksk, now=now)).ok
     assert rt.key("w1").role == "zsk"
+    assert "role=zsk tag" in rt.console.handle("keylist") and "role-open" not in rt.console.handle("keylist")
 
 
 def test_first_dnskey_signature_with_the_ksk_tag_makes_a_ksk_for_good(rt):

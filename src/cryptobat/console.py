@@ -475,9 +475,13 @@ class Console:
 
     def do_keylist(self, args: list[str]) -> str:
         out = []
+        records = self.token.snapshot().keys
         for k in self.token.keys():
+            rec = records.get(k.label)
+            extra = (" compat" if k.compat else "") + (f" id={k.p11_id.hex()}" if k.p11_id is not None else "") \
+                + (" role-open" if rec is not None and rec.role_open else "")
             out.append(f" {k.label}  zone={k.zone} alg={k.algorithm} ({algorithms.by_number(k.algorithm).mnemonic}) "
-                       f"role={k.role} tag={k.keytag}{' compat' if k.compat else ''}\n"
+                       f"role={k.role} tag={k.keytag}{extra}\n"
                        f"   {k.zone} IN DNSKEY {k.dnskey().to_text()}\n"
                        f"   {k.zone} IN DS {k.ds().to_text()}\n")
         return "".join(out)
