@@ -45,8 +45,8 @@ MAX_PIN_FAILURES = 10  # then the signer PIN is locked until a quorum sets it ag
 MAX_LABEL = 64
 MAX_KEY_FILE = 64 * 1024
 MIN_TIME = 1577836800  # 2020-01-01: no token time before this is plausible
-# keys one p11window may generate unless the quorum says otherwise: OpenDNSSEC's default KASP
-# pre-generates a year of keys (a KSK a year, a ZSK every 90 days: 7 keys a zone) at once
+# keys one p11window may generate unless the quorum says otherwise: OpenDNSSEC with Debian's
+# default conf.xml and KASP pre-generates a year of keys at once (8 a zone: 2 KSKs, 6 ZSKs)
 WINDOW_KEYS = 16
 MAX_WINDOW_KEYS = 1000
 REFUSAL_AUDIT_SECONDS = 1.0  # refused key management calls: one audit entry each, at most one a second
