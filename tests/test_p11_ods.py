@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from support import PIN_TEXT, Hsm, client_module, free_port, need, need_root, stop_process, zone_validates
+from support import PIN_TEXT, ConsoleSocket, Hsm, client_module, free_port, need, need_root, stop_process, zone_validates
 
 ZONE = """\
 $ORIGIN example.
@@ -140,7 +140,10 @@ def test_opendnssec_generates_in_the_token_and_signs_a_valid_zone(tmp_path, alg)
         assert not hsm.keys()
 
         # a quorum opens the window: the enforcer makes its year of keys (Debian's KASP: 2 KSKs, 6 ZSKs)
-        assert "up to 16 new keys for example." in hsm.console("p11window 600 example. keys 16")
+        # one officer session for the whole test: a TOTP code per login, and few logins in a row
+        officer = ConsoleSocket(hsm.home / "console.sock")
+        assert " Ok" in officer.cmd(f"cologin solo {hsm.codes.code('solo')}")
+        assert "up to 16 new keys for example." in officer.cmd("p11window 600 example. keys 16")
         ods.enforcer("key", "generate", "--policy", "default", "--duration", "P1Y")
         ods.wait(lambda: len(ods.keys()) == 2, "the enforcer assigned no keys:\n" + ods.logs())
         made = [e for e in hsm.audit(80) if e.get("event") == "p11-keygen"]
@@ -157,7 +160,8 @@ def test_opendnssec_generates_in_the_token_and_signs_a_valid_zone(tmp_path, alg)
             lines.append(f"setcompat {cka} on")
             if kind == "ZSK":  # published with flags 256: a quorum says so (compat keys sign no data it sees)
                 lines.append(f"keyrole {cka} zsk")
-        out = hsm.console(*lines)
+        out = "".join(officer.cmd(line) for line in lines)
+        officer.close()
         assert "role=zsk flags=256" in out, out
         token_keys = {k.label: k for k in hsm.keys()}
         for kind, cka, tag in ods.keys():  # the key tags OpenDNSSEC publishes are the token's
