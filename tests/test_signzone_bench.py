@@ -30,3 +30,21 @@ def test_bench_script_on_a_tiny_zone(tmp_path):
     v = subprocess.run(["dnssec-verify", "-o", "example.com", str(tmp_path / "work" / "large" / "cryptobat" / "out.signed")],
                        capture_output=True, text=True, timeout=120)
     assert v.returncode == 0, v.stderr
+
+
+def test_bench_script_small_zone_and_many_zones(tmp_path):
+    """The 50-name and many-zones scenarios, each output checked by dnssec-verify inside the script,
+    every run checked for processes left behind."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "signzone_bench.py"), "--names", "0", "--small", "1",
+                        "--zones", "4", "--keep", str(tmp_path / "work"), "--json", str(tmp_path / "r.json")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import json
+    res = json.loads((tmp_path / "r.json").read_text())
+    small = {row["name"]: row for row in res["small"]["rows"]}
+    assert small["cryptobat signzone -P"]["sigs"] == small["cryptobat signzone"]["sigs"] > 100
+    fleet = res["fleet"]["rows"]
+    assert fleet[0]["name"].startswith("cryptobat signzone -P --zones") and fleet[0]["left"] == 0
+    assert abs(fleet[0]["sigs"] - fleet[1]["sigs"]) <= 4 and fleet[0]["sigs"] > 400
+    assert "### 4 zones of 50 names" in r.stdout and "median / BIND -P" in r.stdout
+

@@ -29,6 +29,12 @@ class KeyInfo:
     flags: int  # 257 for ksk/csk, 256 for zsk
     public_key: bytes  # the DNSKEY public key field, wire form
     compat: bool = False  # hash-only (unparsed) signing allowed for PKCS#11 clients
+    p11_id: bytes | None = None  # the CKA_ID a PKCS#11 application chose; None: the label's UTF-8
+
+    @property
+    def cka_id(self) -> bytes:
+        """The PKCS#11 CKA_ID of this key's objects."""
+        return self.label.encode() if self.p11_id is None else self.p11_id
 
     def dnskey(self) -> dns.rdtypes.ANY.DNSKEY.DNSKEY:
         return dns.rdtypes.ANY.DNSKEY.DNSKEY(
@@ -41,12 +47,18 @@ class KeyInfo:
     def to_json(self) -> dict:
         d = dict(self.__dict__)
         d["public_key"] = self.public_key.hex()
+        if self.p11_id is None:
+            del d["p11_id"]  # keys without one read and write as before
+        else:
+            d["p11_id"] = self.p11_id.hex()
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "KeyInfo":
         d = dict(d)
         d["public_key"] = bytes.fromhex(d["public_key"])
+        if d.get("p11_id") is not None:
+            d["p11_id"] = bytes.fromhex(d["p11_id"])
         return cls(**d)
 
 

@@ -24,7 +24,7 @@ from .errors import (ConfigurationDisabled, CryptobatError, IntegrityError, Inva
 from .quorum import Approval
 from .timespec import parse_time
 from .release import code_hash
-from .token import MAX_KEY_FILE, Token
+from .token import MAX_KEY_FILE, WINDOW_KEYS, Token
 
 _KEYGEN_ALGS = "|".join(str(a.number) for a in algorithms.TABLE.values() if a.generate)
 
@@ -47,7 +47,7 @@ HELP = f"""\
  settime EPOCH|YYYYMMDDHHMMSS|now   set token time, clears clock tamper (quorum)
  setclockgap SECONDS          clock jump allowed across a restart before tamper (quorum)
  setcompat LABEL on|off       allow hash-only PKCS#11 signing for a key (quorum)
- p11window SECONDS ZONE       open PKCS#11 key generation/deletion for ZONE's keys (quorum)
+ p11window SECONDS ZONE [keys N]  open PKCS#11 key generation/deletion for ZONE's keys, N new keys (quorum)
  keyallow ZONE DNSKEY-RDATA   let ZONE's KSK sign DNSKEY/CDS/CDNSKEY sets with this key (quorum)
  keydisallow ZONE KEYTAG      withdraw a keyallow (quorum)
  cdsdelete SECONDS ZONE       allow the RFC 8078 delete CDS/CDNSKEY for ZONE for a while (quorum)
@@ -55,6 +55,7 @@ HELP = f"""\
  keygen ALG ROLE ZONE [LABEL] generate a key: ALG {_KEYGEN_ALGS} or mnemonic, ROLE ksk|zsk|csk (quorum)
  keyimport ROLE ZONE FILE [LABEL]  import a BIND .private or PEM key file (quorum)
  keydel LABEL                 delete a key (quorum)
+ keyrole LABEL ksk|zsk|csk    set a key's role, DNSKEY flags and key tag, and fix it (quorum)
  keylist                      keys with key tag, DNSKEY and DS
  signerlogin                  give the signer PIN on this session, for console signing (asks for it)
  tpmloadkey LABEL             load a key for signing: ok: key loaded handle=XXXXXXXX
@@ -387,10 +388,27 @@ class Console:
                             f" Compat (hash-only) signing {on} for {label}\n")
 
     def do_p11window(self, args: list[str]) -> str:
-        s, zone = _want(args, 2)
+        if len(args) == 4 and args[2] == "keys":
+            keys = _int(args[3], "N")
+        elif len(args) == 2:
+            keys = WINDOW_KEYS
+        else:
+            raise _Usage
+        s, zone = args[:2]
         n = _int(s, "SECONDS")
-        return self._quorum(f"p11window {n} {zone}", lambda by: self.token.p11window(n, zone, by),
-                            f" PKCS#11 key management open for {n} seconds (keys for {zone})\n")
+        return self._quorum(f"p11window {n} {zone} keys {keys}",
+                            lambda by: self.token.p11window(n, zone, by, keys),
+                            f" PKCS#11 key management open for {n} seconds (up to {keys} new keys for {zone})\n")
+
+    def do_keyrole(self, args: list[str]) -> str:
+        label, r = _want(args, 2)
+        role = keystore.parse_role(r)
+
+        def run(by: Approval) -> str:
+            info = self.token.keyrole(label, role, by)
+            return f"ok: key {info.label} role={info.role} flags={info.flags} tag={info.keytag}\n"
+
+        return self._quorum(shlex.join(["keyrole", label, role]), run)
 
     def do_keyallow(self, args: list[str]) -> str:
         if len(args) < 5:
@@ -457,9 +475,13 @@ class Console:
 
     def do_keylist(self, args: list[str]) -> str:
         out = []
+        records = self.token.snapshot().keys
         for k in self.token.keys():
+            rec = records.get(k.label)
+            extra = (" compat" if k.compat else "") + (f" id={k.p11_id.hex()}" if k.p11_id is not None else "") \
+                + (" role-open" if rec is not None and rec.role_open else "")
             out.append(f" {k.label}  zone={k.zone} alg={k.algorithm} ({algorithms.by_number(k.algorithm).mnemonic}) "
-                       f"role={k.role} tag={k.keytag}{' compat' if k.compat else ''}\n"
+                       f"role={k.role} tag={k.keytag}{extra}\n"
                        f"   {k.zone} IN DNSKEY {k.dnskey().to_text()}\n"
                        f"   {k.zone} IN DS {k.ds().to_text()}\n")
         return "".join(out)

@@ -31,10 +31,29 @@ def parse_zone(text: str) -> str:
         raise InvalidArgument(f"bad zone name {text!r}: {e}") from None
 
 
-def make_info(label: str, zone: str, algorithm: int, role: str, public_key: bytes, compat: bool = False) -> KeyInfo:
+def make_info(label: str, zone: str, algorithm: int, role: str, public_key: bytes, compat: bool = False,
+              p11_id: bytes | None = None) -> KeyInfo:
     flags = FLAGS[role]
     probe = KeyInfo(label, zone, algorithm, role, 0, flags, public_key)
-    return KeyInfo(label, zone, algorithm, role, dns.dnssec.key_id(probe.dnskey()), flags, public_key, compat)
+    return KeyInfo(label, zone, algorithm, role, dns.dnssec.key_id(probe.dnskey()), flags, public_key, compat,
+                   p11_id)
+
+
+def with_role(info: KeyInfo, role: str) -> KeyInfo:
+    """The same key in another role: flags, and so the key tag, follow the role."""
+    return make_info(info.label, info.zone, info.algorithm, role, info.public_key, info.compat, info.p11_id)
+
+
+def p11_label(p11_id: bytes) -> str:
+    """A label for a key a PKCS#11 application named by CKA_ID only: the id itself if it is
+    printable text (what the token always did), else its hex (Knot sends 20 random bytes)."""
+    try:
+        text = p11_id.decode()
+    except UnicodeDecodeError:
+        text = ""
+    if text and text.isprintable() and " " not in text and len(text) <= 64:
+        return text
+    return p11_id.hex()[:64]
 
 
 def default_label(zone: str, role: str, keytag: int) -> str:
@@ -46,8 +65,25 @@ def record(info: KeyInfo, blob: bytes, created: int) -> dict:
 
 
 def info_of(rec: dict) -> KeyInfo:
-    return KeyInfo.from_json({k: v for k, v in rec.items() if k not in ("blob", "created")})
+    return KeyInfo.from_json({k: v for k, v in rec.items() if k not in ("blob", "created", "role_open")})
 
 
 def zone_wire(zone: str) -> bytes:
     return dns.name.from_text(zone).canonicalize().to_wire()
+
+
+def inferred_role(info: KeyInfo, type_covered: int, key_tag: int, keyset_types: frozenset[int]) -> str | None:
+    """The role a role-open key takes from the first RRSIG it is asked for, or None.
+
+    The application published the key with the flags it chose, and the key tag in its RRSIG
+    says which: the tag of flags 256 over a non-keyset RRset makes a ZSK; the tag of flags 257
+    over a DNSKEY/CDS/CDNSKEY set a KSK, over any other RRset a CSK. A ZSK tag over a keyset
+    is no role (a ZSK never signs one). Every outcome is narrower than (or equal to) the CSK
+    the key was made as, so inference never lets a key sign what it could not sign before.
+    """
+    keyset = type_covered in keyset_types
+    if key_tag == with_role(info, "ksk").keytag:
+        return "ksk" if keyset else "csk"
+    if key_tag == with_role(info, "zsk").keytag and not keyset:
+        return "zsk"
+    return None

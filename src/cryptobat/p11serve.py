@@ -69,8 +69,9 @@ class ServiceBackend:
     def keygen_allowed(self) -> bool:
         return self.s.call(self.t.keygen_allowed)
 
-    def generate_key(self, algorithm: int, role: str, zone: str, label: str) -> KeyInfo:
-        return self.s.call(self.t.generate_key, algorithm, role, zone, label)
+    def generate_key(self, algorithm: int, role: str, zone: str, label: str,
+                     p11_id: bytes | None = None) -> KeyInfo:
+        return self.s.call(self.t.generate_key, algorithm, role, zone, label, p11_id)
 
     def delete_key(self, label: str) -> None:
         self.s.call(self.t.delete_key, label)

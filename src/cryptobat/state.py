@@ -60,6 +60,9 @@ class KeyRecord:
     info: KeyInfo
     blob: str  # the private key sealed by the custody under its label (hex)
     created: int
+    # made through a PKCS#11 window and not yet used: its role (and DNSKEY flags) follow the first
+    # RRSIG it signs, then stay fixed; only a quorum's keyrole changes them afterwards
+    role_open: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,7 @@ class TokenState:
     signer_peers: tuple[str, ...] = ()  # "uid:N" / "gid:N" allowed on the signer sockets without a PIN
     p11_window_until: int = 0
     p11_window_zone: str = "."
+    p11_window_keys: int = 0  # keys the open window may still generate
     counters: Counters = Counters()
     audit: AuditHead = AuditHead()
     audit_checked: AuditHead = AuditHead()  # the head verified at the last start

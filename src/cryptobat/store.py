@@ -42,6 +42,7 @@ def upgrade(state: dict) -> dict:
     state.setdefault("pin_failures", 0)
     state.setdefault("allowed_keys", {})  # zone -> [DNSKEY RDATA hex] a quorum allowed (keyallow)
     state.setdefault("cds_delete", {})  # zone -> token time until which an RFC 8078 delete may be signed
+    state.setdefault("p11_window_keys", 0)  # windows before the key count allowed any number: none open now
     state.setdefault("signer_peers", [])  # "uid:N" / "gid:N" allowed on the signer sockets without a PIN
     state.setdefault("audit_checked", dict(state["audit"]) if state["audit"]["seq"] == 0 else
                      {"seq": 0, "hash": Head().hash})
@@ -65,8 +66,11 @@ def _officer(d: dict) -> Officer:
 
 
 def _key(d: dict) -> KeyRecord:
-    return KeyRecord(KeyInfo.from_json({k: v for k, v in d.items() if k not in ("blob", "created")}),
-                     d["blob"], d["created"])
+    return KeyRecord(KeyInfo.from_json({k: v for k, v in d.items() if k not in _RECORD_ONLY}),
+                     d["blob"], d["created"], bool(d.get("role_open", False)))
+
+
+_RECORD_ONLY = ("blob", "created", "role_open")  # key record fields that are not KeyInfo's
 
 
 def _counters(d: dict) -> Counters:
@@ -120,6 +124,7 @@ def _typed(d: dict) -> TokenState:
         allowed_keys=frozen({z: tuple(w) for z, w in d["allowed_keys"].items()}),
         cds_delete=frozen(d["cds_delete"]), signer_peers=tuple(d["signer_peers"]),
         p11_window_until=d["p11_window_until"], p11_window_zone=d["p11_window_zone"],
+        p11_window_keys=d["p11_window_keys"],
         counters=_counters(d["counters"]), audit=AuditHead(**d["audit"]),
         audit_checked=AuditHead(**d["audit_checked"]))
 
@@ -127,7 +132,8 @@ def _typed(d: dict) -> TokenState:
 def _plain(value):
     """Records as the stored JSON has them: dicts and lists."""
     if isinstance(value, KeyRecord):
-        return {**value.info.to_json(), "blob": value.blob, "created": value.created}
+        return {**value.info.to_json(), "blob": value.blob, "created": value.created,
+                **({"role_open": True} if value.role_open else {})}
     if dataclasses.is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):

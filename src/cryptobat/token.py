@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import dns.name
 
 from . import audit as auditlog
-from . import algorithms, keystore, officers, policy, prehash
+from . import algorithms, keystore, officers, policy, prehash, rrsig
 from .api import KeyInfo, SignResult
 from .audit import Chain, Head
 from .clock import DEFAULT_GAP, DEFAULT_TOLERANCE, TrustedClock, _boottime
@@ -46,6 +46,10 @@ MAX_PIN_FAILURES = 10  # then the signer PIN is locked until a quorum sets it ag
 MAX_LABEL = 64
 MAX_KEY_FILE = 64 * 1024
 MIN_TIME = 1577836800  # 2020-01-01: no token time before this is plausible
+# keys one p11window may generate unless the quorum says otherwise: OpenDNSSEC with Debian's
+# default conf.xml and KASP pre-generates a year of keys at once (8 a zone: 2 KSKs, 6 ZSKs)
+WINDOW_KEYS = 16
+MAX_WINDOW_KEYS = 1000
 
 
 def _generates(algorithm: object) -> bool:
@@ -91,6 +95,7 @@ class Token:
         self._write_failed = False
         self._last_flush = mono()
         self._last_refusal_entry = -AUDIT_FLUSH_SECONDS  # of a refused key management call
+        self._open_roles: tuple[int, frozenset[str]] = (-1, frozenset())  # (generation, role-open labels)
         self._mono = mono
         self.started = mono()
 
@@ -364,14 +369,32 @@ class Token:
         self._gated("setcompat", {"label": label, "on": on},
                     lambda s: s.with_key(replace(s.keys[label], info=replace(s.keys[label].info, compat=on))), by)
 
-    def p11window(self, seconds: int, zone: str, by: Approval) -> None:
-        """Open PKCS#11 key generation and deletion for ``seconds``, for ``zone``'s keys only."""
+    def p11window(self, seconds: int, zone: str, by: Approval, keys: int = WINDOW_KEYS) -> None:
+        """Open PKCS#11 key generation and deletion for ``seconds``, for ``zone``'s keys only,
+        for at most ``keys`` new keys (a KASP policy makes its spare keys at once)."""
         if not 0 <= seconds <= 3600:
             raise InvalidArgument("the PKCS#11 key management window is 0 to 3600 seconds")
+        if not 0 <= keys <= MAX_WINDOW_KEYS:
+            raise InvalidArgument(f"a PKCS#11 key management window generates 0 to {MAX_WINDOW_KEYS} keys")
         zone = keystore.parse_zone(zone)
         until = self.now() + seconds
-        self._gated("p11window", {"seconds": seconds, "zone": zone},
-                    lambda s: s.replace(p11_window_until=until, p11_window_zone=zone), by)
+        self._gated("p11window", {"seconds": seconds, "zone": zone, "keys": keys},
+                    lambda s: s.replace(p11_window_until=until, p11_window_zone=zone, p11_window_keys=keys), by)
+
+    def keyrole(self, label: str, role: str, by: Approval) -> KeyInfo:
+        """A quorum sets a key's role (and so its DNSKEY flags and key tag) and fixes it."""
+        role = keystore.parse_role(role)
+        old = self.key(label)
+        info = keystore.with_role(old, role)
+        self._check_tag(info)
+        self._gated("keyrole", {"label": label, "role": role, "keytag": info.keytag, "was": old.keytag},
+                    lambda s: s.with_key(replace(s.keys[label], info=info, role_open=False)), by)
+        return info
+
+    def _check_tag(self, info: KeyInfo) -> None:
+        """A key's new tag must not be another key's in its zone (RRSIGs name keys by tag)."""
+        if any(k.keytag == info.keytag and k.label != info.label for k in self.keys() if k.zone == info.zone):
+            raise Conflict(f"key tag {info.keytag} is already in use in {info.zone}")
 
     def keyallow(self, zone: str, dnskey_text: str, by: Approval) -> int:
         """Let the zone's KSKs sign DNSKEY/CDS/CDNSKEY sets holding a key the token does not hold
@@ -445,21 +468,47 @@ class Token:
         if not label.isprintable() or " " in label or len(label) > MAX_LABEL:
             raise InvalidArgument(f"label {label[:MAX_LABEL]!r} is too long or not printable")
 
-    def generate_key(self, algorithm: int, role: str, zone: str, label: str) -> KeyInfo:
-        """PKCS#11 C_GenerateKeyPair: only inside a window a quorum opened, for the window's zone."""
+    def generate_key(self, algorithm: int, role: str, zone: str, label: str,
+                     p11_id: bytes | None = None) -> KeyInfo:
+        """PKCS#11 C_GenerateKeyPair: only inside a window a quorum opened, for the window's zone,
+        as many keys as it allows. ``label`` and ``p11_id`` are the application's CKA_LABEL and
+        CKA_ID (either may be empty); refusals are audited with their reason.
+
+        The key is made as ``role`` (a CSK) with its role open: its first signature settles it
+        (see :meth:`_settle_roles`), so its flags and key tag become what the application publishes."""
         try:
             zone = self._window_zone(zone)
+            if self.state.p11_window_keys <= 0:
+                raise KeygenRefused("the PKCS#11 key management window has generated all the keys it allows")
         except KeygenRefused as e:
             self._refused_management("p11-keygen", label, str(e))
             raise
         if not _generates(algorithm):
             raise InvalidArgument(f"algorithm {algorithm} is not supported")
+        if p11_id is not None and not 0 < len(p11_id) <= MAX_LABEL:
+            raise InvalidArgument(f"CKA_ID must be 1 to {MAX_LABEL} bytes")
+        if p11_id is not None and any(k.cka_id == p11_id for k in self.keys()):
+            raise Conflict(f"CKA_ID {p11_id.hex()} is taken")
         if label:
             self._check_label(label)
+        elif p11_id:
+            label = base = keystore.p11_label(p11_id)
+            n = 1
+            while label in self.state.keys:  # printable and unique; the CKA_ID stays the application's
+                n += 1
+                label = f"{base[:MAX_LABEL - 4]}-{n}"
         info, rec = self._generate(algorithm, keystore.parse_role(role), zone, label or None)
+        if p11_id is not None and p11_id != info.label.encode():
+            info = replace(info, p11_id=p11_id)
+        rec = replace(rec, info=info, role_open=True)
+
+        def add(s: TokenState) -> TokenState:
+            return s.with_key(rec).replace(p11_window_keys=s.p11_window_keys - 1)
+
         self._change("p11-keygen", {"label": info.label, "zone": info.zone, "algorithm": algorithm,
-                                    "role": info.role, "keytag": info.keytag},
-                     lambda s: s.with_key(rec))
+                                    "role": info.role, "keytag": info.keytag,
+                                    "keys_left": self.state.p11_window_keys - 1,
+                                    **({"id": p11_id.hex()} if p11_id is not None else {})}, add)
         return info
 
     def delete_key(self, label: str) -> None:
@@ -549,8 +598,12 @@ class Token:
         if cached is not None and all(a is b for a, b in zip(cached[0], basis)):
             return cached[1]
         zone_keys: dict[bytes, set[bytes]] = {}
-        for k in self.keys():
-            zone_keys.setdefault(keystore.zone_wire(k.zone), set()).add(k.dnskey().to_digestable())
+        for rec in self.state.keys.values():
+            k = rec.info
+            forms = zone_keys.setdefault(keystore.zone_wire(k.zone), set())
+            forms.add(k.dnskey().to_digestable())
+            if rec.role_open:  # the application may publish it as a ZSK (flags 256) or a KSK (257)
+                forms.update(keystore.with_role(k, r).dnskey().to_digestable() for r in ("zsk", "ksk"))
         for zone, wires in self.state.allowed_keys.items():
             zone_keys.setdefault(keystore.zone_wire(zone), set()).update(bytes.fromhex(w) for w in wires)
         p = policy.Policy(self.state.max_validity, tampered,
@@ -575,7 +628,46 @@ class Token:
                                                             bytes.fromhex(rec.blob)))
         return cached[1]
 
+    def _role_open(self) -> frozenset[str]:
+        """Labels of the keys whose role is still open (recomputed only when the state changes)."""
+        gen, labels = self._open_roles
+        if gen != self.generation:
+            labels = frozenset(label for label, r in self.state.keys.items() if r.role_open)
+            self._open_roles = (self.generation, labels)
+        return labels
+
+    def _settle_roles(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Fix the role of each role-open key from the first RRSIG it is asked to sign.
+
+        The role is taken only if the key in that role passes the full policy for that very
+        data, and is then fixed (audited): the signing host picks it once, as it picked the
+        flags it published, and only a quorum's ``keyrole`` changes it afterwards."""
+        open_ = self._role_open()
+        if not open_:
+            return
+        for label, data in items:
+            if label not in open_ or not self.state.keys[label].role_open:
+                continue
+            try:
+                h = rrsig.header(data)
+            except CryptobatError:
+                continue
+            info = self.state.keys[label].info
+            role = keystore.inferred_role(info, h.type_covered, h.key_tag, policy.KSK_TYPES)
+            if role is None or h.algorithm != info.algorithm:
+                continue
+            new = keystore.with_role(info, role)
+            try:
+                self._check_tag(new)
+                policy.check(new, keystore.zone_wire(new.zone), data, self.policy(), self.now())
+            except CryptobatError:
+                continue  # refused as it stands; the role stays open
+            self._change("keyrole", {"label": label, "role": role, "keytag": new.keytag, "was": info.keytag,
+                                     "by": "first signature"},
+                         lambda s: s.with_key(replace(s.keys[label], info=new, role_open=False)))
+
     def sign_job(self, items: Sequence[tuple[str, bytes]]) -> Job:
+        self._settle_roles(items)
         if self._write_failed:  # nothing is signed that the audit cannot record; retried each call
             try:
                 self._flush()
@@ -625,6 +717,9 @@ class Token:
 
     def bind_digest(self, hashed: str, data: bytes, digest: bytes) -> list[tuple[str, bytes]]:
         """Which keys a finished digest of ``data`` binds to; see :func:`cryptobat.prehash.bindings`."""
+        open_ = self._role_open()
+        if open_:
+            self._settle_roles([(label, data) for label in open_])
         return prehash.bindings(self.keys(), hashed, data, digest,
                                 lambda label: self.check_signing_data(label, data) is None)
 

@@ -51,8 +51,11 @@ class Backend(Protocol):
 
     def keygen_allowed(self) -> bool: ...
 
-    def generate_key(self, algorithm: int, role: str, zone: str, label: str) -> KeyInfo:
-        """Raises KeygenRefused outside a quorum window, Conflict or InvalidArgument for the label."""
+    def generate_key(self, algorithm: int, role: str, zone: str, label: str,
+                     p11_id: bytes | None = None) -> KeyInfo:
+        """A key labelled ``label`` (or one derived from ``p11_id``) whose CKA_ID is ``p11_id`` (or
+        the label). Raises KeygenRefused outside a quorum window (or once it made its keys),
+        Conflict or InvalidArgument for the label or id."""
         ...
 
     def delete_key(self, label: str) -> None:

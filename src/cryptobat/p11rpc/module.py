@@ -1,8 +1,12 @@
 """PKCS#11 semantics over a :class:`~cryptobat.p11rpc.backend.Backend`, one instance per client.
 
 One slot holding one token.  Every token key appears as a private-key object (visible
-after login) and a public-key object.  ``CKA_ID`` and ``CKA_LABEL`` are both the UTF-8
-token key label: labels are unique on the token, whereas key tags can collide.
+after login) and a public-key object.  ``CKA_LABEL`` is the UTF-8 token key label (unique
+on the token, whereas key tags can collide); ``CKA_ID`` is the id the application gave
+at C_GenerateKeyPair (any bytes), else the label too.  Destroying a public-key object
+hides it from this connection only: the key, its private object and its DNSKEY stay
+(OpenDNSSEC's ``<SkipPublicKey/>`` destroys it right after generation); destroying the
+private-key object deletes the key, inside a quorum's window only.
 
 Signing never bypasses the token: whole-data mechanisms go to ``timed_sign`` (the token
 parses and policy-checks the RRSIG signing data); hash-only mechanisms go to
@@ -231,6 +235,7 @@ class Module:
         self.next_session = 1
         self.handles: dict[str, int] = {}
         self.next_handle = 1
+        self.hidden: set[str] = set()  # labels whose public-key object this client destroyed
 
     # --- handing the connection to a restarted daemon ------------------------------------
 
@@ -242,7 +247,7 @@ class Module:
         (MAX_DATA) cannot be resumed (a hash object's state cannot be exported); it is dropped.
         """
         return {
-            "initialized": self.initialized, "logged_in": self.logged_in,
+            "initialized": self.initialized, "logged_in": self.logged_in, "hidden": sorted(self.hidden),
             "next_session": self.next_session, "handles": dict(self.handles), "next_handle": self.next_handle,
             "sessions": [{
                 "handle": s.handle, "rw": s.rw, "find": s.find,
@@ -265,6 +270,7 @@ class Module:
         m.next_session = int(state["next_session"])
         m.handles = {str(k): int(v) for k, v in state["handles"].items()}
         m.next_handle = int(state["next_handle"])
+        m.hidden = {str(label) for label in state.get("hidden", ())}  # absent in an older daemon's state
         keys = {k.label: k for k in m._b(backend.keys)} if state["sessions"] else {}
         for d in state["sessions"]:
             s = Session(int(d["handle"]), bool(d["rw"]))
@@ -324,7 +330,8 @@ class Module:
             if base is None:
                 base = self.handles[k.label] = self.next_handle
                 self.next_handle += 2
-            out[base + 1] = (k, False)
+            if k.label not in self.hidden:
+                out[base + 1] = (k, False)
             if self.logged_in:
                 out[base] = (k, True)
         self._seen = (keys, self.logged_in, out)
@@ -467,7 +474,7 @@ class Module:
         label = key.label.encode()
         a: dict[int, Any] = {
             C.CKA_CLASS: C.CKO_PRIVATE_KEY if private else C.CKO_PUBLIC_KEY,
-            C.CKA_ID: label, C.CKA_LABEL: label, C.CKA_TOKEN: True, C.CKA_PRIVATE: private,
+            C.CKA_ID: key.cka_id, C.CKA_LABEL: label, C.CKA_TOKEN: True, C.CKA_PRIVATE: private,
             C.CKA_MODIFIABLE: False, C.CKA_COPYABLE: False, C.CKA_DESTROYABLE: True,
             C.CKA_LOCAL: True, C.CKA_DERIVE: False, C.CKA_SUBJECT: b"",
             C.CKA_ALLOWED_MECHANISMS: allowed_mechanisms(alg),
@@ -568,8 +575,13 @@ class Module:
             raise P11Error(C.CKR_USER_NOT_LOGGED_IN)
         if not s.rw:
             raise P11Error(C.CKR_SESSION_READ_ONLY)
-        key, _ = self._object(obj)
+        key, private = self._object(obj)
+        if not private:  # the public half of a token key is its DNSKEY: nothing to delete
+            self.hidden.add(key.label)
+            self._seen = None
+            return []
         self._b(self.backend.delete_key, key.label)
+        self.hidden.discard(key.label)
         return []
 
     def C_GenerateKeyPair(self, h: int, mech: Mechanism | None, pub: list[Attribute],
@@ -583,9 +595,9 @@ class Module:
                                              C.CKM_EC_EDWARDS_KEY_PAIR_GEN):
             raise P11Error(C.CKR_MECHANISM_INVALID)
         tmpl = {a.type: a.value for a in pub + priv if a.value is not None}
-        label = tmpl.get(C.CKA_LABEL) or tmpl.get(C.CKA_ID)
-        if not isinstance(label, bytes) or not label:
-            raise P11Error(C.CKR_TEMPLATE_INCOMPLETE)
+        label, p11_id = tmpl.get(C.CKA_LABEL) or b"", tmpl.get(C.CKA_ID) or None
+        if not isinstance(label, bytes) or not isinstance(p11_id, (bytes, type(None))):
+            raise P11Error(C.CKR_ATTRIBUTE_VALUE_INVALID)
         if mech.type == C.CKM_RSA_PKCS_KEY_PAIR_GEN:
             alg = _RSA_KEYGEN.number
         else:
@@ -600,7 +612,9 @@ class Module:
             label_s = label.decode()
         except UnicodeDecodeError:
             raise P11Error(C.CKR_ATTRIBUTE_VALUE_INVALID) from None
-        key = self._b(self.backend.generate_key, alg, "csk", "", label_s)
+        # the token checks the window first (and audits a refusal), before generating anything
+        key = self._b(self.backend.generate_key, alg, "csk", "", label_s, p11_id)
+        self.hidden.discard(key.label)
         self._objects()
         base = self.handles[key.label]
         return [base + 1, base]
