@@ -94,7 +94,7 @@ class Token:
         self._policy: tuple[tuple, policy.Policy] | None = None
         self._write_failed = False
         self._last_flush = mono()
-        self._last_refusal_entry = -AUDIT_FLUSH_SECONDS  # of a refused key management call
+        self._last_refusal_entry: dict[tuple[str, str], float] = {}  # (command, why) -> when last audited alone
         self._open_roles: tuple[int, frozenset[str]] = (-1, frozenset())  # (generation, role-open labels)
         self._mono = mono
         self.started = mono()
@@ -747,14 +747,22 @@ class Token:
         self.flush_audit()
 
     def _refused_management(self, command: str, label: str, why: str) -> None:
-        """A refused PKCS#11 key generation or deletion. The first in a second is audited at once in
-        an entry of its own (``refused``, with its reason); the rest of that second are counted and
-        audited together (:meth:`refused`), so a client repeating the call cannot fill the disk."""
+        """A refused PKCS#11 key generation or deletion. The first of a reason in a second is audited
+        at once in an entry of its own (``refused``, with its reason); the rest of that second are
+        counted and audited together (:meth:`refused`), so a client repeating the call cannot fill
+        the disk."""
         now = self._mono()
-        if now - self._last_refusal_entry < AUDIT_FLUSH_SECONDS:
+        last = self._last_refusal_entry
+        if len(last) >= 64:  # forget the reasons not seen for a second
+            for k in [k for k, t in last.items() if now - t >= AUDIT_FLUSH_SECONDS]:
+                del last[k]
+        seen = last.get((command, why))
+        if (seen is not None and now - seen < AUDIT_FLUSH_SECONDS) or (seen is None and len(last) >= 64):
+            # a reason audited alone this second, or 64 reasons already were (a client varying the
+            # zone it names gets no more entries than that a second): counted, audited with the rest
             self.refused(label, f"{command}: {why}")
             return
-        self._last_refusal_entry = now
+        last[(command, why)] = now
         pair = {((label or tally.NO_KEY)[:tally.MAX_KEY], f"{command}: {why}"): 1}
 
         def count(s: TokenState) -> TokenState:
