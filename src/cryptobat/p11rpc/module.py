@@ -220,6 +220,8 @@ class Module:
         self.locked = locked or (lambda f: f())
         self._direct = locked is None
         self._seen: tuple[Any, bool, dict[int, tuple[KeyInfo, bool]]] | None = None  # keys(), login, objects
+        self._find_index: tuple[dict, dict[tuple[int, Any], list[int]]] | None = None  # objects, index
+        self._index_values: dict[tuple[KeyInfo, bool], tuple] = {}  # object -> its INDEXED values
         self.initialized = False
         self.logged_in = False
         self.sessions: dict[int, Session] = {}
@@ -497,14 +499,52 @@ class Module:
         s = self._session(h)
         if s.find is not None:
             raise P11Error(C.CKR_OPERATION_ACTIVE)
-        found = []
-        for handle, (key, private) in sorted(self._objects().items()):
-            attrs, _ = self.attributes(key, private)
-            if all(t.type in attrs and t.value is not None and _same(attrs[t.type], t.value)
-                   for t in template):
-                found.append(handle)
+        if any(t.value is None for t in template):
+            s.find = []  # an attribute without a value matches no object
+            return []
+        objects = self._objects()
+        index = self._index(objects)
+        lookups = [t for t in template if t.type in INDEXED and isinstance(t.value, INDEXED[t.type])]
+        if lookups:  # the shortest index entry, then the rest of the template on those objects only
+            handles = min((index.get((t.type, _key_value(t.value)), ()) for t in lookups), key=len)
+        else:
+            handles = sorted(objects)
+        rest = [t for t in template if not (t.type in INDEXED and isinstance(t.value, INDEXED[t.type]))]
+        if len(lookups) > 1 or rest:
+            found = []
+            for handle in handles:
+                attrs, _ = self.attributes(*objects[handle])
+                if all(t.type in attrs and _same(attrs[t.type], t.value) for t in template):
+                    found.append(handle)
+        else:
+            found = list(handles)
         s.find = found
         return []
+
+    def _index(self, objects: dict[int, tuple[KeyInfo, bool]]) -> dict[tuple[int, Any], list[int]]:
+        """(attribute type, value) -> sorted handles of the visible objects having it, for the
+        INDEXED types: built once per object map (which changes only with the token's keys or
+        the login), so a lookup by label or id costs the same with 2,000 keys as with two.
+
+        Each object's indexed values are kept per key record, so a state change that leaves a
+        key as it was (the audit's counters, another key added) does not recompute them."""
+        cached = self._find_index
+        if cached is not None and cached[0] is objects:
+            return cached[1]
+        old, values = self._index_values, {}
+        index: dict[tuple[int, Any], list[int]] = {}
+        for handle in sorted(objects):
+            obj = objects[handle]
+            vals = old.get(obj)
+            if vals is None:
+                attrs, _ = self.attributes(*obj)
+                vals = tuple((t, _key_value(attrs[t])) for t in INDEXED if t in attrs)
+            values[obj] = vals
+            for v in vals:
+                index.setdefault(v, []).append(handle)
+        self._index_values = values
+        self._find_index = (objects, index)
+        return index
 
     def C_FindObjects(self, h: int, buf: Buffer):
         s = self._session(h)
@@ -782,6 +822,16 @@ class Module:
     def C_SeedRandom(self, h: int, seed: bytes | None):
         self._session(h)
         raise P11Error(C.CKR_RANDOM_SEED_NOT_SUPPORTED)  # clients must not steer the token RNG
+
+
+# Template attributes C_FindObjectsInit looks up in an index (with the value type a template
+# gives them) instead of comparing every object's attributes.
+INDEXED: dict[int, type] = {C.CKA_LABEL: bytes, C.CKA_ID: bytes, C.CKA_CLASS: int}
+
+
+def _key_value(v: Any) -> Any:
+    """An attribute value as an index key, equal where :func:`_same` holds for the INDEXED types."""
+    return int(v) if isinstance(v, (bool, int)) else bytes(v)
 
 
 def _same(have: Any, want: Any) -> bool:
