@@ -41,11 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support import PIN_TEXT as PIN, Daemon, client_module, make_token, stop_process  # noqa: E402
 
 WORKER = r"""
-import hashlib, json, sys, time, pkcs11
+import hashlib, json, os, sys, time, pkcs11
 from pkcs11 import KeyType, Mechanism, ObjectClass
 module, kind, flow, data, start, seconds = sys.argv[1], sys.argv[2], sys.argv[3], bytes.fromhex(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
 ok = errors = 0
 first = None
+cpu = 0.0
 try:
     lib = pkcs11.lib(module)
     with lib.get_token().open(user_pin="123456") as s:
@@ -56,6 +57,7 @@ try:
         while time.time() < start:
             time.sleep(0.005)
         end = start + seconds
+        t0 = os.times()
         while time.time() < end:
             try:
                 if kind == "find":
@@ -74,10 +76,12 @@ try:
             except Exception as e:
                 errors += 1
                 first = first or repr(e)
+        t1 = os.times()
+        cpu = (t1.user - t0.user) + (t1.system - t0.system)
 except Exception as e:
     errors += 1
     first = first or repr(e)
-print(json.dumps({"ok": ok, "errors": errors, "first": first}))
+print(json.dumps({"ok": ok, "errors": errors, "first": first, "cpu": cpu}))
 """
 
 
@@ -200,13 +204,15 @@ def run_row(module: str, address: str, kind: str, flow: str, data: bytes, client
              for _ in range(clients)]
     cpu0 = cpu_seconds(pid) if pid else 0.0
     ok = errors = failed_clients = 0
+    clients_cpu = 0.0
     first = None
     for p in procs:
         out, err = p.communicate(timeout=seconds + 120)
         try:
             r = json.loads(out.strip().splitlines()[-1])
         except (ValueError, IndexError):
-            r = {"ok": 0, "errors": 1, "first": err.strip()[-200:]}
+            r = {"ok": 0, "errors": 1, "first": err.strip()[-200:], "cpu": 0.0}
+        clients_cpu += r["cpu"]
         ok += r["ok"]
         errors += r["errors"]
         failed_clients += 1 if r["errors"] else 0
@@ -214,10 +220,12 @@ def run_row(module: str, address: str, kind: str, flow: str, data: bytes, client
     time.sleep(0.2)  # p11-kit server reaps its per-client processes
     cpu = (cpu_seconds(pid) - cpu0) if pid else 0.0
     return {"rate": ok / seconds, "errors": errors, "failed_clients": failed_clients, "first": first,
-            "cpu_ms_per_1000": 1e6 * cpu / ok if ok else 0.0}
+            "cpu_ms_per_1000": 1e6 * cpu / ok if ok else 0.0,
+            "client_cpu_ms_per_1000": 1e6 * clients_cpu / ok if ok else 0.0}
 
 
-NOTHING = {"rate": 0.0, "errors": 0, "failed_clients": 0, "first": None, "cpu_ms_per_1000": 0.0}
+NOTHING = {"rate": 0.0, "errors": 0, "failed_clients": 0, "first": None, "cpu_ms_per_1000": 0.0,
+           "client_cpu_ms_per_1000": 0.0}
 
 
 def _ratio(a: dict, b: dict | None) -> str:
@@ -303,9 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {row['mech']:<36}: cryptobat {row['cryptobat']['rate']:8.1f}/s  "
                           f"softhsm {row['softhsm']['rate']:8.1f}/s", file=sys.stderr, flush=True)
         print("\n| mechanism | clients | cryptobat sig/s | SoftHSMv2 sig/s, same calls | ratio "
-              "| SoftHSMv2 CKM_ECDSA of a local hash | ratio | server CPU ms / 1000 sig (cryptobat / softhsm) "
+              "| SoftHSMv2 CKM_ECDSA of a local hash | ratio | CPU ms / 1000 sig, server (cryptobat / softhsm) "
+              "| CPU ms / 1000 sig, clients (cryptobat / softhsm) "
               "| failures (cryptobat / softhsm) |")
-        print("|---|---:|---:|---:|---:|---:|---:|---|---|")
+        print("|---|---:|---:|---:|---:|---:|---:|---|---|---|")
         for r in rows:
             c, sh, hs = r["cryptobat"], r["softhsm"], r.get("softhsm_hash")
             fails = f"{c['errors']} ({c['failed_clients']} clients) / {sh['errors']} ({sh['failed_clients']} clients)"
@@ -314,10 +323,11 @@ def main(argv: list[str] | None = None) -> int:
             hs_rate = f"{hs['rate']:.1f}" if hs else ""
             print(f"| {r['mech']} | {r['clients']} | {c['rate']:.1f} | {sh['rate']:.1f} | {_ratio(c, sh)} "
                   f"| {hs_rate} | {_ratio(c, hs)} "
-                  f"| {c['cpu_ms_per_1000']:.0f} / {sh['cpu_ms_per_1000']:.0f} | {fails} |")
+                  f"| {c['cpu_ms_per_1000']:.0f} / {sh['cpu_ms_per_1000']:.0f} "
+                  f"| {c['client_cpu_ms_per_1000']:.0f} / {sh['client_cpu_ms_per_1000']:.0f} | {fails} |")
             for t in ("cryptobat", "softhsm", "softhsm_hash"):
                 if r.get(t) and r[t]["first"]:
-                    print(f"|   first {t} failure: {r[t]['first']} | | | | | | | | |")
+                    print(f"|   first {t} failure: {r[t]['first']} | | | | | | | | | |")
         if find_rows:
             print("\n| lookup (python-pkcs11 get_key, 1 client) | cryptobat lookups/s | SoftHSMv2 lookups/s | ratio "
                   "| cryptobat ms / lookup | SoftHSMv2 ms / lookup | failures (cryptobat / softhsm) |")
