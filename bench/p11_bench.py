@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     tokens = [("2", "", "krsa,kec"), (f"{many:,}", "-many", names)]
                 for size, suffix, look in tokens:
-                    row = {"mech": f"C_FindObjects by {by}, {size} keys", "clients": 1}
+                    row = {"mech": f"C_FindObjects by {by}, {size} keys", "clients": 1, "keys": many if suffix else 2}
                     for side in ("cryptobat", "softhsm"):
                         row[side] = measure(side, side + suffix, "find", by, look.encode(), 1)
                     find_rows.append(row)
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"|   first {t} failure: {r[t]['first']} | | | | | | |")
         print(f"\n(whole run {time.time() - t0:.0f} s)")
         if a.json:
-            Path(a.json).write_text(json.dumps({"signing": rows, "find": find_rows}, indent=1))
+            Path(a.json).write_text(json.dumps(rows + [dict(r, kind="find") for r in find_rows], indent=1))
         bad = [r for r in rows + find_rows for t in ("cryptobat", "softhsm", "softhsm_hash")
                if r.get(t) and r[t]["errors"]]
         return 1 if bad else 0
