@@ -220,7 +220,7 @@ class Module:
         self.locked = locked or (lambda f: f())
         self._direct = locked is None
         self._seen: tuple[Any, bool, dict[int, tuple[KeyInfo, bool]]] | None = None  # keys(), login, objects
-        self._find_index: tuple[dict, dict[tuple[int, Any], list[int]]] | None = None  # objects, index
+        self._find_index: tuple[dict, dict[tuple[int, Any], dict[int, None]]] | None = None  # objects, index
         self._index_values: dict[tuple[KeyInfo, bool], tuple] = {}  # object -> its INDEXED values
         self.initialized = False
         self.logged_in = False
@@ -505,26 +505,27 @@ class Module:
         objects = self._objects()
         index = self._index(objects)
         lookups = [t for t in template if t.type in INDEXED and isinstance(t.value, INDEXED[t.type])]
-        if lookups:  # the shortest index entry, then the rest of the template on those objects only
-            handles = min((index.get((t.type, _key_value(t.value)), ()) for t in lookups), key=len)
+        rest = [t for t in template if not (t.type in INDEXED and isinstance(t.value, INDEXED[t.type]))]
+        if lookups:  # the shortest index entry, kept where the other entries have it too
+            entries = sorted((index.get((t.type, _key_value(t.value)), {}) for t in lookups), key=len)
+            handles = [h for h in entries[0] if all(h in e for e in entries[1:])]
         else:
             handles = sorted(objects)
-        rest = [t for t in template if not (t.type in INDEXED and isinstance(t.value, INDEXED[t.type]))]
-        if len(lookups) > 1 or rest:
-            found = []
+        if rest:  # the rest of the template, on those objects only
+            kept = []
             for handle in handles:
                 attrs, _ = self.attributes(*objects[handle])
-                if all(t.type in attrs and _same(attrs[t.type], t.value) for t in template):
-                    found.append(handle)
-        else:
-            found = list(handles)
-        s.find = found
+                if all(t.type in attrs and _same(attrs[t.type], t.value) for t in rest):
+                    kept.append(handle)
+            handles = kept
+        s.find = list(handles)
         return []
 
-    def _index(self, objects: dict[int, tuple[KeyInfo, bool]]) -> dict[tuple[int, Any], list[int]]:
-        """(attribute type, value) -> sorted handles of the visible objects having it, for the
-        INDEXED types: built once per object map (which changes only with the token's keys or
-        the login), so a lookup by label or id costs the same with 2,000 keys as with two.
+    def _index(self, objects: dict[int, tuple[KeyInfo, bool]]) -> dict[tuple[int, Any], dict[int, None]]:
+        """(attribute type, value) -> the visible objects having it, for the INDEXED types (handles
+        in order, as dict keys for membership tests): built once per object map (which changes
+        only with the token's keys or the login), so a lookup by label or id costs the same with
+        2,000 keys as with two.
 
         Each object's indexed values are kept per key record, so a state change that leaves a
         key as it was (the audit's counters, another key added) does not recompute them."""
@@ -532,7 +533,7 @@ class Module:
         if cached is not None and cached[0] is objects:
             return cached[1]
         old, values = self._index_values, {}
-        index: dict[tuple[int, Any], list[int]] = {}
+        index: dict[tuple[int, Any], dict[int, None]] = {}
         for handle in sorted(objects):
             obj = objects[handle]
             vals = old.get(obj)
@@ -541,7 +542,7 @@ class Module:
                 vals = tuple((t, _key_value(attrs[t])) for t in INDEXED if t in attrs)
             values[obj] = vals
             for v in vals:
-                index.setdefault(v, []).append(handle)
+                index.setdefault(v, {})[handle] = None
         self._index_values = values
         self._find_index = (objects, index)
         return index
