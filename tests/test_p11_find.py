@@ -17,7 +17,7 @@ import pytest
 from cryptobat.p11rpc import constants as C
 from cryptobat.p11rpc.codec import Attribute
 from cryptobat.p11rpc.server import Connection
-from support import PIN, Daemon, RealToken, SockClient, WireClient, client_module, make_token
+from support import PIN, ROOT, Daemon, RealToken, SockClient, WireClient, client_module, make_token
 
 N = 120  # keys over ZONES zones
 ZONES = 30
@@ -138,3 +138,17 @@ def test_a_lookup_computes_the_attributes_of_its_matches_only(tmp_path, keys):
             assert c.computed == 0  # label, id and class are all looked up in the index
     finally:
         tok.close()
+
+
+def test_bench_find_rows_run_with_few_keys(tmp_path):
+    """bench/p11_bench.py's FindObjects rows keep working (SoftHSMv2 and p11-kit needed: fails without)."""
+    out = tmp_path / "rows.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "p11_bench.py"), "--seconds", "0.3", "--kinds", "find",
+                        "--find-keys", "20", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "| lookup (python-pkcs11 get_key, 1 client) |" in r.stdout, r.stdout + r.stderr
+    rows = json.loads(out.read_text())
+    assert [row["mech"] for row in rows] == ["C_FindObjects by label, 2 keys", "C_FindObjects by label, 20 keys",
+                                             "C_FindObjects by id, 20 keys"]
+    for row in rows:
+        assert row["kind"] == "find" and row["cryptobat"]["rate"] > 0 and row["softhsm"]["rate"] > 0, row
+        assert row["cryptobat"]["errors"] == 0 and row["softhsm"]["errors"] == 0, row
