@@ -229,6 +229,8 @@ class Module:
         self.locked = locked or (lambda f: f())
         self._direct = locked is None
         self._seen: tuple[Any, bool, dict[int, tuple[KeyInfo, bool]]] | None = None  # keys(), login, objects
+        self._find_index: tuple[dict, dict[tuple[int, Any], dict[int, None]]] | None = None  # objects, index
+        self._index_values: dict[tuple[KeyInfo, bool], tuple] = {}  # object -> its INDEXED values
         self.initialized = False
         self.logged_in = False
         self.sessions: dict[int, Session] = {}
@@ -510,14 +512,53 @@ class Module:
         s = self._session(h)
         if s.find is not None:
             raise P11Error(C.CKR_OPERATION_ACTIVE)
-        found = []
-        for handle, (key, private) in sorted(self._objects().items()):
-            attrs, _ = self.attributes(key, private)
-            if all(t.type in attrs and t.value is not None and _same(attrs[t.type], t.value)
-                   for t in template):
-                found.append(handle)
-        s.find = found
+        if any(t.value is None for t in template):
+            s.find = []  # an attribute without a value matches no object
+            return []
+        objects = self._objects()
+        index = self._index(objects)
+        lookups = [t for t in template if t.type in INDEXED and isinstance(t.value, INDEXED[t.type])]
+        rest = [t for t in template if not (t.type in INDEXED and isinstance(t.value, INDEXED[t.type]))]
+        if lookups:  # the shortest index entry, kept where the other entries have it too
+            entries = sorted((index.get((t.type, _key_value(t.value)), {}) for t in lookups), key=len)
+            handles = [h for h in entries[0] if all(h in e for e in entries[1:])]
+        else:
+            handles = sorted(objects)
+        if rest:  # the rest of the template, on those objects only
+            kept = []
+            for handle in handles:
+                attrs, _ = self.attributes(*objects[handle])
+                if all(t.type in attrs and _same(attrs[t.type], t.value) for t in rest):
+                    kept.append(handle)
+            handles = kept
+        s.find = list(handles)
         return []
+
+    def _index(self, objects: dict[int, tuple[KeyInfo, bool]]) -> dict[tuple[int, Any], dict[int, None]]:
+        """(attribute type, value) -> the visible objects having it, for the INDEXED types (handles
+        in order, as dict keys for membership tests): built once per object map (which changes
+        only with the token's keys or the login), so a lookup by label or id costs the same with
+        2,000 keys as with two.
+
+        Each object's indexed values are kept per key record, so a state change that leaves a
+        key as it was (the audit's counters, another key added) does not recompute them."""
+        cached = self._find_index
+        if cached is not None and cached[0] is objects:
+            return cached[1]
+        old, values = self._index_values, {}
+        index: dict[tuple[int, Any], dict[int, None]] = {}
+        for handle in sorted(objects):
+            obj = objects[handle]
+            vals = old.get(obj)
+            if vals is None:
+                attrs, _ = self.attributes(*obj)
+                vals = tuple((t, _key_value(attrs[t])) for t in INDEXED if t in attrs)
+            values[obj] = vals
+            for v in vals:
+                index.setdefault(v, {})[handle] = None
+        self._index_values = values
+        self._find_index = (objects, index)
+        return index
 
     def C_FindObjects(self, h: int, buf: Buffer):
         s = self._session(h)
@@ -833,6 +874,16 @@ class Module:
     def C_SeedRandom(self, h: int, seed: bytes | None):
         self._session(h)
         raise P11Error(C.CKR_RANDOM_SEED_NOT_SUPPORTED)  # clients must not steer the token RNG
+
+
+# Template attributes C_FindObjectsInit looks up in an index (with the value type a template
+# gives them) instead of comparing every object's attributes.
+INDEXED: dict[int, type] = {C.CKA_LABEL: bytes, C.CKA_ID: bytes, C.CKA_CLASS: int}
+
+
+def _key_value(v: Any) -> Any:
+    """An attribute value as an index key, equal where :func:`_same` holds for the INDEXED types."""
+    return int(v) if isinstance(v, (bool, int)) else bytes(v)
 
 
 def _same(have: Any, want: Any) -> bool:

@@ -73,15 +73,10 @@ class Connection:
         buf = self.frames.buf
         try:
             if data and not buf and len(data) >= HEADER.size:  # the usual case: exactly one whole frame
-                _, olen, blen = HEADER.unpack_from(data)
-                if len(data) == HEADER.size + olen + blen:
-                    frames = self.frames.feed(data)
-                    if len(frames) == 1 and not out:
-                        f = frames[0]
-                        return encode_frame(f.code, self.handle(f.body))
-                    for f in frames:
-                        out += encode_frame(f.code, self.handle(f.body))
-                    return bytes(out)
+                code, olen, blen = HEADER.unpack_from(data)
+                if len(data) == HEADER.size + olen + blen and code and olen <= MAX_OPTIONS and blen <= MAX_BODY:
+                    reply = encode_frame(code, self.handle(bytes(data[HEADER.size + olen:])))
+                    return bytes(out) + reply if out else reply
             buf += data
             n = 0
             while n < limit and len(out) < TURN_BYTES:
@@ -145,6 +140,10 @@ class Connection:
         if self.closed:
             return False
         buf = self.frames.buf
+        if not buf and self.version is not None and len(data) >= HEADER.size + 4:  # one whole frame, usually
+            code, olen, blen = HEADER.unpack_from(data)
+            if len(data) == HEADER.size + olen + blen and code and olen <= MAX_OPTIONS and blen >= 4:
+                return int.from_bytes(data[HEADER.size + olen:HEADER.size + olen + 4], "big") in SLOW_CALLS
         view = memoryview(data)
         if self.version is None and len(view):
             view = view[1:]

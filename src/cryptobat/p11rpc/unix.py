@@ -333,8 +333,10 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
                     return
             if resume_at and not pausing and clock() >= resume_at:
                 listen_on()
-            events = poll(0)
-            if not events and not (todo and not pausing):
+            if todo and not pausing:  # buffered frames to answer: only look, do not wait
+                events = poll(0)
+            else:  # one epoll_wait per wake-up (no non-blocking look first: a system call per message)
+                events = []
                 if spin > 0 and peers:
                     until = clock() + spin
                     while not events and clock() < until:
