@@ -180,7 +180,9 @@ def setup_cryptobat(d: str) -> tuple[str, str, str]:
     sys.path.insert(0, str(TESTS))
     from support import zone_token  # here, not at the top: the measuring wrapper runs this file too,
     # and what it imports counts in every signer's process-tree RSS
-    zt = zone_token(Path(d) / "token", ORIGIN, Path(d) / "keys", algs=(13,), max_validity=MAXVAL)
+    import contextlib
+    with contextlib.redirect_stdout(sys.stderr):  # the key files it lists are not the report
+        zt = zone_token(Path(d) / "token", ORIGIN, Path(d) / "keys", algs=(13,), max_validity=MAXVAL)
     return str(zt.home), zt.keys[(13, "ksk")], zt.keys[(13, "zsk")]
 
 
