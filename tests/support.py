@@ -47,7 +47,7 @@ from cryptobat.p11rpc import constants as C
 from cryptobat.p11rpc.calls import BY_NAME, CALLS
 from cryptobat.p11rpc.codec import Attribute, Mechanism, RpcError, encode_request, parse_response
 from cryptobat.p11rpc.framing import FrameDecoder, encode_frame
-from cryptobat.p11rpc.module import HANDSHAKE, SLOT_ID
+from cryptobat.p11rpc.module import HANDSHAKE, SLOT_ID, Module
 from cryptobat.p11serve import ServiceBackend
 from cryptobat.serve import Service
 from cryptobat.token import Token
@@ -233,6 +233,15 @@ class RealToken:
 
     def close(self) -> None:
         self.token.close()
+
+
+def module_session(rt: RealToken) -> tuple[Module, int]:
+    """The PKCS#11 module on ``rt`` without the RPC layer: initialised, one R/W session, logged in."""
+    m = Module(rt.backend())
+    m.call("C_Initialize", [HANDSHAKE, 0, None])
+    h = m.call("C_OpenSession", [SLOT_ID, C.CKF_SERIAL_SESSION | C.CKF_RW_SESSION])[0]
+    m.call("C_Login", [h, C.CKU_USER, PIN])
+    return m, h
 
 
 _SHARED: list[RealToken] = []

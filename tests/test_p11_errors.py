@@ -15,8 +15,8 @@ from cryptobat import algorithms
 from cryptobat.errors import Conflict, InvalidArgument, KeygenRefused, NotPermitted
 from cryptobat.p11rpc import constants as C
 from cryptobat.p11rpc.codec import Attribute, Buffer, Mechanism
-from cryptobat.p11rpc.module import HANDSHAKE, SLOT_ID, Module, P11Error
-from support import PIN, RealToken, make_signing_data, p11_daemon, tool
+from cryptobat.p11rpc.module import Module, P11Error
+from support import module_session as session, PIN, RealToken, make_signing_data, p11_daemon, tool
 
 P256 = bytes.fromhex("06082a8648ce3d030107")
 
@@ -72,12 +72,6 @@ def rt(tmp_path_factory):
     t.close()
 
 
-def session(rt: RealToken) -> tuple[Module, int]:
-    m = Module(rt.backend())
-    m.call("C_Initialize", [HANDSHAKE, 0, None])
-    h = m.call("C_OpenSession", [SLOT_ID, C.CKF_SERIAL_SESSION | C.CKF_RW_SESSION])[0]
-    m.call("C_Login", [h, C.CKU_USER, PIN])
-    return m, h
 
 
 def keygen(m: Module, h: int, label: bytes) -> list:

@@ -21,13 +21,13 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from cryptobat import keystore, policy, rrsig
-from cryptobat.errors import ConfigurationDisabled, Conflict, KeygenRefused
+from cryptobat import keystore, policy
+from cryptobat.errors import Conflict, KeygenRefused
 from cryptobat.p11rpc import constants as C
 from cryptobat.p11rpc.codec import Attribute, Buffer, Mechanism
-from cryptobat.p11rpc.module import HANDSHAKE, SLOT_ID, Module, P11Error
+from cryptobat.p11rpc.module import Module, P11Error
 from cryptobat.store import from_json, to_json
-from support import PIN, PIN_TEXT, RealToken, cli, client_module, p11_daemon, payload, signing_data, tool, validate
+from support import module_session as session, PIN_TEXT, RealToken, cli, client_module, p11_daemon, payload, signing_data, tool, validate
 
 P256 = bytes.fromhex("06082a8648ce3d030107")
 ODS_ID = bytes.fromhex("9c3a1f0e5d7b2a4c6e8f0a1b2c3d4e5f")  # libhsm: 16 random bytes, label = their hex
@@ -43,12 +43,6 @@ def rt(tmp_path):
     t.close()
 
 
-def session(rt: RealToken) -> tuple[Module, int]:
-    m = Module(rt.backend())
-    m.call("C_Initialize", [HANDSHAKE, 0, None])
-    h = m.call("C_OpenSession", [SLOT_ID, C.CKF_SERIAL_SESSION | C.CKF_RW_SESSION])[0]
-    m.call("C_Login", [h, C.CKU_USER, PIN])
-    return m, h
 
 
 def ec_keygen(m: Module, h: int, *attrs: Attribute) -> list:

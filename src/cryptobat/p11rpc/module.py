@@ -694,16 +694,7 @@ class Module:
         return [self._finish_sign(s, op, bytes(data or b""), buf)]
 
     def C_SignUpdate(self, h: int, data: bytes | None):
-        s = self._session(h)
-        op = s.sign
-        if op is None:
-            raise P11Error(C.CKR_OPERATION_NOT_INITIALIZED)
-        if len(op.data) + len(data or b"") > MAX_DATA:
-            s.sign = None
-            raise P11Error(C.CKR_DATA_LEN_RANGE)
-        op.data += data or b""
-        op.updated = True
-        return []
+        return self._update(self._session(h), "sign", data)
 
     def C_SignFinal(self, h: int, buf: Buffer):
         s = self._session(h)
@@ -763,12 +754,16 @@ class Module:
         return self._finish_verify(s, op, bytes(data or b""), sig)
 
     def C_VerifyUpdate(self, h: int, data: bytes | None):
-        s = self._session(h)
-        op = s.verify
+        return self._update(self._session(h), "verify", data)
+
+    @staticmethod
+    def _update(s, kind: str, data: bytes | None) -> list:
+        """One part of a multi-part sign or verify: collected (bounded) until the Final call."""
+        op = getattr(s, kind)
         if op is None:
             raise P11Error(C.CKR_OPERATION_NOT_INITIALIZED)
         if len(op.data) + len(data or b"") > MAX_DATA:
-            s.verify = None
+            setattr(s, kind, None)
             raise P11Error(C.CKR_DATA_LEN_RANGE)
         op.data += data or b""
         op.updated = True
