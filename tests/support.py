@@ -59,6 +59,15 @@ PIN_TEXT = PIN.decode()
 CONFIGURED_PIN = "signer-pin-1"  # the `configured` fixture's
 DAY = 86400
 MAX_VALIDITY = 30 * DAY  # setup_home's
+EXAMPLE_ZONE = """\
+$ORIGIN example.
+$TTL 3600
+@    IN SOA ns1 hostmaster 1 7200 3600 1209600 3600
+@    IN NS  ns1
+ns1  IN A   192.0.2.1
+www  IN A   192.0.2.80
+mail IN MX  10 ns1
+"""  # the zone the external signers (OpenDNSSEC, Knot) sign through the token
 MONTH = 31 * DAY  # covers signzone's default validity (start - 1 h .. + 30 days)
 KEYS = (("8", "k8"), ("13", "k13"), ("14", "k14"), ("15", "k15"))  # setup_home's (algorithm, label), zone testzone
 COMPAT = ("k14",)

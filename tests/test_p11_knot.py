@@ -13,18 +13,7 @@ import subprocess
 
 import pytest
 
-from support import PIN_TEXT, ConsoleSocket, Hsm, client_module, need, zone_validates
-
-
-ZONE = """\
-$ORIGIN example.
-$TTL 3600
-@    IN SOA ns1 hostmaster 1 7200 3600 1209600 3600
-@    IN NS  ns1
-ns1  IN A   192.0.2.1
-www  IN A   192.0.2.80
-mail IN MX  10 ns1
-"""
+from support import EXAMPLE_ZONE as ZONE, PIN_TEXT, ConsoleSocket, Hsm, client_module, need, zone_validates
 
 KNOT_CONF = """\
 server:

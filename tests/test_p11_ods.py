@@ -22,17 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from support import PIN_TEXT, ConsoleSocket, Hsm, client_module, free_port, need, need_root, stop_process, zone_validates
+from support import EXAMPLE_ZONE as ZONE, PIN_TEXT, ConsoleSocket, Hsm, client_module, free_port, need, need_root, stop_process, zone_validates
 
-ZONE = """\
-$ORIGIN example.
-$TTL 3600
-@    IN SOA ns1 hostmaster 1 7200 3600 1209600 3600
-@    IN NS  ns1
-ns1  IN A   192.0.2.1
-www  IN A   192.0.2.80
-mail IN MX  10 ns1
-"""
 DEBIAN = Path("/usr/share/opendnssec")
 
 
