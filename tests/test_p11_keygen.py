@@ -186,17 +186,21 @@ def test_first_signature_with_the_zsk_tag_makes_a_zsk_for_good(rt):
     assert "role=zsk tag" in rt.console.handle("keylist") and "role-open" not in rt.console.handle("keylist")
 
 
-def test_first_dnskey_signature_with_the_ksk_tag_makes_a_ksk_for_good(rt):
+def test_a_first_dnskey_signature_settles_nothing_and_the_key_signs_on_as_a_csk(rt):
+    """A CSK signs its DNSKEY set first as often as a KSK does: a keyset leaves the role open
+    (signed as the CSK it is), the next ordinary RRset settles it; only keyrole makes a KSK."""
     k = open_key(rt, "w2")
     now = rt.now
     zsk = rt.key("k13")
     r = sign(rt, "w2", payload(k, tc=dns.rdatatype.DNSKEY, rrs=keyset(rt, k, zsk), now=now))
     assert r.ok, r.reason
-    assert rt.key("w2").role == "ksk" and rt.key("w2").keytag == k.keytag
-    for key in (k, keystore.with_role(k, "zsk")):  # a KSK signs no A RRset, whatever the tag
-        r = sign(rt, "w2", payload(key, now=now))
-        assert not r.ok and r.reason in (policy.KSK_ONLY, f"key tag {key.keytag} does not match key {k.keytag}")
-    assert rt.key("w2").role == "ksk"
+    assert rt.key("w2").role == "csk" and rt.token.snapshot().keys["w2"].role_open
+    r = sign(rt, "w2", payload(k, now=now))  # then the zone's A RRset, with the same tag
+    assert r.ok, r.reason
+    assert rt.key("w2").role == "csk" and rt.key("w2").keytag == k.keytag
+    assert not rt.token.snapshot().keys["w2"].role_open
+    r = sign(rt, "w2", payload(keystore.with_role(k, "zsk"), now=now))  # settled: no ZSK tag now
+    assert not r.ok and r.reason == f"key tag {keystore.with_role(k, 'zsk').keytag} does not match key {k.keytag}"
 
 
 def test_a_refused_first_signature_settles_nothing(rt):

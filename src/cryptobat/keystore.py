@@ -60,30 +60,5 @@ def default_label(zone: str, role: str, keytag: int) -> str:
     return f"{zone.rstrip('.') or 'root'}-{role}-{keytag}"
 
 
-def record(info: KeyInfo, blob: bytes, created: int) -> dict:
-    return {**info.to_json(), "blob": blob.hex(), "created": created}
-
-
-def info_of(rec: dict) -> KeyInfo:
-    return KeyInfo.from_json({k: v for k, v in rec.items() if k not in ("blob", "created", "role_open")})
-
-
 def zone_wire(zone: str) -> bytes:
     return dns.name.from_text(zone).canonicalize().to_wire()
-
-
-def inferred_role(info: KeyInfo, type_covered: int, key_tag: int, keyset_types: frozenset[int]) -> str | None:
-    """The role a role-open key takes from the first RRSIG it is asked for, or None.
-
-    The application published the key with the flags it chose, and the key tag in its RRSIG
-    says which: the tag of flags 256 over a non-keyset RRset makes a ZSK; the tag of flags 257
-    over a DNSKEY/CDS/CDNSKEY set a KSK, over any other RRset a CSK. A ZSK tag over a keyset
-    is no role (a ZSK never signs one). Every outcome is narrower than (or equal to) the CSK
-    the key was made as, so inference never lets a key sign what it could not sign before.
-    """
-    keyset = type_covered in keyset_types
-    if key_tag == with_role(info, "ksk").keytag:
-        return "ksk" if keyset else "csk"
-    if key_tag == with_role(info, "zsk").keytag and not keyset:
-        return "zsk"
-    return None

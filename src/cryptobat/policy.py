@@ -17,6 +17,7 @@ import dns.rdataclass
 import dns.rdatatype
 
 from . import algorithms, rrsig
+from .keystore import with_role
 from .api import ROLES, KeyInfo
 from .errors import Refusal
 
@@ -196,3 +197,21 @@ class RateLimiter:
             return False
         self._buckets[label] = (level - 1, t)
         return True
+
+
+def settled_role(key: KeyInfo, type_covered: int, key_tag: int) -> str | None:
+    """The role a role-open key (made as a CSK, flags 257) settles to with an RRSIG it is asked
+    for, or None to leave it open.
+
+    The application published the key with the flags it chose, and the tag in the RRSIG says
+    which: the tag of flags 256 over an ordinary RRset makes a ZSK, the tag of flags 257 over
+    one a CSK. A keyset settles nothing: a CSK signs its DNSKEY set first as often as a KSK
+    does, and only a quorum's ``keyrole`` makes a KSK. Every outcome signs no more than the
+    CSK the key was made as."""
+    if type_covered in KSK_TYPES:
+        return None
+    if key_tag == key.keytag:
+        return "csk"
+    if key_tag == with_role(key, "zsk").keytag:
+        return "zsk"
+    return None

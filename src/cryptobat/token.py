@@ -653,7 +653,7 @@ class Token:
             except CryptobatError:
                 continue
             info = self.state.keys[label].info
-            role = keystore.inferred_role(info, h.type_covered, h.key_tag, policy.KSK_TYPES)
+            role = policy.settled_role(info, h.type_covered, h.key_tag)
             if role is None or h.algorithm != info.algorithm:
                 continue
             new = keystore.with_role(info, role)
