@@ -107,46 +107,47 @@ class KeyCache:
         return len(self._loaded)
 
 
-def sign_one(cache: KeyCache, job: Job, label: str, data: bytes) -> SignResult:
-    """Check one payload against the policy and sign it, or say why not."""
+def refusal(job: Job, label: str, data: bytes) -> str | None:
+    """Why ``job`` may not sign ``data`` with ``label``'s key, or None: the policy check every
+    signature passes, in the token's process and in the workers alike."""
     key = job.keys.get(label)
     if key is None:
-        return SignResult(reason=f"no key labelled {label!r}")
+        return f"no key labelled {label!r}"
     try:
         policy.check(key.info, key.zone_wire, data, job.policy, job.now)
     except Refusal as e:
-        return SignResult(reason=e.reason)
-    return SignResult(signature=cache.get(label, key).sign(data))
+        return e.reason
+    return None
+
+
+def sign_one(cache: KeyCache, job: Job, label: str, data: bytes) -> SignResult:
+    """Check one payload against the policy and sign it, or say why not."""
+    why = refusal(job, label, data)
+    if why is not None:
+        return SignResult(reason=why)
+    return SignResult(signature=cache.get(label, job.keys[label]).sign(data))
 
 
 def signatures(cache: KeyCache, job: Job) -> tuple[list[bytes | None], dict[int, str]]:
     """:func:`sign_one` for every payload of ``job``, compactly: the signatures (None where
     refused) and the refusal reasons by position.
 
-    The same check, then the same signing, per payload; only the key's unsealed form is
-    fetched once per job and label rather than once per payload (this loop is a zone's
-    hot path, and the worker processes answer in this form).
+    The same check (:func:`refusal`), then the same signing, per payload; the key's unsealed
+    form is fetched from the cache once per run of payloads for one key (a zone's items come
+    grouped by key; this loop is a zone's hot path, and the worker processes answer in this form).
     """
-    check, pol, now, keys = policy.check, job.policy, job.now, job.keys
-    signers: dict[str, Callable[[bytes], bytes]] = {}
     sigs: list[bytes | None] = []
     reasons: dict[int, str] = {}
     add = sigs.append
+    last, sign = None, None
     for i, (label, data) in enumerate(job.items):
-        key = keys.get(label)
-        if key is None:
+        why = refusal(job, label, data)
+        if why is not None:
             add(None)
-            reasons[i] = f"no key labelled {label!r}"
+            reasons[i] = why
             continue
-        try:
-            check(key.info, key.zone_wire, data, pol, now)
-        except Refusal as e:
-            add(None)
-            reasons[i] = e.reason
-            continue
-        sign = signers.get(label)
-        if sign is None:
-            sign = signers[label] = cache.get(label, key).sign
+        if label != last:
+            sign, last = cache.get(label, job.keys[label]).sign, label
         add(sign(data))
     return sigs, reasons
 

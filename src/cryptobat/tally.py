@@ -12,6 +12,7 @@ reading the audit log back.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -24,6 +25,16 @@ MAX_KEY = 64  # characters of a key label kept (token labels are at most 64)
 OTHER = "other reasons"
 ANY_KEY = "*"  # the key of pairs past a bound
 NO_KEY = "-"  # the key of refusals that name none (PIN, a window for a zone)
+
+
+_VARYING = re.compile(r"'[^']*'|(?<![#\w])\d+\b")  # what a client chooses inside a reason: quoted labels, numbers
+
+
+def reason_kind(why: str) -> str:
+    """``why`` with the parts a client chooses (quoted labels, key tags, algorithm and type
+    numbers) blanked: the key under which a refusal is counted per key, so a client varying
+    them cannot fill the bounded counters and push the real keys' refusals out."""
+    return _VARYING.sub(lambda m: "'…'" if m.group(0)[0] == "'" else "#", why)
 
 
 def _bounded_add(counts: dict, key, n: int, limit: int, other) -> None:
@@ -69,8 +80,8 @@ class Tally:
         self._keyed(key or NO_KEY, reason)
 
     def _keyed(self, key: str, reason: str) -> None:
-        # a key a client named (a label to generate, an unknown one to sign with) is cut like a label
-        _bounded_add(self.keyed, (key[:MAX_KEY], reason), 1, MAX_KEYED, (ANY_KEY, OTHER))
+        # the token counts a label no key has under NO_KEY; the reason is counted by its kind
+        _bounded_add(self.keyed, (key[:MAX_KEY], reason_kind(reason)), 1, MAX_KEYED, (ANY_KEY, OTHER))
 
     @property
     def empty(self) -> bool:

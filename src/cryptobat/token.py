@@ -705,15 +705,12 @@ class Token:
     def check_signing_data(self, label: str, data: bytes) -> str | None:
         """The policy verdict on ``data`` for ``label`` without signing: None or the reason."""
         job = self.sign_job([(label, data)])
-        key = job.keys.get(label)
-        if key is None:
+        if label not in job.keys:
             return f"no key labelled {label[:64]!r}"
-        try:
-            policy.check(key.info, key.zone_wire, data, job.policy, job.now)
-        except CryptobatError as e:
-            self.account([SignResult(reason=str(e))], labels=[label])
-            return str(e)
-        return None
+        why = signing.refusal(job, label, data)
+        if why is not None:
+            self.account([SignResult(reason=why)], labels=[label])
+        return why
 
     def bind_digest(self, hashed: str, data: bytes, digest: bytes) -> list[tuple[str, bytes]]:
         """Which keys a finished digest of ``data`` binds to; see :func:`cryptobat.prehash.bindings`."""
@@ -743,6 +740,9 @@ class Token:
                 labels: Sequence[str] | None = None) -> None:
         """Count signatures and refusals (:class:`cryptobat.tally.Tally`), refusals by the key
         ``labels`` names for each result; audit them at most once a second."""
+        if labels is not None and not all(r.ok for r in results):  # a label no key has is the client's
+            keys = self.state.keys                                 # invention: counted under no key
+            labels = [label if label in keys else tally.NO_KEY for label in labels]
         self._pending.add(results, compat, labels)
         self.flush_audit()
 
@@ -763,7 +763,7 @@ class Token:
             self.refused(label, f"{command}: {why}")
             return
         last[(command, why)] = now
-        pair = {((label or tally.NO_KEY)[:tally.MAX_KEY], f"{command}: {why}"): 1}
+        pair = {(label if label in self.state.keys else tally.NO_KEY, tally.reason_kind(f"{command}: {why}")): 1}
 
         def count(s: TokenState) -> TokenState:
             total = tally.merge(s.counters.refused, pair)
@@ -772,8 +772,9 @@ class Token:
         self._change("refused", {"command": command, "label": label, "why": why}, count)
 
     def refused(self, key: str, reason: str, pin: bool = False) -> None:
-        """Count a refused call that is not a signature; audited with the next flush, as signatures are."""
-        self._pending.refuse(key, reason, pin)
+        """Count a refused call that is not a signature; audited with the next flush, as signatures are.
+        A ``key`` the token has no key for (a label to generate, say) is counted under no key."""
+        self._pending.refuse(key if key in self.state.keys else tally.NO_KEY, reason, pin)
         self.flush_audit()
 
     def flush_audit(self, force: bool = False) -> None:
