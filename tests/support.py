@@ -678,8 +678,7 @@ def p11_served(daemon: Daemon) -> None:
     assert daemon.alive()
 
 
-CORPUS_CANDIDATES = [ROOT.parent / "shared" / "corpus" / "p11-kit-rpc", ROOT / "shared" / "corpus" / "p11-kit-rpc",
-                     Path(__file__).resolve().parents[2] / "shared" / "corpus" / "p11-kit-rpc"]
+CORPUS_CANDIDATES = [ROOT.parent / "shared" / "corpus" / "p11-kit-rpc", ROOT / "shared" / "corpus" / "p11-kit-rpc"]
 
 
 class Input:

@@ -24,7 +24,7 @@ from cryptobat.p11rpc.module import HANDSHAKE, MAX_RANDOM, SLOT_ID
 from cryptobat.p11rpc.server import Connection
 from cryptobat.p11rpc.unix import MAX_PEERS
 from cryptobat.serve import MAX_CONNECTIONS, PRELOGIN_FRAME, _Server
-from support import PIN, ConsoleSocket, Daemon, SockClient, cli, p11_served, setup_home
+from support import PIN, ConsoleSocket, Daemon, SockClient, cli, need_root, p11_served, setup_home
 
 KEYS = (("13", "k13"),)
 FRAME_TIMEOUT = "2"  # seconds a native frame may stall in this module's daemon
@@ -307,9 +307,9 @@ def test_native_backlog(daemon):
 
 # --- 5: p11-stdio on a home this user cannot read -------------------------------------------
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (to drop the capability to read any directory)")
 def test_p11_stdio_unreadable_home(tmp_path):
     """Root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH, as a user who may not search the home's parent."""
+    need_root("to drop the capability to read any directory")
     private = tmp_path / "private"
     home = private / "token"
     home.mkdir(parents=True)

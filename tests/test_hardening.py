@@ -124,7 +124,6 @@ def test_keyimport_checks_the_quorum_first_and_reads_only_regular_files(configur
     try:
         c = ConsoleSocket(home / "console.sock")
         try:
-            t = time.monotonic()
             assert c(f"keyimport zsk testzone {fifo}") == " Configuration disabled\n"
             assert c(f"cologin solo {codes('solo')}") == " CO solo Ok\n"
             assert c(f"keyimport zsk testzone {fifo}") == f"fail: cannot read {fifo}: not a regular file\n"
@@ -136,7 +135,6 @@ def test_keyimport_checks_the_quorum_first_and_reads_only_regular_files(configur
             secret_file.write_text("TOPSECRET-CONTENT\n")
             out = c(f"keyimport zsk testzone {secret_file}")
             assert out.startswith("fail:") and "TOPSECRET" not in out
-            assert time.monotonic() - t < 20
         finally:
             c.close()
         assert " |solo| not present" in cli("console", home=home, input="colist\n").stdout  # still serving

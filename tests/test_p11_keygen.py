@@ -130,6 +130,18 @@ def test_binary_ids_kept_labels_derived_and_public_destroy_keeps_the_key(rt):
                for e in audited(rt))
 
 
+def test_a_label_that_is_another_keys_id_is_refused(rt):
+    """A key without a CKA_ID of its own has its label as id: a label equal to another key's
+    CKA_ID would give two keys one id (C_FindObjects by id would find both)."""
+    m, h = session(rt)
+    rt.quorum("p11window 600 testzone. keys 2")
+    ec_keygen(m, h, Attribute(C.CKA_ID, b"foo"), Attribute(C.CKA_LABEL, b"bar"))
+    with pytest.raises(P11Error) as e:
+        ec_keygen(m, h, Attribute(C.CKA_LABEL, b"foo"))
+    assert e.value.ckr == Conflict.ckr
+    assert len(find(m, h, Attribute(C.CKA_ID, b"foo"))) == 2  # the one key's two objects
+
+
 def test_id_and_open_role_survive_a_restart_and_an_old_store_still_opens(rt, tmp_path):
     rt.quorum("p11window 600 testzone. keys 1")
     rt.token.generate_key(13, "csk", "", "", KNOT_ID)

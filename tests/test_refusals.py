@@ -266,7 +266,7 @@ def test_a_flood_of_refused_signs_adds_a_bounded_number_of_audit_entries(served)
         if refused_pairs(new).get(("k13", policy.NOT_COMPAT)) == n["k13"] or time.monotonic() > deadline:
             break
         time.sleep(0.3)
-    assert n["k13"] > 200, n  # a real flood
+    assert n["k13"] > 50, n  # a real flood
     assert len(new) <= elapsed + 6, (len(new), elapsed)  # about one entry a second, not one a request
     assert refused_pairs(new)[("k13", policy.NOT_COMPAT)] == n["k13"]
     assert status_refusals(d.home)[("k13", policy.NOT_COMPAT)] == before + n["k13"]

@@ -315,9 +315,7 @@ def test_console_line_bounds(token_home):
     d = Daemon(home, codes=codes)
     try:
         c = ConsoleSocket(home / "console.sock")
-        t0 = time.monotonic()
-        assert c.cmd("A" * (1 << 20)) == "fail: line too long\n"
-        assert time.monotonic() - t0 < 5
+        assert c.cmd("A" * (1 << 20)) == "fail: line too long\n"  # answered, not hung (the socket's timeout)
         assert c.cmd("x" * (MAX_LINE + 1)) == "fail: line too long\n"
         assert c.cmd("x" * MAX_LINE).startswith("fail: unknown command")  # at the limit: parsed
         c.s.sendall(b"date\r")  # a lone CR ends the line

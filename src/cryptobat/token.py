@@ -465,6 +465,8 @@ class Token:
         """A label a new key may take: a PKCS#11 client learns which rule it broke by the code."""
         if label in self.state.keys:
             raise Conflict(f"label {label[:MAX_LABEL]!r} is taken")
+        if any(k.cka_id == label.encode() for k in self.keys()):  # a key without an id of its own
+            raise Conflict(f"label {label[:MAX_LABEL]!r} is another key's CKA_ID")  # is found by its label
         if not label.isprintable() or " " in label or len(label) > MAX_LABEL:
             raise InvalidArgument(f"label {label[:MAX_LABEL]!r} is too long or not printable")
 

@@ -5,7 +5,9 @@ afterwards travels in one :class:`Prepared` record.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -114,16 +116,35 @@ def prepare(zonefile: str, origin: dns.name.Name, chain: ChainSpec, keys: list[S
     Frozen objects are still freed by reference counting; unfreezing when the zone goes lets
     the collector see anything else frozen with it (a run of many zones).
     """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with _no_cycle_collector():
         prep = _prepare(zonefile, origin, chain, keys, serial_method, now)
         gc.freeze()
-    finally:
-        if enabled:
-            gc.enable()
     weakref.finalize(prep, gc.unfreeze)
     return prep
+
+
+_gc_lock = threading.Lock()
+_gc_users = 0  # zones being read now (a run of many zones reads several at once, in threads)
+_gc_was_enabled = True
+
+
+@contextlib.contextmanager
+def _no_cycle_collector():
+    """The collector off while any zone is being read, and back as it was when the last is done:
+    it is one switch for the process, which the threads of a many-zones run share."""
+    global _gc_users, _gc_was_enabled
+    with _gc_lock:
+        if _gc_users == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_users += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_users -= 1
+            if _gc_users == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 def _prepare(zonefile: str, origin: dns.name.Name, chain: ChainSpec, keys: list[SignKey],
