@@ -199,6 +199,8 @@ def refused_pairs(entries: list[dict]) -> dict[tuple[str, str], int]:
         pairs = e.get("refused", [])
         if e["event"] == "refused" and "label" in e:  # a key management refusal, audited at once
             pairs = [[e["label"], f"{e['command']}: {e['why']}", 1]]
+        if e["event"] == "pin" and e.get("ok") is False:  # a wrong PIN: its own entry, counted there
+            pairs = [[tally.NO_KEY, "PIN incorrect", 1]]
         for key, why, n in pairs:
             out[(key, why)] = out.get((key, why), 0) + n
     return out

@@ -87,6 +87,12 @@ class Counters:
     def add(self, **more: int) -> "Counters":
         return dataclasses.replace(self, **{k: getattr(self, k) + v for k, v in more.items()})
 
+    def with_refused(self, pairs: Mapping[tuple[str, str], int]) -> "Counters":
+        """These counters with (key, reason) refusal counts added, bounded as :func:`tally.merge` does."""
+        from .tally import merge
+        total = merge(self.refused, pairs)
+        return dataclasses.replace(self, refused=frozen({k: frozen(v) for k, v in total.items()}))
+
 
 @dataclass(frozen=True)
 class AuditHead:

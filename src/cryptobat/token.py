@@ -16,10 +16,7 @@ import hmac
 import os
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Callable, Sequence
-
-import dns.name
 
 from . import audit as auditlog
 from . import algorithms, keystore, officers, policy, prehash, rrsig
@@ -32,7 +29,7 @@ from .errors import (ConfigurationDisabled, Conflict, CryptobatError, InvalidArg
 from .quorum import IDLE_TIMEOUT, Approval, PendingOperation, Quorum, Session
 from . import signing
 from .signing import Job, KeyCache, SignKey, sign_one
-from .state import AuditHead, ClockRecord, KeyRecord, Officer, TokenState, frozen, with_item, without
+from .state import AuditHead, ClockRecord, KeyRecord, Officer, TokenState, with_item, without
 from .store import Store
 from . import tally
 from .tally import Tally
@@ -767,11 +764,8 @@ class Token:
         last[(command, why)] = now
         pair = {(label if label in self.state.keys else tally.NO_KEY, tally.reason_kind(f"{command}: {why}")): 1}
 
-        def count(s: TokenState) -> TokenState:
-            total = tally.merge(s.counters.refused, pair)
-            return s.replace(counters=replace(s.counters, refused=frozen({k: frozen(v) for k, v in total.items()})))
-
-        self._change("refused", {"command": command, "label": label, "why": why}, count)
+        self._change("refused", {"command": command, "label": label, "why": why},
+                     lambda s: s.replace(counters=s.counters.with_refused(pair)))
 
     def refused(self, key: str, reason: str, pin: bool = False) -> None:
         """Count a refused call that is not a signature; audited with the next flush, as signatures are.
@@ -789,10 +783,7 @@ class Token:
 
         def count(s: TokenState) -> TokenState:
             c = s.counters.add(signatures=p.signatures, refusals=p.refusals, compat_signatures=p.compat_signatures)
-            if p.keyed:
-                total = tally.merge(c.refused, p.keyed)
-                c = replace(c, refused=frozen({k: frozen(v) for k, v in total.items()}))
-            return s.replace(counters=c)
+            return s.replace(counters=c.with_refused(p.keyed) if p.keyed else c)
 
         self._change(event, fields, count)
         self._pending = Tally()
@@ -840,10 +831,10 @@ class Token:
                     self._change("pin", {"ok": True, "source": source}, lambda s: s.replace(pin_failures=0))
             else:
                 n = self.state.pin_failures + 1
-                self._pending.refuse(tally.NO_KEY, "PIN incorrect")  # for the counters; audited below too
-                self._change("pin", {"ok": False, "failures": n, "source": source,
+                self._change("pin", {"ok": False, "failures": n, "source": source,  # counted in this entry
                                      **({"why": "PIN now locked"} if n >= MAX_PIN_FAILURES else {})},
-                             lambda s: s.replace(pin_failures=n))
+                             lambda s: s.replace(pin_failures=n, counters=s.counters.with_refused(
+                                 {(tally.NO_KEY, "PIN incorrect"): 1})))
         return ok
 
     def pin_locked(self) -> bool:

@@ -437,6 +437,8 @@ def sign_all(zones: list[Zone], report: Report, sign: Callable, enter: Callable 
                 n = size(zone)
                 while held and held + n > BYTES_IN_FLIGHT:  # a big zone waits for room
                     room.wait()
+                if stopped.is_set():  # the token failed while this zone waited: it is not started
+                    return
                 held += n
             try:
                 with enter():

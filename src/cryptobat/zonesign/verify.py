@@ -42,6 +42,8 @@ def verify_chunk(specs: list[tuple[int, int, bytes]], idx: bytes, datas: list[by
     for spec in specs:
         pub = _pubkeys.get(spec)
         if pub is None:
+            if len(_pubkeys) >= 64:  # a process verifying many zones keeps the recent zones' keys only
+                _pubkeys.clear()
             alg, _flags, key = spec
             pub = _pubkeys[spec] = algorithms.public_key_from(alg, key)
         pubs.append(pub.verify)
