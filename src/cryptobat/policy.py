@@ -16,7 +16,7 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 
-from . import algorithms, rrsig
+from . import rrsig
 from .keystore import with_role
 from .api import ROLES, KeyInfo
 from .errors import Refusal
@@ -82,6 +82,15 @@ def limit(policy: Policy, now: int) -> int:
     return now + (policy.max_validity or 0)
 
 
+def in_force(policy: Policy) -> None:
+    """Raise :class:`Refusal` unless the token may sign at all: its clock is trusted and a
+    quorum has set a maximum validity (every signature, whole-data or hash-only, first)."""
+    if policy.clock_tampered:
+        raise Refusal("token clock tamper state: a quorum must run settime")
+    if policy.max_validity is None:
+        raise Refusal("no maximum validity policy set")
+
+
 def check(key: KeyInfo, zone_wire: bytes, data: bytes, policy: Policy, now: int) -> rrsig.SigningData:
     """Parse ``data`` and raise :class:`Refusal` unless ``key`` may sign it at token time ``now``.
 
@@ -89,10 +98,7 @@ def check(key: KeyInfo, zone_wire: bytes, data: bytes, policy: Policy, now: int)
     as offsets from ``now`` on the 2^32 circle, never turned into absolute times, so no
     value can wrap into looking acceptable.
     """
-    if policy.clock_tampered:
-        raise Refusal("token clock tamper state: a quorum must run settime")
-    if policy.max_validity is None:
-        raise Refusal("no maximum validity policy set")
+    in_force(policy)
     sd = rrsig.parse(data)
     if sd.rdclass != _IN:
         raise Refusal(NOT_IN)

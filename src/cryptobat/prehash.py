@@ -82,10 +82,7 @@ def check_digest(key: KeyInfo, raw: bytes, mechanism: str, bound: bool, pol: pol
     ``bound`` means the data behind the hash passed :func:`cryptobat.policy.check`; otherwise
     the data is unknown and only a key a quorum put in compat mode may sign it, rate-limited.
     """
-    if pol.clock_tampered:
-        raise Refusal("token clock tamper state: a quorum must run settime")
-    if pol.max_validity is None:
-        raise Refusal("no maximum validity policy set")
+    policy.in_force(pol)
     if not bound:
         if not key.compat:
             raise Refusal(policy.NOT_COMPAT)

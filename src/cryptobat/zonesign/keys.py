@@ -103,13 +103,8 @@ def read_keyfile(path: str) -> KeyFile:
     return kf
 
 
-def public_key(dnskey):
-    """dnspython's public key for a DNSKEY: ``.verify(signature, data)`` raises InvalidSignature."""
-    return algorithms.public_key_of(dnskey)
-
-
 def make_signkey(info: KeyInfo, sep: bool) -> SignKey:
-    public_key(info.dnskey())  # raises on an algorithm or key we cannot verify
+    algorithms.public_key_of(info.dnskey())  # raises on an algorithm or key we cannot verify
     return SignKey(info, sep, dns.name.from_text(info.zone).canonicalize().to_wire())
 
 
