@@ -473,6 +473,62 @@ def need_root(why: str) -> None:
         pytest.skip(f"needs root ({why})")
 
 
+class Swtpm:
+    """A real software TPM 2.0 (``swtpm``) on a Unix socket in ``state_dir``, for one test or module.
+
+    The TCTI is :attr:`tcti` (``swtpm:path=...``; the control socket is that path plus
+    ``.ctrl``, where the TCTI looks for it). Unix sockets, not TCP: no port pair to find, and
+    about twice the round trips a second. swtpm's log goes to a file, not a pipe (a pipe nobody
+    reads stalls it after ~2,000 commands), and it dies with the test process (parent-death
+    signal), so a killed run leaves no swtpm behind. The TPM state persists in ``state_dir``
+    across :meth:`restart` (a power cycle)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.sock = self.dir / "swtpm.sock"
+        self.log = self.dir / "swtpm.log"
+        self.tcti = f"swtpm:path={self.sock}"
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        from cryptobat.workers import die_with_parent
+        exe = need("swtpm", "swtpm")
+        for stale in (self.sock, Path(f"{self.sock}.ctrl")):
+            stale.unlink(missing_ok=True)
+        me = os.getpid()
+        self.proc = subprocess.Popen(
+            [exe, "socket", "--tpm2", "--tpmstate", f"dir={self.dir}",
+             "--server", f"type=unixio,path={self.sock}", "--ctrl", f"type=unixio,path={self.sock}.ctrl",
+             "--flags", "not-need-init,startup-clear", "--log", f"file={self.log}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=lambda: die_with_parent(me))
+        deadline = time.monotonic() + 20
+        while not (self.sock.exists() and Path(f"{self.sock}.ctrl").exists()):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"swtpm exited with {self.proc.returncode}: {self.log.read_text()[-500:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("swtpm did not create its sockets")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, timeout=5)
+            self.proc = None
+
+    def restart(self) -> None:
+        """Power-cycle the TPM: stop swtpm and start it again on the same state."""
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> "Swtpm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 @contextlib.contextmanager
 def p11_daemon(home: Path, keys, compat=()):
     """A daemon on a :func:`setup_home` token, the address p11-kit-client.so reads pointing at it."""

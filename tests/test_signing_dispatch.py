@@ -7,7 +7,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cryptobat import algorithms, signing, workers
-from cryptobat.custody import _DnssecKey
+from cryptobat.custody.software import _DnssecKey
 from support import payload, signing_token
 
 

@@ -1,19 +1,11 @@
-"""Key custody: where private keys live and how they are used.
-
-The token never handles a private key except through a :class:`Custody`. The
-software custody keeps a 256-bit master key in a 0600 file and stores each
-private key sealed under it (AES-256-GCM, the key's label as associated data),
-unsealing it only to sign. A TPM 2.0 custody (keys created inside the TPM,
-loaded per use and flushed) and one fronting an existing PKCS#11 HSM implement
-the same protocol; the rest of the token does not change.
-"""
+"""Software custody: a 256-bit master key in a 0600 file, private keys sealed under it
+(AES-256-GCM, the key's label as associated data) and unsealed only to sign."""
 from __future__ import annotations
 
 import hashlib
 import hmac
 import os
 from pathlib import Path
-from typing import Protocol
 
 import dns.dnssec  # noqa: F401  (registers dnspython's DNSSEC algorithms)
 import dns.dnssecalgs
@@ -22,38 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from . import algorithms
-from .errors import CryptobatError, IntegrityError
-
-
-class LoadedKey(Protocol):
-    def sign(self, data: bytes) -> bytes: ...
-
-    def sign_digest(self, digest: bytes) -> bytes:
-        """Sign a bare hash (PKCS#11 hash-only mechanisms); DNSSEC signature format."""
-        ...
-
-
-class Custody(Protocol):
-    name: str
-
-    def generate(self, algorithm: int, aad: bytes) -> tuple[bytes, bytes]:
-        """Create a key inside custody; return (DNSKEY public key field, opaque blob to store)."""
-        ...
-
-    def load(self, algorithm: int, blob: bytes, aad: bytes) -> LoadedKey: ...
-
-    def import_key(self, algorithm: int, private_key, aad: bytes) -> tuple[bytes, bytes]:
-        """Take an existing private key into custody; return (public key field, blob)."""
-        ...
-
-    def seal(self, data: bytes, aad: bytes) -> bytes: ...
-
-    def unseal(self, blob: bytes, aad: bytes) -> bytes: ...
-
-    def mac_key(self) -> bytes:
-        """Key for the state store's integrity MAC."""
-        ...
+from .. import algorithms
+from ..errors import CryptobatError, IntegrityError
 
 
 class _DnssecKey:
@@ -141,7 +103,7 @@ class SoftwareCustody:
                                         serialization.NoEncryption())
         return key.public_key().encode_key_bytes(), self.seal(der, aad)
 
-    def load(self, algorithm: int, blob: bytes, aad: bytes) -> LoadedKey:
+    def load(self, algorithm: int, blob: bytes, aad: bytes) -> _DnssecKey:
         der = self.unseal(blob, aad)
         private = serialization.load_der_private_key(der, password=None)
         alg = algorithms.by_number(algorithm)
