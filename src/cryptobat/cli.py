@@ -74,10 +74,25 @@ def _serving(home: Path) -> Path | None:
     return p if serving(p) else None
 
 
+def _custody_pin(a) -> str | None:
+    """The backing HSM's PIN: from --custody-pin-file (first line) or $CRYPTOBAT_CUSTODY_PIN, never argv."""
+    import os
+    if a.custody_pin_file:
+        try:
+            with open(a.custody_pin_file, encoding="utf-8") as f:
+                return f.readline().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CryptobatError(f"cannot read the custody PIN file {a.custody_pin_file}: "
+                                 f"{getattr(e, 'strerror', None) or e}") from None
+    return os.environ.get("CRYPTOBAT_CUSTODY_PIN") if a.custody.startswith("pkcs11") else None
+
+
 def cmd_init(a) -> int:
+    from .custody import parse_spec
     from .home import init_token
     home = resolve_home(a.home)
-    t = init_token(home, a.quorum)
+    kind, config = parse_spec(a.custody, token=a.custody_token, pin=_custody_pin(a), pcrs=a.pcrs)
+    t = init_token(home, a.quorum, kind=kind, config=config)
     print(f"Initialised token {t.serial()} at {home} (quorum {a.quorum}, custody {t.custody.name})")
     print("Next: enrol officers with 'cryptobat console' -> coadd NAME")
     t.close()
@@ -91,8 +106,11 @@ def cmd_console(a) -> int:
         return _attach(sock)
     from .console import Console
     from .home import open_token
-    token = open_token(home)
+    token = open_token(home, rollback_hold=a.rollback_hold)
     console = Console(token)
+    if token.held:
+        print(f"HELD: {token.held}\nOfficers: cologin, then acceptrollback (quorum) to serve this store; "
+              f"nothing is signed until then.", file=sys.stderr)
     interactive = sys.stdin.isatty()
     import getpass
     try:
@@ -243,10 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("init", help="create a token")
     _home_arg(s)
     s.add_argument("--quorum", type=int, default=2, metavar="M", help="officers needed for a change (default 2)")
+    s.add_argument("--custody", default="software", metavar="SPEC",
+                   help="where private keys live: software (default; a 0600 master key in the home), "
+                        "tpm2[:TCTI] (inside a TPM 2.0; TCTI default device:/dev/tpmrm0, e.g. "
+                        "swtpm:path=/run/swtpm.sock; with a rollback counter) or pkcs11:MODULE (an existing HSM)")
+    s.add_argument("--pcrs", metavar="LIST", help="tpm2: bind the sealed master secret to these PCRs, e.g. 0,2,4,7")
+    s.add_argument("--custody-token", metavar="LABEL", help="pkcs11: the HSM token's label")
+    s.add_argument("--custody-pin-file", metavar="FILE",
+                   help="pkcs11: a file whose first line is the HSM token's PIN (else $CRYPTOBAT_CUSTODY_PIN)")
     s.set_defaults(fn=cmd_init)
 
     s = sub.add_parser("console", help="the token's console on this terminal")
     _home_arg(s)
+    s.add_argument("--rollback-hold", action="store_true",
+                   help="open a store the TPM's rollback counter refuses, held: nothing is signed, officers may "
+                        "log in and a quorum may acceptrollback (audited with both counter values)")
     s.set_defaults(fn=cmd_console)
 
     s = sub.add_parser("status", help="the token at a glance")

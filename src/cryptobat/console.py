@@ -63,6 +63,7 @@ HELP = f"""\
  tpmflush HANDLE              unload a key
  tpmreset                     unload every key
  audit [N] | audit verify     last N audit entries | check the hash chain
+ acceptrollback               accept a store the TPM's rollback counter refused (quorum; console --rollback-hold)
  help                         this list
 """
 
@@ -545,6 +546,15 @@ class Console:
     def do_status(self, args: list[str]) -> str:
         from .status import render
         return render(self.token, self.session)
+
+    def do_acceptrollback(self, args: list[str]) -> str:
+        _want(args, 0)
+
+        def run(by: Approval) -> str:
+            was, now = self.token.acceptrollback(by)
+            return (f" Rollback accepted: the store's counter {was} set to the TPM's {now}; "
+                    f"signing resumes\n")
+        return self._quorum("acceptrollback", run)
 
     def do_quit(self, args: list[str]) -> str:
         self.close()

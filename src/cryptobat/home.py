@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 from . import audit as auditlog
+from . import rollback
 from .audit import Head
 from .clock import _boottime
-from .custody import Custody, SoftwareCustody
-from .errors import Conflict, IntegrityError, InvalidArgument, NotFound
+from .custody import Custody, RollbackCounter, open_custody
+from .errors import Conflict, CryptobatError, IntegrityError, InvalidArgument, NotFound
 from .state import TokenState
 from .store import Store
 
@@ -46,14 +48,46 @@ def _private_home(home: Path, create: bool) -> None:
         os.chmod(home, 0o700)
 
 
+def _close_custody(custody: Custody) -> None:
+    close = getattr(custody, "close", None)
+    if close is not None:
+        close()
+
+
 def _open_files(home: Path, custody_factory: Callable[..., Custody], create: bool) -> tuple[Custody, Store]:
     _private_home(home, create)
     old_umask = os.umask(0o077)
     try:
         custody = custody_factory(home, create=True) if create else custody_factory(home)
-        return custody, Store(home, custody.mac_key(), create=create)
+        try:
+            return custody, Store(home, custody.mac_key(), create=create)
+        except BaseException:
+            _close_custody(custody)
+            raise
     finally:
         os.umask(old_umask)
+
+
+def _counter(custody: Custody) -> RollbackCounter | None:
+    """The custody's rollback counter, if it has one (the software custody has none)."""
+    counter = getattr(custody, "counter", None)
+    return counter() if counter is not None else None
+
+
+def _check_rollback(counter: RollbackCounter, stored: int, hold: bool) -> tuple[str | None, str | None]:
+    """The store's counter value against the device's: (held reason, repair note).
+
+    A store one ahead (its last change committed, the increment lost) is repaired here; one
+    behind or further ahead is refused, or with ``hold`` opened held for the officers' decision."""
+    verdict = rollback.decide(stored, counter.read())
+    if verdict.action == "repair":
+        counter.increment()
+        return None, verdict.message
+    if verdict.action == "refuse":
+        if not hold:
+            raise IntegrityError(verdict.message)
+        return verdict.message, None
+    return None, None
 
 
 def _verify_audit_since(store: Store, state: TokenState) -> TokenState:
@@ -67,10 +101,15 @@ def _verify_audit_since(store: Store, state: TokenState) -> TokenState:
     return state.replace(audit_checked=state.audit)
 
 
-def open_token(home: Path | str, custody_factory: Callable[..., Custody] = SoftwareCustody, *,
+def open_token(home: Path | str, custody_factory: Callable[..., Custody] = open_custody, *,
                wall: Callable[[], float] = time.time, mono: Callable[[], float] = _boottime,
-               check_audit: bool = True, accept_lost_changes: bool = False):
-    """The token at ``home``: custody and store opened, the commit marker and audit chain checked."""
+               check_audit: bool = True, accept_lost_changes: bool = False, rollback_hold: bool = False):
+    """The token at ``home``: custody and store opened, the commit marker, audit chain and
+    rollback counter checked.
+
+    ``custody_factory(home)`` opens the custody (by default the kind HOME/custody.json
+    records). ``rollback_hold``: a store the rollback counter refuses is opened held instead
+    (signing refused; officers may log in and a quorum ``acceptrollback``)."""
     from .token import Token
     home = Path(home)
     custody, store = _open_files(home, custody_factory, create=False)
@@ -81,33 +120,74 @@ def open_token(home: Path | str, custody_factory: Callable[..., Custody] = Softw
         lost = store.check_marker(Head(state.audit.seq, state.audit.hash), accept_lost_changes)
         if check_audit:
             state = _verify_audit_since(store, state)
-        token = Token(store, custody, state, wall=wall, mono=mono)
+        counter = _counter(custody)
+        held, repaired = _check_rollback(counter, state.rollback, rollback_hold) if counter else (None, None)
+        token = Token(store, custody, state, wall=wall, mono=mono, counter=counter, held=held)
     except BaseException:
         store.close()
+        _close_custody(custody)
         raise
     if lost:
         token.audit("accepted-loss", acknowledged=lost[0], kept=lost[1],
                     why="state.db lost acknowledged changes; the operator accepted the loss")
+    if repaired:
+        token.audit("rollback-repaired", store=state.rollback, device=state.rollback - 1, why=repaired)
+    if held:
+        token.audit("rollback-held", why=held)
     return token
 
 
-def init_token(home: Path | str, quorum: int = 2, custody_factory: Callable[..., Custody] = SoftwareCustody, *,
-               wall: Callable[[], float] = time.time, mono: Callable[[], float] = _boottime):
-    """A new token at ``home`` (created 0700) with an M-of-N ``quorum``."""
+def _remove_new(home: Path, existed: bool, before: set[str]) -> None:
+    """Undo a failed init: the files it made in ``home`` (and ``home`` itself if it made that)."""
+    try:
+        for p in home.iterdir():
+            if p.name not in before and (p.is_file() or p.is_symlink()):
+                p.unlink(missing_ok=True)
+        if not existed:
+            home.rmdir()
+    except OSError:
+        pass  # what is left is named by the next init's "a token already exists" or its own error
+
+
+def init_token(home: Path | str, quorum: int = 2, custody_factory: Callable[..., Custody] | None = None, *,
+               wall: Callable[[], float] = time.time, mono: Callable[[], float] = _boottime,
+               kind: str | None = None, config: dict | None = None):
+    """A new token at ``home`` (created 0700) with an M-of-N ``quorum``.
+
+    Its custody is made by ``custody_factory(home, create=True)``, by default
+    :func:`cryptobat.custody.open_custody` of ``kind`` (software unless given) with ``config``
+    (see :func:`cryptobat.custody.parse_spec`). A failure leaves nothing of the token behind in
+    ``home`` (objects a device made before it failed are the custody's to undo)."""
     from .token import MAX_QUORUM, Token, new_state
     if not 1 <= quorum <= MAX_QUORUM:
         raise InvalidArgument(f"quorum must be between 1 and {MAX_QUORUM}")
     home = Path(home)
     if (home / "state.db").exists():
         raise Conflict(f"a token already exists at {home}")
-    custody, store = _open_files(home, custody_factory, create=True)
+    if custody_factory is None:
+        def custody_factory(h: Path, create: bool = False) -> Custody:
+            return open_custody(h, create=create, kind=kind, config=config)
+    existed = home.exists()
+    before = {p.name for p in home.iterdir()} if existed and home.is_dir() else set()
+    try:
+        custody, store = _open_files(home, custody_factory, create=True)
+    except BaseException:
+        _remove_new(home, existed, before)
+        raise
     try:
         if store.load() is not None:
             raise Conflict(f"a token already exists at {home}")
-        token = Token(store, custody, new_state(quorum, int(wall())), wall=wall, mono=mono)
-        token.audit("init", quorum=quorum)
+        counter = _counter(custody)
+        state = new_state(quorum, int(wall()))
+        if counter is not None:  # a new counter reads what the TPM's history made it, not 0
+            state = state.replace(rollback=counter.read())
+        token = Token(store, custody, state, wall=wall, mono=mono, counter=counter)
+        token.audit("init", quorum=quorum, custody=custody.name)
     except BaseException:
         store.close()
+        _close_custody(custody)
+        if not isinstance(sys.exc_info()[1], Conflict):
+            _remove_new(home, existed, before)
         raise
     return token
 
@@ -115,9 +195,12 @@ def init_token(home: Path | str, quorum: int = 2, custody_factory: Callable[...,
 def open_engine(token, workers: int | None = None, custody_factory: Callable[..., Custody] | None = None):
     """Signing worker processes for ``token``'s large batches; the caller closes them.
 
-    Each worker opens the token's custody again (by default the same kind the token has)."""
+    Each worker opens the token's custody again (by default the same kind the token has); a
+    custody that cannot be shared across processes (``parallel`` false: one TPM or HSM session)
+    gets no workers: the token signs in its own process."""
     from .workers import Engine
-    return Engine(token.custody, custody_factory or type(token.custody), token.home, workers, cache=token.cache)
+    return Engine(token.custody, custody_factory or type(token.custody), token.home, workers, cache=token.cache,
+                  parallel=getattr(token.custody, "parallel", True))
 
 
 def close_token(token, engine=None) -> None:

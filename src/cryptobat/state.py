@@ -122,6 +122,9 @@ class TokenState:
     counters: Counters = Counters()
     audit: AuditHead = AuditHead()
     audit_checked: AuditHead = AuditHead()  # the head verified at the last start
+    # the custody's rollback counter as of this state (0 where the custody has none): a store
+    # behind the device's counter is an older copy (see cryptobat.rollback)
+    rollback: int = 0
 
     def replace(self, **changes) -> "TokenState":
         return dataclasses.replace(self, **changes)

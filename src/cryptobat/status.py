@@ -15,6 +15,16 @@ def _ago(now: int, t: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t else "-"
 
 
+def custody_line(token: Token) -> str:
+    """The custody's kind and what it says of its device (manufacturer, firmware, objects...)."""
+    describe = getattr(token.custody, "describe", None)
+    try:
+        fields = describe() if describe is not None else {}
+    except Exception as e:  # a device gone quiet must not take status with it
+        fields = {"device": f"unavailable ({type(e).__name__}: {str(e)[:80]})"}
+    return "  ".join([token.custody.name] + [f"{k} {v}" for k, v in fields.items() if k != "kind"])
+
+
 def render(token: Token, session: Session | None = None) -> str:
     s = token.snapshot()
     now = token.now()
@@ -30,7 +40,12 @@ def render(token: Token, session: Session | None = None) -> str:
             "  LOCKED after wrong PINs: a quorum must setpin" if token.pin_locked() else
             f"  {s.pin_failures} wrong in a row" if s.pin_failures else "")),
         ("clock gap", f"{s.clock.max_gap} s allowed across a restart"),
+        ("custody", custody_line(token)),
     ]
+    counter = token.rollback_values()
+    if counter is not None:
+        rows.append(("rollback", f"counter store {counter[0]} / TPM {counter[1]}" + (
+            f"  HELD: {token.held}" if token.held else "")))
     pend = token.pending()
     if pend:
         rows.append(("pending", ", ".join(f"{op.id}: {op.text}" for op in pend)))

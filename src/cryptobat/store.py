@@ -43,6 +43,7 @@ def upgrade(state: dict) -> dict:
     state.setdefault("allowed_keys", {})  # zone -> [DNSKEY RDATA hex] a quorum allowed (keyallow)
     state.setdefault("cds_delete", {})  # zone -> token time until which an RFC 8078 delete may be signed
     state.setdefault("p11_window_keys", 0)  # windows before the key count allowed any number: none open now
+    state.setdefault("rollback", 0)  # stores from before rollback counters: no counter yet
     state.setdefault("signer_peers", [])  # "uid:N" / "gid:N" allowed on the signer sockets without a PIN
     state.setdefault("audit_checked", dict(state["audit"]) if state["audit"]["seq"] == 0 else
                      {"seq": 0, "hash": Head().hash})
@@ -126,7 +127,7 @@ def _typed(d: dict) -> TokenState:
         p11_window_until=d["p11_window_until"], p11_window_zone=d["p11_window_zone"],
         p11_window_keys=d["p11_window_keys"],
         counters=_counters(d["counters"]), audit=AuditHead(**d["audit"]),
-        audit_checked=AuditHead(**d["audit_checked"]))
+        audit_checked=AuditHead(**d["audit_checked"]), rollback=d["rollback"])
 
 
 def _plain(value):
@@ -147,7 +148,7 @@ def to_json(state: TokenState) -> dict:
     return _plain(state)
 
 
-FILES = ("state.db", "state.db-wal", "state.db-shm", "lock", "master.key", "commit")
+FILES = ("state.db", "state.db-wal", "state.db-shm", "lock", "master.key", "commit", "custody.json")
 _MARKER = "commit"  # the last acknowledged audit head, MAC'd: a store that lost commits is refused
 
 

@@ -19,13 +19,13 @@ from dataclasses import replace
 from typing import Callable, Sequence
 
 from . import audit as auditlog
-from . import algorithms, keystore, officers, policy, prehash, rrsig
+from . import algorithms, keystore, officers, policy, prehash, rollback, rrsig
 from .api import KeyInfo, SignResult
 from .audit import Chain, Head
 from .clock import DEFAULT_GAP, DEFAULT_TOLERANCE, TrustedClock, _boottime
-from .custody import Custody
-from .errors import (ConfigurationDisabled, Conflict, CryptobatError, InvalidArgument, KeygenRefused, NotFound,
-                     NotPermitted, PinIncorrect, StoreError)
+from .custody import Custody, RollbackCounter
+from .errors import (ConfigurationDisabled, Conflict, CryptobatError, IntegrityError, InvalidArgument, KeygenRefused,
+                     NotFound, NotPermitted, PinIncorrect, StoreError)
 from .quorum import IDLE_TIMEOUT, Approval, PendingOperation, Quorum, Session
 from . import signing
 from .signing import Job, KeyCache, SignKey, sign_one
@@ -68,12 +68,20 @@ class Token:
 
     Signing runs in this process unless the caller passes another ``run`` (an adapter's
     :class:`cryptobat.workers.Engine`), so a token starts no processes of its own.
+
+    ``counter`` is the custody's rollback counter (None: the custody has none); ``held`` the
+    reason a store was refused by it when opened for the officers to decide (see
+    :meth:`acceptrollback`): until then nothing is signed and only logins and that decision commit.
     """
 
     def __init__(self, store: Store, custody: Custody, state: TokenState, *,
-                 wall: Callable[[], float] = time.time, mono: Callable[[], float] = _boottime) -> None:
+                 wall: Callable[[], float] = time.time, mono: Callable[[], float] = _boottime,
+                 counter: RollbackCounter | None = None, held: str | None = None) -> None:
         self.store = store
         self.custody = custody
+        self.counter = counter
+        self.held = held
+        self._counter_behind = False  # the last counted change committed, its increment failed
         self.home = store.home
         self.state = state
         self.generation = 0  # counts state changes: caches derived from the state key on it
@@ -103,14 +111,28 @@ class Token:
             pass  # the counts are lost with a full disk; the store itself stays consistent
         self.cache.clear()
         self.store.close()
+        close = getattr(self.custody, "close", None)  # a device session (the software custody has none)
+        if close is not None:
+            close()
 
     # --- state changes and audit --------------------------------------------
     def _change(self, event: str, fields: dict,
                 change: Callable[[TokenState], TokenState] = lambda s: s) -> TokenState:
-        """Apply ``change`` to the state, audit it as ``event``, and commit both; returns the new state."""
+        """Apply ``change`` to the state, audit it as ``event``, and commit both; returns the new state.
+
+        A security-relevant change (:func:`cryptobat.rollback.counts`) commits the state carrying
+        the rollback counter's next value, then increments the device: a crash in between leaves
+        the store one ahead, which the next open repairs, never behind."""
+        if self.held is not None and event not in rollback.HELD_EVENTS:
+            raise IntegrityError(self.held)
+        counted = self.counter is not None and self.held is None and rollback.counts(event, fields)
+        if counted and self._counter_behind:  # the store is one ahead already: catch up first
+            self._increment()
         chain = Chain(self._chain.head)
         entries = [chain.append(self._time_for_audit(), event, auditlog.bounded(fields))]
         new = change(self.state).replace(audit=AuditHead(chain.head.seq, chain.head.hash))
+        if counted:
+            new = new.replace(rollback=self.state.rollback + 1)
         try:
             self.store.commit(new, entries)
         except CryptobatError:
@@ -124,7 +146,42 @@ class Token:
             self._write_failed = True
             raise
         self._write_failed = False
+        if counted:
+            self._counter_behind = True
+            with contextlib.suppress(CryptobatError):  # committed: retried before the next counted change
+                self._increment()
         return new
+
+    def _increment(self) -> None:
+        """Bring the device's counter up to the store's (one behind it at most)."""
+        assert self.counter is not None
+        try:
+            self.counter.increment()
+        except CryptobatError as e:
+            raise StoreError(f"changes refused until the rollback counter can be moved: {e}") from None
+        self._counter_behind = False
+
+    # --- rollback detection ---------------------------------------------------------
+    def rollback_values(self) -> tuple[int, int | str] | None:
+        """(the store's counter value, the device's) for ``status``; None without a counter."""
+        if self.counter is None:
+            return None
+        try:
+            return self.state.rollback, self.counter.read()
+        except CryptobatError as e:
+            return self.state.rollback, f"unreadable ({e})"
+
+    def acceptrollback(self, by: Approval) -> tuple[int, int]:
+        """A quorum accepts the store as it is (an older copy, another TPM's): its counter value
+        becomes the device's, audited with both; signing resumes. Returns (was, now)."""
+        if self.held is None or self.counter is None:
+            raise Conflict("the store and the rollback counter agree: nothing to accept")
+        device = self.counter.read()
+        was = self.state.rollback
+        self._gated("rollback-accepted", {"store": was, "device": device, "why": self.held},
+                    lambda s: s.replace(rollback=device), by)
+        self.held = None
+        return was, device
 
     def _time_for_audit(self) -> int:
         return int(self.clock._wall() + self.clock.offset)
@@ -148,7 +205,11 @@ class Token:
         return self.quorum.open_session(transport)
 
     def require(self, by: Approval, event: str) -> set[str]:
-        """The officers of ``by`` that make up the quorum for ``event``; a refusal is audited."""
+        """The officers of ``by`` that make up the quorum for ``event``; a refusal is audited.
+
+        A held token (see :meth:`acceptrollback`) takes no quorum command but that decision."""
+        if self.held is not None and event != "rollback-accepted":
+            raise IntegrityError(self.held)
         names = by.names() & set(self.state.officers)
         if len(names) < self.state.quorum:
             self.audit("refused", command=event, why="no quorum", **by.audit_fields())
@@ -517,7 +578,9 @@ class Token:
         except KeygenRefused as e:
             self._refused_management("p11-keydel", label, str(e))
             raise NotPermitted(str(e)) from None
+        rec = self.state.keys[label]
         self._change("p11-keydel", {"label": label}, lambda s: s.replace(keys=without(s.keys, label)))
+        self._destroy(rec)
 
     # --- keys -----------------------------------------------------------------------
     def keys(self) -> list[KeyInfo]:
@@ -584,7 +647,24 @@ class Token:
 
     def keydel(self, label: str, by: Approval) -> None:
         self.key(label)
+        rec = self.state.keys[label]
         self._gated("keydel", {"label": label}, lambda s: s.replace(keys=without(s.keys, label)), by)
+        self._destroy(rec)
+
+    def _destroy(self, rec: KeyRecord) -> None:
+        """Remove a deleted key's backing object from the custody (an HSM's key object).
+
+        Only after the deletion committed: a crash in between leaves an orphan object in the
+        device, never a key in the state whose object is gone. A failure is audited, not raised:
+        the key is deleted from the token either way."""
+        destroy = getattr(self.custody, "destroy", None)
+        if destroy is None:  # a custody whose blob is all there is (software)
+            return
+        try:
+            destroy(bytes.fromhex(rec.blob), rec.info.label.encode())
+        except CryptobatError as e:
+            with contextlib.suppress(CryptobatError):
+                self.audit("custody-orphan", label=rec.info.label, why=str(e))
 
     # --- signing ------------------------------------------------------------------------
     def policy(self) -> policy.Policy:
@@ -666,6 +746,8 @@ class Token:
                          lambda s: s.with_key(replace(s.keys[label], info=new, role_open=False)))
 
     def sign_job(self, items: Sequence[tuple[str, bytes]]) -> Job:
+        if self.held is not None:
+            raise IntegrityError(self.held)
         self._settle_roles(items)
         if self._write_failed:  # nothing is signed that the audit cannot record; retried each call
             try:
@@ -810,6 +892,8 @@ class Token:
         """
         lock = lock or contextlib.nullcontext()
         text = pin.decode(errors="replace") if isinstance(pin, bytes) else pin
+        if self.held is not None:
+            raise IntegrityError(self.held)
         with lock:
             if self._write_failed:  # a wrong PIN that could not be counted would be a free guess:
                 self._change("store-retry", {"why": "PIN check"}, lambda s: s)  # check nothing until it can
@@ -847,9 +931,17 @@ class Token:
         return os.urandom(n)
 
     def info(self) -> dict:
-        return {"label": f"Cryptobat {self.state.serial[:8]}", "serial": self.state.serial,
-                "manufacturer": MANUFACTURER, "model": MODEL, "time": self.now(),
-                "pin_tries_left": self.pin_tries_left(), "pin_failures": self.state.pin_failures}
+        """What the native API's ``info`` and PKCS#11's C_GetTokenInfo report (no device round trip:
+        the store's rollback counter value only; ``status`` reads the device's too)."""
+        out = {"label": f"Cryptobat {self.state.serial[:8]}", "serial": self.state.serial,
+               "manufacturer": MANUFACTURER, "model": MODEL, "time": self.now(),
+               "pin_tries_left": self.pin_tries_left(), "pin_failures": self.state.pin_failures,
+               "custody": self.custody.name}
+        if self.counter is not None:
+            out["rollback"] = self.state.rollback
+        if self.held is not None:
+            out["held"] = self.held
+        return out
 
     # --- audit ------------------------------------------------------------------------------
     def audit_verify(self) -> tuple[int, str | None]:

@@ -331,11 +331,15 @@ class Engine:
     """Signs batches, in-process for small ones and across worker processes for large ones."""
 
     def __init__(self, custody: Custody, custody_factory, home: Path, workers: int | None = None,
-                 cache: KeyCache | None = None) -> None:
+                 cache: KeyCache | None = None, parallel: bool | None = None) -> None:
         self.cache = cache if cache is not None else KeyCache(custody)  # a token's own: keys unsealed once
         self._factory = custody_factory
         self._home = str(home)
         self.workers = (os.cpu_count() or 1) if workers is None else workers
+        # a custody holding one device session (a TPM, an HSM login) is not opened again in
+        # worker processes: its device does the work, so the token signs in its own process
+        if not (getattr(custody, "parallel", True) if parallel is None else parallel):
+            self.workers = 1
         self._pool: list[_Worker] | None = None
         self._keeper: _Keeper | None = None
         self._lock = threading.Lock()  # one batch at a time on the workers; guards the pool

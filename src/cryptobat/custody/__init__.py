@@ -7,8 +7,13 @@ implement the same protocol; the rest of the token does not change.
 """
 from __future__ import annotations
 
+import importlib
+import json
+import os
+from pathlib import Path
 from typing import Protocol
 
+from ..errors import CryptobatError, IntegrityError, InvalidArgument
 from .software import SoftwareCustody
 
 
@@ -42,4 +47,158 @@ class Custody(Protocol):
         ...
 
 
-__all__ = ["Custody", "LoadedKey", "SoftwareCustody"]
+class RollbackCounter(Protocol):
+    """A monotonic counter in the custody's device (see :mod:`cryptobat.rollback`)."""
+
+    def read(self) -> int: ...
+
+    def increment(self) -> int:
+        """Add one; the new value."""
+        ...
+
+
+# --- choosing a custody ---------------------------------------------------------------
+# kind -> (module in this package, class); imported only when that kind is used, so a host
+# without tpm2-pytss or python-pkcs11 still runs the software custody
+KINDS = {"software": ("software", "SoftwareCustody"), "tpm2": ("tpm2", "Tpm2Custody"),
+         "pkcs11": ("pkcs11", "Pkcs11Custody")}
+DEFAULT_TCTI = "device:/dev/tpmrm0"
+SPEC_HELP = "software, tpm2[:TCTI] or pkcs11:MODULE"
+CONFIG_FILE = "custody.json"  # the kind a token was made with; absent: software (tokens from before)
+MAX_PCR = 23
+
+
+def parse_pcrs(text: str) -> list[int]:
+    """``0,2,4,7`` -> [0, 2, 4, 7] (PCRs of the SHA-256 bank a TPM-sealed secret is bound to)."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) > MAX_PCR:
+            raise InvalidArgument(f"--pcrs takes PCR numbers 0-{MAX_PCR} separated by commas, not {text!r}")
+        if int(part) not in out:
+            out.append(int(part))
+    return sorted(out)
+
+
+def parse_spec(text: str, *, token: str | None = None, pin: str | None = None,
+               pcrs: str | None = None) -> tuple[str, dict]:
+    """``cryptobat init --custody`` text (with its companion options) -> (kind, config).
+
+    ``software``; ``tpm2[:TCTI]`` (``device:/dev/tpmrm0`` by default; ``swtpm:path=...``,
+    ``mssim:...`` or a device path as tpm2-tools take them) with ``pcrs``; ``pkcs11:MODULE``
+    with the HSM token's label and its PIN."""
+    kind, sep, rest = text.partition(":")
+    if kind not in KINDS:
+        raise InvalidArgument(f"unknown custody {kind!r}: use {SPEC_HELP}")
+    if pcrs is not None and kind != "tpm2":
+        raise InvalidArgument("--pcrs is for tpm2 custody only")
+    if (token is not None or pin is not None) and kind != "pkcs11":
+        raise InvalidArgument("--custody-token and the custody PIN are for pkcs11 custody only")
+    if kind == "software":
+        if sep:
+            raise InvalidArgument(f"software custody takes no parameters (got {text!r})")
+        return kind, {}
+    if kind == "tpm2":
+        if sep and not rest:
+            raise InvalidArgument("tpm2: give a TCTI after the colon (e.g. tpm2:device:/dev/tpmrm0) or none")
+        tcti = rest or DEFAULT_TCTI
+        if tcti.startswith("/"):
+            tcti = "device:" + tcti
+        return kind, {"tcti": tcti, "pcrs": parse_pcrs(pcrs) if pcrs is not None else []}
+    if not rest:
+        raise InvalidArgument("pkcs11 custody needs the HSM's module: pkcs11:/path/to/module.so")
+    module = Path(rest)
+    if not module.is_file():
+        raise InvalidArgument(f"PKCS#11 module {rest} not found")
+    if not token:
+        raise InvalidArgument("pkcs11 custody needs the HSM token's label: --custody-token LABEL")
+    if not pin:
+        raise InvalidArgument("pkcs11 custody needs the HSM token's PIN: --custody-pin-file FILE "
+                              "or $CRYPTOBAT_CUSTODY_PIN")
+    return kind, {"module": str(module), "token": token, "pin": pin}
+
+
+def _custody_class(kind: str):
+    module, name = KINDS[kind]
+    try:
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    except (ImportError, AttributeError) as e:
+        raise CryptobatError(f"{kind} custody is not available in this installation ({e})") from None
+
+
+def _where(config: dict | None) -> str:
+    """What a device error names: the TCTI or module, never the PIN."""
+    c = config or {}
+    where = c.get("tcti") or c.get("module")
+    return f" ({where})" if where else ""
+
+
+def _construct(cls, kind: str, home: Path, create: bool, config: dict | None):
+    # the software custody has nothing to configure (and tokens' own factories may take no config)
+    kwargs = {"config": config} if create and config else {}
+    try:
+        return cls(home, create=create, **kwargs)
+    except CryptobatError:
+        raise
+    except Exception as e:  # a device library's own errors (TSS2_Exception, PKCS11Error...) as one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CryptobatError(f"{kind} custody cannot be {'created' if create else 'opened'}"
+                             f"{_where(config)}: {first}") from None
+
+
+def _read_kind(home: Path) -> str:
+    path = home / CONFIG_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return "software"  # every token made before custodies could be chosen
+    except (OSError, ValueError) as e:
+        raise IntegrityError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    kind = doc.get("kind") if isinstance(doc, dict) else None
+    if kind not in KINDS:
+        raise IntegrityError(f"{path} names no custody this Cryptobat knows ({kind!r})")
+    return kind
+
+
+def _write_kind(home: Path, kind: str) -> None:
+    """HOME/custody.json, 0600, written whole or not at all (temporary file, fsync, rename)."""
+    path = home / CONFIG_FILE
+    tmp = home / (CONFIG_FILE + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, json.dumps({"kind": kind}).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(home, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def open_custody(home: Path | str, create: bool = False, kind: str | None = None,
+                 config: dict | None = None) -> Custody:
+    """The custody of the token at ``home``: made (``create``, of ``kind`` with ``config``, the kind
+    recorded in HOME/custody.json) or opened again as recorded there."""
+    home = Path(home)
+    if not create:
+        kind = _read_kind(home)
+        return _construct(_custody_class(kind), kind, home, False, None)
+    kind = kind or "software"
+    if kind not in KINDS:
+        raise InvalidArgument(f"unknown custody {kind!r}: use {SPEC_HELP}")
+    cls = _custody_class(kind)
+    custody = _construct(cls, kind, home, True, config)
+    try:
+        _write_kind(home, kind)
+    except OSError as e:
+        close = getattr(custody, "close", None)
+        if close is not None:
+            close()
+        raise CryptobatError(f"cannot write {home / CONFIG_FILE}: {e.strerror}") from None
+    return custody
+
+
+__all__ = ["Custody", "LoadedKey", "RollbackCounter", "SoftwareCustody", "open_custody", "parse_spec"]

@@ -1,0 +1,69 @@
+"""Rollback detection: the store's counter value against the device's, and which changes move it.
+
+A custody with a monotonic counter (a TPM NV counter, :mod:`cryptobat.custody.nvcounter`)
+lets the token notice a ``state.db`` copied back from an earlier moment: every
+security-relevant change first commits the state carrying the counter's next value, then
+increments the device. A crash between the two leaves the store exactly one ahead (repaired
+at open by incrementing); a store behind the device is an older copy, and a store further
+ahead is another device's. Pure decisions here; the I/O is in :mod:`cryptobat.home`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+# Commits that only record what happened (signing counts, refusals, approvals, the clock's
+# high-water mark) do not move the counter: real NV wears out (ST33: ~500,000 writes), and a
+# signer or a minute timer must not be able to spend it. Every other event does, so a new kind
+# of change is protected unless it is named here. A restored store can so undo at most these:
+# counters and audit entries after the copy (the audit chain still shows what it holds), and
+# a high-water mark at most the copy's age behind (the clock-gap rule still bounds the time).
+AUDIT_ONLY = frozenset({
+    "sign", "refused-sign", "refused-call", "refused",  # signing batches and refused calls (tally)
+    "command",                                          # a console read (status, keylist...)
+    "pending", "approve", "cancel", "coreset",          # a quorum command's own change is counted when it runs
+    "clock",                                            # high-water mark, persisted every minute
+    "store-retry", "accepted-loss", "custody-orphan",
+    "serve", "stop", "restart", "restart-failed", "takeover",
+    "rollback-repaired", "rollback-accepted", "rollback-held",  # these set the value themselves
+})
+
+# Held (a store the counter refused, opened for the officers to decide): what may still change.
+HELD_EVENTS = frozenset({"rollback-held", "command", "stop", "cologin", "coreset", "pending", "approve", "cancel", "refused", "rollback-accepted",
+                         "sign", "refused-sign", "refused-call", "clock", "store-retry", "clock-tamper"})
+
+
+def counts(event: str, fields: dict) -> bool:
+    """Whether a commit of ``event`` moves the rollback counter.
+
+    A PIN check that succeeds only clears the failure count (a restored store with more failures
+    is harmless); a failed one counts, so a copy cannot reset the lockout."""
+    if event in AUDIT_ONLY:
+        return False
+    if event == "pin":
+        return not fields.get("ok", False)
+    return True
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Literal["ok", "repair", "refuse"]
+    message: str = ""
+
+
+def decide(store: int, device: int) -> Verdict:
+    """What to do with a store recording ``store`` on a device whose counter reads ``device``."""
+    if store == device:
+        return Verdict("ok")
+    if store == device + 1:  # the commit landed, the increment did not (crash, power loss)
+        return Verdict("repair", f"state.db is one change ahead of the TPM's rollback counter "
+                                 f"(store {store}, TPM {device}): the last change was committed but the "
+                                 f"counter not moved (a crash in between); counter moved to {store}")
+    if store < device:
+        why = (f"state.db is older than the TPM's rollback counter (store {store}, TPM {device}): "
+               f"a copy was restored, or changes were lost")
+    else:
+        why = (f"state.db is ahead of the TPM's rollback counter (store {store}, TPM {device}): "
+               f"a store from another TPM, or the counter was replaced")
+    return Verdict("refuse", why + "; not serving. Officers decide at the token's console: "
+                   "cryptobat console --rollback-hold, then acceptrollback (quorum)")
