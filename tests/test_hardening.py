@@ -169,8 +169,9 @@ def small_disk(tmp_path):
 
 
 def fill(path) -> None:
-    """Write ``path`` until its file system is full."""
-    with open(path, "wb") as f:
+    """Write ``path`` until its file system is full (unbuffered: a partly written last block must
+    not be left in a buffer for close() to fail on, whatever the free space was)."""
+    with open(path, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)

@@ -22,7 +22,7 @@ def test_the_core_opens_nothing():
     """The token core takes its store and custody from cryptobat.home: no sqlite, sockets,
     subprocesses, threads started or files read in it (a lock for its callers' threads is fine)."""
     core = ("token", "state", "policy", "prehash", "rrsig", "algorithms", "quorum", "officers", "clock",
-            "audit", "keystore", "tally", "signing", "errors", "api")
+            "audit", "keystore", "tally", "signing", "errors", "api", "rollback")
     banned = {"sqlite3", "socket", "subprocess", "selectors", "multiprocessing", "asyncio"}
     found = []
     for name in core:

@@ -16,8 +16,11 @@ from its master secret, so a process that merely reaches ``/dev/tpmrm0`` cannot 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import secrets
 import threading
+from pathlib import Path
 
 from ..errors import CryptobatError, IntegrityError
 
@@ -134,3 +137,32 @@ class NvCounter:
                                      f"(NV index {self.index:#010x}): {e}") from None
         return self.read()
 
+
+
+COUNTER_FILE = "nvcounter.json"  # the counter's NV index, in the token's home
+
+
+def attach(esapi, home: Path | str, auth: bytes, create: bool = False,
+           lock: threading.Lock | None = None) -> NvCounter:
+    """A custody's counter: made at init (its index written to HOME/nvcounter.json, 0600,
+    whole or not at all) or opened again from that file."""
+    path = Path(home) / COUNTER_FILE
+    if not create:
+        try:
+            index = int(json.loads(path.read_text())["index"])
+        except FileNotFoundError:
+            raise IntegrityError(f"{path} is missing: the token's rollback counter cannot be found "
+                                 f"(restore the token's files)") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise IntegrityError(f"{path} is damaged ({type(e).__name__})") from None
+        return NvCounter.open(esapi, index, auth, lock)
+    counter = NvCounter.create(esapi, auth, lock)
+    tmp = path.with_name(COUNTER_FILE + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, json.dumps({"index": counter.index}).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return counter
