@@ -198,6 +198,8 @@ def test_counter_moves_on_every_security_change_and_never_on_signing(rig):
     status = rig.cmd("status")
     assert re.search(rf"^rollback +counter store {before} / TPM {before}$", status, re.M), status
     assert re.search(r"^custody +software  device swtpm  nv-index 0x01", status, re.M), status
+    info = t.info()  # the native API's and PKCS#11's view: the store's value, no device round trip
+    assert info["custody"] == "software" and info["rollback"] == before and "held" not in info
 
 
 def test_restored_store_is_refused_until_a_quorum_accepts_it(rig, tmp_path):
@@ -223,7 +225,7 @@ def test_restored_store_is_refused_until_a_quorum_accepts_it(rig, tmp_path):
     assert "not serving" in str(e.value) and "\n" not in str(e.value)
 
     t = rig.open(rollback_hold=True)  # the officers' decision, signing refused meanwhile
-    assert t.held and f"HELD: state.db is older" in rig.cmd("status")
+    assert t.held and "HELD: state.db is older" in rig.cmd("status")
     key = t.key("z")
     with pytest.raises(IntegrityError, match="older than the TPM's rollback counter"):
         t.timed_sign([("z", make_signing_data(key, int(rig.now) + 600, int(rig.now) - 60))])

@@ -197,10 +197,12 @@ def cmd_recover(a) -> int:
     from .home import open_token
     if not a.accept_lost_changes:
         raise CryptobatError("say what to accept: cryptobat recover --accept-lost-changes")
-    t = open_token(resolve_home(a.home), accept_lost_changes=True)
+    t = open_token(resolve_home(a.home), accept_lost_changes=True, rollback_hold=True)
     try:
         print(f"Token {t.serial()} opens at audit entry {t.audit_seq()}; "
               f"check its policy, keys and officers with: cryptobat status")
+        if t.held:  # lost changes put the store behind the TPM's counter too: the quorum's decision
+            print(f"HELD: {t.held}")
     finally:
         t.close()
     return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,7 +17,7 @@ from . import rollback
 from .audit import Head
 from .clock import _boottime
 from .custody import Custody, RollbackCounter, open_custody
-from .errors import Conflict, CryptobatError, IntegrityError, InvalidArgument, NotFound
+from .errors import Conflict, IntegrityError, InvalidArgument, NotFound
 from .state import TokenState
 from .store import Store
 
@@ -183,10 +182,10 @@ def init_token(home: Path | str, quorum: int = 2, custody_factory: Callable[...,
             state = state.replace(rollback=counter.read())
         token = Token(store, custody, state, wall=wall, mono=mono, counter=counter)
         token.audit("init", quorum=quorum, custody=custody.name)
-    except BaseException:
+    except BaseException as e:
         store.close()
         _close_custody(custody)
-        if not isinstance(sys.exc_info()[1], Conflict):
+        if not isinstance(e, Conflict):  # (a token that appeared meanwhile is not ours to remove)
             _remove_new(home, existed, before)
         raise
     return token

@@ -29,7 +29,7 @@ AUDIT_ONLY = frozenset({
 })
 
 # Held (a store the counter refused, opened for the officers to decide): what may still change.
-HELD_EVENTS = frozenset({"rollback-held", "command", "stop", "cologin", "coreset", "pending", "approve", "cancel", "refused", "rollback-accepted",
+HELD_EVENTS = frozenset({"rollback-held", "accepted-loss", "command", "stop", "cologin", "coreset", "pending", "approve", "cancel", "refused", "rollback-accepted",
                          "sign", "refused-sign", "refused-call", "clock", "store-retry", "clock-tamper"})
 
 

@@ -63,7 +63,8 @@ class NvCounter:
     """An NV counter index on a TPM; ``read``/``increment`` serialized (the daemon has threads).
 
     The ESAPI context is the custody's: calls made here must not interleave with the custody's
-    own, so a custody sharing its context passes its device lock as ``lock``."""
+    own, so a custody sharing its context passes its device lock as ``lock`` (the token calls
+    :meth:`read` and :meth:`increment` without holding it)."""
 
     def __init__(self, esapi, index: int, handle, lock: threading.Lock | None = None) -> None:
         self.index = index
