@@ -60,6 +60,8 @@ def test_init_records_the_custody_and_existing_tokens_open_as_software(tmp_path)
     r = cli("status", home=home)
     assert r.returncode == 0 and re.search(r"^custody +software$", r.stdout, re.M), r.stdout
     assert "rollback" not in r.stdout  # the software custody has no counter
+    r = cli("console", "--rollback-hold", home=home, input="status\n")  # no counter: nothing to hold
+    assert r.returncode == 0 and "HELD" not in r.stdout + r.stderr and "custody" in r.stdout, r.stderr
     path.unlink()  # a token made before custodies could be chosen
     t = open_token(home)
     try:
