@@ -22,6 +22,7 @@ from cryptobat.custody import SoftwareCustody
 from cryptobat.custody.nvcounter import NvCounter, attach
 from cryptobat.errors import CryptobatError, IntegrityError, StoreError
 from cryptobat.home import init_token, open_token
+from cryptobat.officers import MAX_FAILURES
 from cryptobat.store import FILES, from_json, to_json
 from support import Officers, Swtpm, make_signing_data
 
@@ -135,6 +136,18 @@ def test_decisions():
     assert rollback.counts("some-future-change", {})  # protected unless named audit-only
 
 
+def test_only_changes_to_what_a_copy_could_bring_back_count(tmp_path):
+    t = init_token(tmp_path / "t", quorum=1)
+    try:
+        s = t.snapshot()
+        assert rollback.guarded(s.replace(counters=s.counters.add(signatures=5))) == rollback.guarded(s)
+        assert rollback.guarded(s.with_clock(hwm=s.clock.hwm + 60)) == rollback.guarded(s)
+        assert rollback.guarded(s.replace(max_validity=60)) != rollback.guarded(s)
+        assert rollback.guarded(s.with_clock(tampered=True)) != rollback.guarded(s)
+    finally:
+        t.close()
+
+
 def test_old_store_documents_open_without_a_counter_value(tmp_path):
     t = init_token(tmp_path / "t", quorum=1)
     try:
@@ -160,8 +173,14 @@ def test_counter_moves_on_every_security_change_and_never_on_signing(rig):
     moves("keygen 13 zsk testzone gone", "ok: key generated")
     moves("keydel gone", "")
     moves("setclockgap 3600", "")
-    moves(f"settime {int(rig.now)}", "")
+    moves(f"settime {int(rig.now) + 30}", "")  # (the time it already had would change nothing)
+    before = rig.device()
+    rig.officers.add("other")
+    assert rig.device() == before + 1
+    moves("setquorum 2", "Quorum set to 2")
+    rig.login("other")
     moves("setquorum 1", "Quorum set to 1")
+    moves("codel other", "")
     moves("signerpeers uid:4242", "")
     moves("cdsdelete 60 testzone", "")
     moves("p11window 60 testzone", "")
@@ -200,6 +219,15 @@ def test_counter_moves_on_every_security_change_and_never_on_signing(rig):
     assert re.search(r"^custody +software  device swtpm  nv-index 0x01", status, re.M), status
     info = t.info()  # the native API's and PKCS#11's view: the store's value, no device round trip
     assert info["custody"] == "software" and info["rollback"] == before and "held" not in info
+
+    # an officer locked out: each failure up to the lockout moves it, then attempts change nothing
+    for _ in range(MAX_FAILURES):
+        rig.cmd("cologin solo 000000")
+    assert t.snapshot().officers["solo"].locked_until > rig.now
+    before = rig.device()
+    for _ in range(20):
+        assert rig.cmd("cologin solo 000000") == " Failed\n"
+    assert rig.device() == before == t.snapshot().rollback and t.counters()["login_failures"] >= 25
 
 
 def test_restored_store_is_refused_until_a_quorum_accepts_it(rig, tmp_path):

@@ -9,8 +9,11 @@ ahead is another device's. Pure decisions here; the I/O is in :mod:`cryptobat.ho
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
+
+from .state import AuditHead, Counters, TokenState
 
 # Commits that only record what happened (signing counts, refusals, approvals, the clock's
 # high-water mark) do not move the counter: real NV wears out (ST33: ~500,000 writes), and a
@@ -43,6 +46,14 @@ def counts(event: str, fields: dict) -> bool:
     if event == "pin":
         return not fields.get("ok", False)
     return True
+
+
+def guarded(state: TokenState) -> TokenState:
+    """The part of ``state`` a restored copy must not bring back: all of it but the audit heads,
+    the signing and refusal counters and the clock's high-water mark. A commit that leaves this
+    unchanged (a login refused while the officer is locked out) does not move the counter."""
+    return state.replace(audit=AuditHead(), audit_checked=AuditHead(), counters=Counters(), rollback=0,
+                         clock=dataclasses.replace(state.clock, hwm=0))
 
 
 @dataclass(frozen=True)

@@ -126,12 +126,13 @@ class Token:
         if self.held is not None and event not in rollback.HELD_EVENTS:
             raise IntegrityError(self.held)
         counted = self.counter is not None and self.held is None and rollback.counts(event, fields)
-        if counted and self._counter_behind:  # the store is one ahead already: catch up first
-            self._increment()
         chain = Chain(self._chain.head)
         entries = [chain.append(self._time_for_audit(), event, auditlog.bounded(fields))]
         new = change(self.state).replace(audit=AuditHead(chain.head.seq, chain.head.hash))
+        counted = counted and rollback.guarded(new) != rollback.guarded(self.state)
         if counted:
+            if self._counter_behind:  # the store is one ahead already: catch up first
+                self._increment()
             new = new.replace(rollback=self.state.rollback + 1)
         try:
             self.store.commit(new, entries)
