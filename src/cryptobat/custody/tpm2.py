@@ -113,6 +113,20 @@ def _key_public(alg: algorithms.DnssecAlgorithm, bits: int, attrs: int) -> TPM2B
     return TPM2B_PUBLIC(publicArea=pub)
 
 
+def primary_template() -> TPM2B_PUBLIC:
+    """The storage primary: ECC P-256, restricted decrypt, AES-128-CFB (the TCG's SRK template)."""
+    template = TPM2B_PUBLIC(publicArea=TPMT_PUBLIC(type=TPM2_ALG.ECC, nameAlg=TPM2_ALG.SHA256,
+                                                   objectAttributes=_SRK_ATTRS))
+    d = template.publicArea.parameters.eccDetail
+    d.symmetric.algorithm = TPM2_ALG.AES
+    d.symmetric.keyBits.aes = 128
+    d.symmetric.mode.aes = TPM2_ALG.CFB
+    d.scheme.scheme = TPM2_ALG.NULL
+    d.curveID = TPM2_ECC.NIST_P256
+    d.kdf.scheme = TPM2_ALG.NULL
+    return template
+
+
 def _connect(tcti: str) -> ESAPI:
     name, _, conf = tcti.partition(":")
     try:
@@ -146,6 +160,10 @@ class _TpmKey:
         For display (the console's ``tpmloadkey``): signing still goes through the token's
         policy check and :meth:`sign`; the handle may change once the key is evicted and reloaded."""
         return self.custody._resident_handle(self)
+
+    def handle(self) -> int | None:
+        """Its transient handle if it is loaded now (it may have been evicted for another key)."""
+        return self.custody._current_handle(self)
 
     def unload(self) -> None:
         """Flush the key from the TPM now (it is reloaded on the next use)."""
@@ -208,19 +226,15 @@ class Tpm2Custody:
         return f"{maker} firmware {v1 >> 16}.{v1 & 0xFFFF} (0x{v1:08x} 0x{v2:08x})"
 
     def _create_primary(self) -> tuple[ESYS_TR, TPMT_PUBLIC]:
-        template = TPM2B_PUBLIC(publicArea=TPMT_PUBLIC(type=TPM2_ALG.ECC, nameAlg=TPM2_ALG.SHA256,
-                                                       objectAttributes=_SRK_ATTRS))
-        d = template.publicArea.parameters.eccDetail
-        d.symmetric.algorithm = TPM2_ALG.AES
-        d.symmetric.keyBits.aes = 128
-        d.symmetric.mode.aes = TPM2_ALG.CFB
-        d.scheme.scheme = TPM2_ALG.NULL
-        d.curveID = TPM2_ECC.NIST_P256
-        d.kdf.scheme = TPM2_ALG.NULL
+        template = primary_template()
         try:
             handle, public, *_ = self._esys.create_primary(TPM2B_SENSITIVE_CREATE(), template,  # type: ignore
                                                            primary_handle=ESYS_TR.OWNER)
         except TSS2_Exception as e:
+            if _rc(e) == TPM2_RC.OBJECT_MEMORY:
+                raise CryptobatError(f"the TPM at {self.tcti} has no free object slot: another program holds them "
+                                     f"(without a resource manager, /dev/tpmrm0 or tpm2-abrmd, one program at a "
+                                     f"time can use a TPM)") from None
             raise CryptobatError(f"the TPM refused to create the storage primary key: {e}") from None
         return handle, public.publicArea
 
@@ -465,6 +479,11 @@ class Tpm2Custody:
     def _resident_handle(self, key: _TpmKey) -> int:
         with self._lock:
             return int(self._esys.tr_get_tpm_handle(self._handle(key)))  # type: ignore[union-attr]
+
+    def _current_handle(self, key: _TpmKey) -> int | None:
+        with self._lock:
+            handle = self._resident.get(key.ident)
+            return None if handle is None else int(self._esys.tr_get_tpm_handle(handle))  # type: ignore[union-attr]
 
     def _handle(self, key: _TpmKey) -> ESYS_TR:
         """``key``'s loaded handle, loading it (the least recently used out first if full); lock held."""
