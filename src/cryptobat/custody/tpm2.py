@@ -54,8 +54,8 @@ from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
 from tpm2_pytss.constants import (ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_ECC, TPM2_PT, TPM2_PT_FIRMWARE, TPM2_PT_HR,
                                   TPM2_RC, TPM2_RH, TPM2_SE, TPM2_ST, TPMA_OBJECT, TPMA_SESSION)
 from tpm2_pytss.types import (TPM2B_DIGEST, TPM2B_PRIVATE, TPM2B_PUBLIC, TPM2B_SENSITIVE, TPM2B_SENSITIVE_CREATE,
-                              TPML_PCR_SELECTION, TPMS_SENSITIVE_CREATE, TPMT_PUBLIC, TPMT_PUBLIC_PARMS, TPMT_SIG_SCHEME,
-                              TPMT_SYM_DEF, TPMT_SYM_DEF_OBJECT, TPMT_TK_HASHCHECK)
+                              TPML_PCR_SELECTION, TPMS_CONTEXT, TPMS_SENSITIVE_CREATE, TPMT_PUBLIC, TPMT_PUBLIC_PARMS,
+                              TPMT_SIG_SCHEME, TPMT_SYM_DEF, TPMT_SYM_DEF_OBJECT, TPMT_TK_HASHCHECK)
 from tpm2_pytss.utils import wrap
 
 from .. import algorithms
@@ -67,6 +67,7 @@ MASTER_FILE = "tpm2-master"
 CONFIG_FILE = "tpm2.json"
 _BLOB_MAGIC = b"CBT2\x01"
 _NONCE_LEN = 32
+SAVED_CONTEXTS = 256  # contexts of evicted keys kept for a fast reload (about 1-2 KB each)
 
 _SRK_ATTRS = (TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN
               | TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.NODA | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT)
@@ -181,6 +182,7 @@ class Tpm2Custody:
         self.tcti, self.pcrs = self._settings(create, config or {})
         self._lock = threading.RLock()
         self._resident: OrderedDict[bytes, ESYS_TR] = OrderedDict()  # key ident -> loaded handle
+        self._saved: OrderedDict[bytes, TPMS_CONTEXT] = OrderedDict()  # key ident -> context of an evicted key
         self._esys: ESAPI | None = _connect(self.tcti)
         try:
             self._slots = max(1, self._property(TPM2_PT_HR.TRANSIENT_AVAIL) - 1)  # beside the primary
@@ -239,8 +241,13 @@ class Tpm2Custody:
         return handle, public.publicArea
 
     def _start_session(self, kind: TPM2_SE) -> ESYS_TR:
-        """A session salted with the primary: the key authValues it proves are never sent in
-        the clear, and parameters it encrypts (the master secret, new keys' auth) neither."""
+        """A session salted with the primary, encrypting the parameters that carry secrets: a new
+        key's authValue (TPM2_Create) and the master secret (TPM2_Unseal).
+
+        Signing proves a key's authValue with a password session instead: an HMAC session costs
+        the client ~4 ms of CPU per command in ESAPI (measured on swtpm: 100 vs 650 signatures/s).
+        A password crosses the TPM's bus in the clear, where only someone with physical access
+        to the bus or root on the host could read it, and they would still need the blob."""
         s = self._esys.start_auth_session(tpm_key=self._primary, bind=ESYS_TR.NONE,  # type: ignore
                                           session_type=kind, symmetric=_AES128CFB, auth_hash=TPM2_ALG.SHA256)
         self._esys.trsess_set_attributes(s, TPMA_SESSION.CONTINUESESSION, _SESSION_BITS)  # type: ignore
@@ -402,8 +409,7 @@ class Tpm2Custody:
             enc_key, duplicate, seed = wrap(self._parent, public, sensitive)
             try:
                 private = self._with_room(lambda: esys.import_(  # type: ignore[union-attr]
-                    self._primary, enc_key, public, duplicate, seed, TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
-                    session1=self._session))
+                    self._primary, enc_key, public, duplicate, seed, TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL)))
             except TSS2_Exception as e:
                 raise CryptobatError(f"the TPM refused to import the {alg.mnemonic} key: {e}") from None
         return _dnskey_field(alg, public), self.seal(_pack(public, private, nonce), aad)
@@ -432,7 +438,9 @@ class Tpm2Custody:
         except CryptobatError:
             return
         with self._lock:
-            handle = self._resident.pop(hashlib.sha256(private.marshal()).digest(), None)
+            ident = hashlib.sha256(private.marshal()).digest()
+            self._saved.pop(ident, None)
+            handle = self._resident.pop(ident, None)
             if handle is not None:
                 self._flush(handle)
 
@@ -468,6 +476,7 @@ class Tpm2Custody:
             # stay loaded after the connection ends and fill the TPM's few slots
             handles = [*self._resident.values(), *(getattr(self, a, None) for a in ("_session", "_primary"))]
             self._resident.clear()
+            self._saved.clear()
             for handle in handles:
                 if handle is not None:
                     with contextlib.suppress(TSS2_Exception):
@@ -495,15 +504,21 @@ class Tpm2Custody:
         if self._esys is None:
             raise CryptobatError("the TPM custody is closed")
         while len(resident) >= self._slots:
-            self._flush(resident.popitem(last=False)[1])
+            self._evict()
         esys = self._esys
-        try:
-            handle = self._with_room(lambda: esys.load(self._primary, key.private, key.public, session1=self._session))
-        except TSS2_Exception as e:
-            if _rc(e) in (TPM2_RC.INTEGRITY, TPM2_RC.BINDING):
-                raise IntegrityError(f"the key cannot be loaded into the TPM at {self.tcti}: it was made by "
-                                     f"another TPM, or this TPM was cleared since ({e})") from None
-            raise CryptobatError(f"the TPM could not load the key: {e}") from None
+        handle = None
+        saved = self._saved.pop(key.ident, None)
+        if saved is not None:  # TPM2_ContextLoad: 2.5x faster than TPM2_Load for a P-256 key on swtpm
+            with contextlib.suppress(TSS2_Exception):  # a context from before a power cycle: load anew
+                handle = self._with_room(lambda: esys.context_load(saved))  # type: ignore[union-attr]
+        if handle is None:
+            try:
+                handle = self._with_room(lambda: esys.load(self._primary, key.private, key.public))  # type: ignore
+            except TSS2_Exception as e:
+                if _rc(e) in (TPM2_RC.INTEGRITY, TPM2_RC.BINDING):
+                    raise IntegrityError(f"the key cannot be loaded into the TPM at {self.tcti}: it was made by "
+                                         f"another TPM, or this TPM was cleared since ({e})") from None
+                raise CryptobatError(f"the TPM could not load the key: {e}") from None
         esys.tr_set_auth(handle, key.auth)
         resident[key.ident] = handle
         return handle
@@ -517,7 +532,20 @@ class Tpm2Custody:
             except TSS2_Exception as e:
                 if _rc(e) != TPM2_RC.OBJECT_MEMORY or not self._resident:
                     raise
-                self._flush(self._resident.popitem(last=False)[1])
+                self._evict()
+
+    def _evict(self) -> None:
+        """Flush the least recently used key, its context saved first (TPM2_ContextSave: the TPM
+        encrypts it under a key of its own, valid until the next power cycle) so that it comes
+        back with TPM2_ContextLoad rather than a full TPM2_Load; lock held."""
+        ident, handle = self._resident.popitem(last=False)
+        try:
+            self._saved[ident] = self._esys.context_save(handle)  # type: ignore[union-attr]
+            while len(self._saved) > SAVED_CONTEXTS:
+                self._saved.popitem(last=False)
+        except TSS2_Exception:
+            pass
+        self._flush(handle)
 
     def _flush(self, handle: ESYS_TR) -> None:
         try:
@@ -527,6 +555,7 @@ class Tpm2Custody:
 
     def _unload(self, key: _TpmKey) -> None:
         with self._lock:
+            self._saved.pop(key.ident, None)
             handle = self._resident.pop(key.ident, None)
             if handle is not None:
                 self._flush(handle)
@@ -536,7 +565,7 @@ class Tpm2Custody:
             handle = self._handle(key)
             try:
                 sig = self._esys.sign(handle, TPM2B_DIGEST(digest),  # type: ignore[union-attr]
-                                      TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL), _NULL_TICKET, session1=self._session)
+                                      TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL), _NULL_TICKET)
             except TSS2_Exception as e:
                 raise CryptobatError(f"the TPM refused to sign: {e}") from None
         if key.alg.kind == "rsa":
