@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import dns.dnssec
 import dns.name
@@ -126,6 +127,8 @@ def test_more_keys_than_the_tpm_has_slots_sign_in_turn(custody):
         for info, key in keys:
             _check_signs(info, key)
     assert custody.describe()["objects loaded"].startswith("3 of 3")
+    with ThreadPoolExecutor(4) as pool:  # the daemon's threads share the custody
+        list(pool.map(lambda i: _check_signs(*keys[i % 5]), range(40)))
     info, key = keys[0]
     handle = key.resident()
     assert handle >> 24 == 0x80 and key.handle() == handle

@@ -77,7 +77,8 @@ _CURVES = {"secp256r1": TPM2_ECC.NIST_P256, "secp384r1": TPM2_ECC.NIST_P384}  # 
 _AES128CFB = TPMT_SYM_DEF(algorithm=TPM2_ALG.AES)
 _AES128CFB.keyBits.aes = 128
 _AES128CFB.mode.aes = TPM2_ALG.CFB
-_NULL_TICKET = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
+_NULL_TICKET = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)  # unrestricted keys need none
+_KEY_SCHEME = TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)  # the scheme fixed in the key
 _SESSION_BITS = TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.DECRYPT | TPMA_SESSION.ENCRYPT
 
 
@@ -565,7 +566,7 @@ class Tpm2Custody:
             handle = self._handle(key)
             try:
                 sig = self._esys.sign(handle, TPM2B_DIGEST(digest),  # type: ignore[union-attr]
-                                      TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL), _NULL_TICKET)
+                                      _KEY_SCHEME, _NULL_TICKET)
             except TSS2_Exception as e:
                 raise CryptobatError(f"the TPM refused to sign: {e}") from None
         if key.alg.kind == "rsa":
