@@ -21,7 +21,7 @@ from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RC
 from tpm2_pytss.types import TPM2B_DIGEST, TPML_DIGEST_VALUES, TPMT_HA, TPMT_SIG_SCHEME
 
-from cryptobat import algorithms, bindkey, keystore
+from cryptobat import algorithms, bindkey, keystore, policy
 from cryptobat.console import Console
 from cryptobat.custody import tpm2
 from cryptobat.custody.tpm2 import Tpm2Custody
@@ -258,13 +258,14 @@ def test_a_whole_token_signs_and_refuses_on_the_console(tmp_path, swtpm):
         sig = bytes.fromhex("".join(out.split("ok: signature\n")[1].split("DONE")[0].split()))
         validate(key, _rrset(), tpl, sig, now)
         out = c.handle(f"tpmtimedsign {handle} {payload(key, now=now, exp=now + 7200).hex()}")
-        assert out.splitlines()[-1].startswith("fail: "), out
-        assert "RRSIG" in out or "expiration" in out
+        assert out.endswith(f"fail: {policy.EXPIRATION_EXCEEDS}\n"), out
+        ksk_data = payload(tok.key("k8"), now=now)  # a KSK signing an A RRset: refused by the policy
+        h8 = c.handle("tpmloadkey k8").split("handle=")[1].strip()
+        assert c.handle(f"tpmtimedsign {h8} {ksk_data.hex()}").endswith(f"fail: {policy.KSK_ONLY}\n")
         assert tok.loaded_key("z13").handle() == int(handle, 16)
         assert c.handle(f"tpmflush {handle}") == "ok: flushed\n"
         assert tok.loaded_key("z13").handle() is None
         assert c.handle(f"tpmtimedsign {handle} {data.hex()}").startswith("fail: no key loaded")
-        h8 = c.handle("tpmloadkey k8").split("handle=")[1].strip()
         c.handle("tpmloadkey z13")
         assert c.handle("tpmreset") == "ok: reset\n"
         assert tok.loaded_key("k8").handle() is None and c.handle(f"tpmflush {h8}").startswith("fail:")

@@ -360,7 +360,7 @@ class Tpm2Custody:
 
     def generate(self, algorithm: int, aad: bytes) -> tuple[bytes, bytes]:
         alg = self._check(algorithm)
-        nonce = os.urandom(_NONCE_LEN)
+        nonce = self.random(_NONCE_LEN)
         template = _key_public(alg, alg.rsa_default_bits or 0, _KEY_ATTRS | _MADE_HERE)
         with self._lock:
             esys = self._esys
@@ -384,7 +384,7 @@ class Tpm2Custody:
             raise InvalidArgument(f"the key is not an {alg.mnemonic} key")
         pem = private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                         serialization.NoEncryption())
-        nonce = os.urandom(_NONCE_LEN)
+        nonce = self.random(_NONCE_LEN)
         bits = private_key.key_size if alg.kind == "rsa" else 0
         try:
             sensitive = TPM2B_SENSITIVE.from_pem(pem)
