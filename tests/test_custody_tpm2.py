@@ -26,7 +26,7 @@ from cryptobat.console import Console
 from cryptobat.custody import tpm2
 from cryptobat.custody.tpm2 import Tpm2Custody
 from cryptobat.errors import CryptobatError, IntegrityError, InvalidArgument
-from cryptobat.home import init_token, open_token
+from cryptobat.home import close_token, init_token, open_engine, open_token
 from support import PIN_TEXT, Officers, Swtpm, configure, need, payload, signing_data, validate
 
 ZONE = "testzone."
@@ -274,11 +274,16 @@ def test_a_whole_token_signs_and_refuses_on_the_console(tmp_path, swtpm):
     finally:
         tok.close()
     tok = open_token(home, custody_factory=factory)
+    engine = open_engine(tok)
     try:
+        assert engine.workers == 1  # the TPM is used from the token's process only
         key = tok.key("z13")
         now = tok.now()
         tpl, data = signing_data(key, _rrset(), now - 60, now + 3000)
-        [result] = tok.timed_sign([("z13", data)])
-        validate(key, _rrset(), tpl, result.signature, now)
+        ksk_data = payload(tok.key("k8"), now=now)  # a KSK signing an A RRset: refused
+        results = tok.timed_sign([("z13", data), ("k8", ksk_data)] * 150, run=engine.run)  # a worker-sized batch
+        for r in results[::2]:
+            validate(key, _rrset(), tpl, r.signature, now)
+        assert {r.reason for r in results[1::2]} == {policy.KSK_ONLY}
     finally:
-        tok.close()
+        close_token(tok, engine)

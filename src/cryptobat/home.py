@@ -117,6 +117,8 @@ def open_engine(token, workers: int | None = None, custody_factory: Callable[...
 
     Each worker opens the token's custody again (by default the same kind the token has)."""
     from .workers import Engine
+    if not getattr(token.custody, "parallel", True):  # a device custody (TPM) signs in the token's process
+        workers = 1
     return Engine(token.custody, custody_factory or type(token.custody), token.home, workers, cache=token.cache)
 
 
