@@ -19,7 +19,7 @@ import dns.rrset
 import pytest
 from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RC
-from tpm2_pytss.types import TPM2B_DIGEST, TPML_DIGEST_VALUES, TPMT_HA, TPMT_SIG_SCHEME
+from tpm2_pytss.types import TPM2B_DIGEST, TPML_DIGEST_VALUES, TPMT_HA, TPMT_SIG_SCHEME, TPMT_SIGNATURE
 
 from cryptobat import algorithms, bindkey, keystore, policy
 from cryptobat.console import Console
@@ -107,6 +107,16 @@ def test_every_tpm_algorithm_signs_and_validates_against_its_dnskey(custody, num
     # the token's rebinding of a new key to its final label keeps working
     rebound = custody.seal(custody.unseal(blob, b"k"), b"final")
     _check_signs(info, custody.load(number, rebound, b"final"))
+
+
+def test_short_ecdsa_values_are_padded_to_the_curve_width():
+    """The TPM drops leading zero bytes of r and s (TPM2B); DNSSEC wants them at full width."""
+    sig = TPMT_SIGNATURE(sigAlg=TPM2_ALG.ECDSA)
+    sig.signature.ecdsa.hash = TPM2_ALG.SHA384
+    sig.signature.ecdsa.signatureR = b"\x01" * 46
+    sig.signature.ecdsa.signatureS = b"\x02" * 48
+    wire = tpm2._dnssec_signature(algorithms.by_number(14), sig.marshal())
+    assert wire == b"\0\0" + b"\x01" * 46 + b"\x02" * 48
 
 
 @pytest.mark.parametrize("number", [15, 16])
