@@ -40,7 +40,7 @@ def swtpm(tmp_path_factory):
 
 def _open(home, swtpm, create=False, pcrs=()):
     home.mkdir(exist_ok=True)
-    return Tpm2Custody(home, create, {"tcti": swtpm.tcti, "pcrs": list(pcrs)})
+    return Tpm2Custody(home, create, {"tcti": swtpm.tcti, "pcrs": pcrs})
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +201,18 @@ def test_another_tpm_cannot_open_the_token_nor_load_its_keys(tmp_path, swtpm):
                 o.load(13, o.seal(content, b"k"), b"k")
         finally:
             o.close()
+
+
+def test_a_tpm_out_of_reach_or_bad_pcrs_are_one_line_errors(tmp_path, swtpm):
+    with pytest.raises(CryptobatError, match="cannot reach the TPM at swtpm:path=/nonexistent"):
+        Tpm2Custody(tmp_path, True, {"tcti": "swtpm:path=/nonexistent/sock"})
+    for bad in ("0,x", [24], "-1", [[1]]):
+        with pytest.raises(InvalidArgument, match="PCRs must be numbers from 0 to 23"):
+            _open(tmp_path, swtpm, create=True, pcrs=bad)
+    assert list(tmp_path.iterdir()) == []  # nothing written: the next init starts afresh
+    c = Tpm2Custody(tmp_path, True, {"tcti": swtpm.tcti, "pcrs": "7, 0"})
+    assert c.pcrs == (0, 7)
+    c.close()
 
 
 def test_a_master_sealed_to_pcrs_does_not_unseal_after_an_extend(tmp_path, swtpm):

@@ -129,6 +129,18 @@ def primary_template() -> TPM2B_PUBLIC:
     return template
 
 
+def _pcr_list(pcrs: Any) -> tuple[int, ...]:
+    """PCR numbers from a list or ``"0,2,4,7"``; InvalidArgument in one line otherwise."""
+    try:
+        items = pcrs.split(",") if isinstance(pcrs, str) else list(pcrs or ())
+        out = tuple(sorted({int(p) for p in items if str(p).strip()}))
+    except (TypeError, ValueError):
+        out = (-1,)
+    if any(not 0 <= p < 24 for p in out):
+        raise InvalidArgument(f"PCRs must be numbers from 0 to 23 (e.g. 0,2,4,7), not {pcrs!r}"[:200])
+    return out
+
+
 def _connect(tcti: str) -> ESAPI:
     name, _, conf = tcti.partition(":")
     try:
@@ -180,7 +192,7 @@ class Tpm2Custody:
 
     def __init__(self, home: Path, create: bool = False, config: dict[str, Any] | None = None) -> None:
         self.home = Path(home)
-        self.tcti, self.pcrs = self._settings(create, config or {})
+        self.tcti, self.pcrs, new = self._settings(create, config or {})
         self._lock = threading.RLock()
         self._resident: OrderedDict[bytes, ESYS_TR] = OrderedDict()  # key ident -> loaded handle
         self._saved: OrderedDict[bytes, TPMS_CONTEXT] = OrderedDict()  # key ident -> context of an evicted key
@@ -193,25 +205,24 @@ class Tpm2Custody:
             master = self._master(create)
             self._envelope = Envelope(master)
             self._auth_key = hmac.new(master, b"cryptobat tpm2 key auth", hashlib.sha256).digest()
+            if new:
+                _write_private(self.home / CONFIG_FILE,
+                               json.dumps({"tcti": self.tcti, "pcrs": list(self.pcrs)}).encode())
         except BaseException:
             self.close()
             raise
 
     # --- opening -------------------------------------------------------------------
-    def _settings(self, create: bool, config: dict[str, Any]) -> tuple[str, tuple[int, ...]]:
-        """TCTI and PCRs: from ``config`` at creation (written to HOME/tpm2.json); when opening,
-        from that file, ``config`` only naming another TCTI (the PCRs are fixed by the seal)."""
+    def _settings(self, create: bool, config: dict[str, Any]) -> tuple[str, tuple[int, ...], bool]:
+        """TCTI, PCRs and whether to write them: from ``config`` at creation (HOME/tpm2.json is
+        written once the master secret is sealed); when opening, from that file, ``config``
+        only naming another TCTI (the PCRs are fixed by the seal)."""
         path = self.home / CONFIG_FILE
         if create and not path.exists():
-            tcti = str(config.get("tcti") or DEFAULT_TCTI)
-            pcrs = tuple(sorted({int(p) for p in config.get("pcrs") or ()}))
-            if any(not 0 <= p < 24 for p in pcrs):
-                raise InvalidArgument(f"PCR numbers are 0 to 23, not {list(pcrs)}")
-            _write_private(path, json.dumps({"tcti": tcti, "pcrs": list(pcrs)}).encode())
-            return tcti, pcrs
+            return str(config.get("tcti") or DEFAULT_TCTI), _pcr_list(config.get("pcrs")), True
         try:
             saved = json.loads(path.read_text())
-            return str(config.get("tcti") or saved["tcti"]), tuple(int(p) for p in saved["pcrs"])
+            return str(config.get("tcti") or saved["tcti"]), tuple(int(p) for p in saved["pcrs"]), False
         except FileNotFoundError:
             raise CryptobatError(f"no TPM 2.0 token at {self.home} ({path} is missing)") from None
         except (OSError, ValueError, KeyError, TypeError) as e:
