@@ -519,10 +519,13 @@ class Tpm2Custody:
             self._evict()
         esys = self._esys
         handle = None
-        saved = self._saved.pop(key.ident, None)
+        saved = self._saved.get(key.ident)
         if saved is not None:  # TPM2_ContextLoad: 2.5x faster than TPM2_Load for a P-256 key on swtpm
-            with contextlib.suppress(TSS2_Exception):  # a context from before a power cycle: load anew
+            self._saved.move_to_end(key.ident)
+            try:
                 handle = self._with_room(lambda: esys.context_load(saved))  # type: ignore[union-attr]
+            except TSS2_Exception:  # a context from before a power cycle: load anew
+                del self._saved[key.ident]
         if handle is None:
             try:
                 handle = self._with_room(lambda: esys.load(self._primary, key.private, key.public))  # type: ignore
@@ -551,12 +554,11 @@ class Tpm2Custody:
         encrypts it under a key of its own, valid until the next power cycle) so that it comes
         back with TPM2_ContextLoad rather than a full TPM2_Load; lock held."""
         ident, handle = self._resident.popitem(last=False)
-        try:
-            self._saved[ident] = self._esys.context_save(handle)  # type: ignore[union-attr]
-            while len(self._saved) > SAVED_CONTEXTS:
-                self._saved.popitem(last=False)
-        except TSS2_Exception:
-            pass
+        if ident not in self._saved:  # an object's saved context loads any number of times
+            with contextlib.suppress(TSS2_Exception):
+                self._saved[ident] = self._esys.context_save(handle)  # type: ignore[union-attr]
+                while len(self._saved) > SAVED_CONTEXTS:
+                    self._saved.popitem(last=False)
         self._flush(handle)
 
     def _flush(self, handle: ESYS_TR) -> None:
