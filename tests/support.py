@@ -505,12 +505,22 @@ class Swtpm:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             preexec_fn=lambda: die_with_parent(me))
         deadline = time.monotonic() + 20
-        while not (self.sock.exists() and Path(f"{self.sock}.ctrl").exists()):
+        while not (self._accepts(self.sock) and self._accepts(Path(f"{self.sock}.ctrl"))):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"swtpm exited with {self.proc.returncode}: {self.log.read_text()[-500:]}")
             if time.monotonic() > deadline:
                 raise RuntimeError("swtpm did not create its sockets")
             time.sleep(0.02)
+
+    @staticmethod
+    def _accepts(path: Path) -> bool:
+        """Whether swtpm listens on ``path`` yet (the file appears at bind, before listen)."""
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(path))
+            except OSError:
+                return False
+        return True
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -21,6 +21,7 @@ import segno
 from . import __version__, algorithms, bindkey, keystore, rrsig
 from .errors import (ConfigurationDisabled, CryptobatError, IntegrityError, InvalidArgument, LimitReached, NotFound,
                      NotPermitted, PinIncorrect, Refusal)
+from .custody import DeviceKey
 from .quorum import Approval
 from .timespec import parse_time
 from .release import code_hash
@@ -496,11 +497,19 @@ class Console:
         return self._ask("PIN: ", check)
 
     def do_tpmloadkey(self, args: list[str]) -> str:
+        """Load a key: on a device custody (TPM 2.0) into the device, answering its real handle;
+        on software custody a random handle names it, as before. Either way the handle only
+        names the key for this console: ``tpmtimedsign`` signs through the token's policy check."""
         label, = _want(args, 1)
         if not self.session.signer:
             raise NotPermitted("signing needs the signer PIN on this session: signerlogin")
         self.token.key(label)
-        handle = secrets.token_hex(4).upper()
+        key = self._device_key(label)
+        if key is not None:
+            # a handle this console gave another key before now names this one (that key was evicted)
+            handle = f"{key.resident():08X}"
+        else:
+            handle = secrets.token_hex(4).upper()
         self.handles[handle] = label
         return f"ok: key loaded handle={handle}\n"
 
@@ -526,13 +535,35 @@ class Console:
 
     def do_tpmflush(self, args: list[str]) -> str:
         handle, = _want(args, 1)
-        if self.handles.pop(handle.upper(), None) is None:
+        label = self.handles.pop(handle.upper(), None)
+        if label is None:
             raise NotFound(f"no key loaded with handle {handle}")
+        self._unload(handle.upper(), label)
         return "ok: flushed\n"
 
     def do_tpmreset(self, args: list[str]) -> str:
-        self.handles.clear()
+        handles, self.handles = self.handles, {}
+        for handle, label in handles.items():
+            self._unload(handle, label)
         return "ok: reset\n"
+
+    def _unload(self, handle: str, label: str) -> None:
+        """Flush ``label``'s key from the device if it still sits at ``handle`` (it may have been
+        evicted and reloaded elsewhere since, or deleted); nothing to do on software custody."""
+        try:
+            key = self._device_key(label)
+        except NotFound:
+            return
+        if key is not None and key.handle() == int(handle, 16):
+            key.unload()
+
+    def _device_key(self, label: str) -> DeviceKey | None:
+        """``label``'s key if a device holds it by handle; None on software custody (whose keys
+        are not unsealed merely to be named)."""
+        if self.token.custody.name == "software":
+            return None
+        key = self.token.loaded_key(label)
+        return key if isinstance(key, DeviceKey) else None
 
     def do_audit(self, args: list[str]) -> str:
         if args == ["verify"]:

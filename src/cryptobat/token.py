@@ -23,7 +23,7 @@ from . import algorithms, keystore, officers, policy, prehash, rollback, rrsig
 from .api import KeyInfo, SignResult
 from .audit import Chain, Head
 from .clock import DEFAULT_GAP, DEFAULT_TOLERANCE, TrustedClock, _boottime
-from .custody import Custody, RollbackCounter
+from .custody import Custody, LoadedKey, RollbackCounter
 from .errors import (ConfigurationDisabled, Conflict, CryptobatError, IntegrityError, InvalidArgument, KeygenRefused,
                      NotFound, NotPermitted, PinIncorrect, StoreError)
 from .quorum import IDLE_TIMEOUT, Approval, PendingOperation, Quorum, Session
@@ -691,6 +691,14 @@ class Token:
                           delete_until={keystore.zone_wire(z): t for z, t in self.state.cds_delete.items()})
         self._policy = (basis, p)
         return p
+
+    def loaded_key(self, label: str) -> LoadedKey:
+        """``label``'s key as the signing path holds it, for a transport that shows or unloads its
+        device handle (:class:`cryptobat.custody.DeviceKey`); signing stays with :meth:`timed_sign`."""
+        key = self._sign_key(label)
+        if key is None:
+            raise NotFound(f"no key labelled {label!r}")
+        return self.cache.get(label, key)
 
     def _sign_key(self, label: str) -> SignKey | None:
         """The SignKey of the current record for ``label``, rebuilt whenever that record is

@@ -11,7 +11,7 @@ import importlib
 import json
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ..errors import CryptobatError, IntegrityError, InvalidArgument
 from .software import SoftwareCustody
@@ -22,6 +22,25 @@ class LoadedKey(Protocol):
 
     def sign_digest(self, digest: bytes) -> bytes:
         """Sign a bare hash (PKCS#11 hash-only mechanisms); DNSSEC signature format."""
+        ...
+
+
+@runtime_checkable
+class DeviceKey(LoadedKey, Protocol):
+    """A loaded key a device holds by handle (a TPM 2.0 transient object), as the console's
+    ``tpmloadkey``/``tpmflush`` show and unload it. The handle is for display and unloading
+    only: a signature always goes through the token's policy check and :meth:`LoadedKey.sign`."""
+
+    def resident(self) -> int:
+        """Load the key into the device if it is not; its handle there."""
+        ...
+
+    def handle(self) -> int | None:
+        """Its handle if the device holds it now (it may have been evicted), else None."""
+        ...
+
+    def unload(self) -> None:
+        """Flush it from the device now; it is reloaded on its next use."""
         ...
 
 
@@ -201,4 +220,4 @@ def open_custody(home: Path | str, create: bool = False, kind: str | None = None
     return custody
 
 
-__all__ = ["Custody", "LoadedKey", "RollbackCounter", "SoftwareCustody", "open_custody", "parse_spec"]
+__all__ = ["Custody", "DeviceKey", "LoadedKey", "RollbackCounter", "SoftwareCustody", "open_custody", "parse_spec"]

@@ -1,0 +1,44 @@
+"""The sealing every custody does with its master secret, in one place.
+
+A custody differs in where its 32-byte master secret lives (a 0600 file, sealed in a TPM,
+derived inside an HSM); what it derives from it does not: an AES-256-GCM key that seals
+data with associated data (a key's label), and the state store's MAC key. Sharing this
+keeps a blob resealed by the token (``seal(unseal(blob, tmp), final)``) and the store's
+MAC the same construction under every custody.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ..errors import IntegrityError
+
+MASTER_LEN = 32
+
+
+class Envelope:
+    """AES-256-GCM sealing and the state MAC key, both derived from a custody's master secret."""
+
+    __slots__ = ("_aead", "_mac")
+
+    def __init__(self, master: bytes) -> None:
+        if len(master) != MASTER_LEN:
+            raise IntegrityError(f"the master secret is {len(master)} bytes, not {MASTER_LEN}")
+        self._aead = AESGCM(hashlib.sha256(b"cryptobat seal" + master).digest())
+        self._mac = hmac.new(master, b"cryptobat state mac", hashlib.sha256).digest()
+
+    def seal(self, data: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, data, aad)
+
+    def unseal(self, blob: bytes, aad: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(blob[:12], blob[12:], aad)
+        except Exception:
+            raise IntegrityError("sealed data failed authentication") from None
+
+    def mac_key(self) -> bytes:
+        return self._mac
