@@ -76,7 +76,7 @@ def test_init_records_the_custody_and_existing_tokens_open_as_software(tmp_path)
 @pytest.mark.parametrize("args,why", [
     (["--custody", "hsm"], "cryptobat: unknown custody 'hsm'"),
     (["--custody", "pkcs11:/nonexistent/p11.so", "--custody-token", "t"], "cryptobat: PKCS#11 module"),
-    (["--custody", "tpm2:swtpm:path=/nonexistent/swtpm.sock"], "cryptobat: tpm2 custody"),
+    (["--custody", "tpm2:swtpm:path=/nonexistent/swtpm.sock"], "cryptobat: cannot reach the TPM at swtpm:path=/nonexistent"),
     (["--custody", "software", "--pcrs", "7"], "cryptobat: --pcrs is for tpm2 custody only"),
 ])
 @pytest.mark.parametrize("existing", [False, True])

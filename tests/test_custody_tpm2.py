@@ -73,14 +73,16 @@ def test_create_then_open_across_a_power_cycle(tmp_path, swtpm):
     public, blob = c.generate(13, b"z")
     info = keystore.make_info("z", ZONE, 13, "zsk", public)
     assert c.describe()["kind"] == "tpm2" and c.describe()["pcrs"] == "none"
-    assert c.counter() is None and c.parallel is False
+    assert c.parallel is False
+    moved = c.counter().increment()  # the NV rollback counter, an ordinary index: it survives power
     c.close()
-    for name in (tpm2.MASTER_FILE, tpm2.CONFIG_FILE):
+    for name in (tpm2.MASTER_FILE, tpm2.CONFIG_FILE, "nvcounter.json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
     swtpm.restart()
     c = Tpm2Custody(tmp_path)  # the TCTI from HOME/tpm2.json
     try:
         _check_signs(info, c.load(13, blob, b"z"))
+        assert c.counter().read() == moved
         d = c.describe()
         assert d["device"].startswith("IBM firmware") and d["tcti"] == swtpm.tcti
         assert d["objects loaded"].startswith("2 of 3"), d
