@@ -2,8 +2,6 @@
 (AES-256-GCM, the key's label as associated data) and unsealed only to sign."""
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 from pathlib import Path
 
@@ -12,10 +10,10 @@ import dns.dnssecalgs
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .. import algorithms
 from ..errors import CryptobatError, IntegrityError
+from .envelope import Envelope
 
 
 class _DnssecKey:
@@ -79,18 +77,13 @@ class SoftwareCustody:
             raise IntegrityError(f"cannot read {path}: {e.strerror}") from None
         if len(master) != 32:
             raise IntegrityError(f"{path} is damaged (not a 32-byte master key)")
-        self._aead = AESGCM(hashlib.sha256(b"cryptobat seal" + master).digest())
-        self._mac = hmac.new(master, b"cryptobat state mac", hashlib.sha256).digest()
+        self._envelope = Envelope(master)
 
     def seal(self, data: bytes, aad: bytes) -> bytes:
-        nonce = os.urandom(12)
-        return nonce + self._aead.encrypt(nonce, data, aad)
+        return self._envelope.seal(data, aad)
 
     def unseal(self, blob: bytes, aad: bytes) -> bytes:
-        try:
-            return self._aead.decrypt(blob[:12], blob[12:], aad)
-        except Exception:
-            raise IntegrityError("sealed data failed authentication") from None
+        return self._envelope.unseal(blob, aad)
 
     def generate(self, algorithm: int, aad: bytes) -> tuple[bytes, bytes]:
         alg = algorithms.by_number(algorithm)
@@ -110,4 +103,4 @@ class SoftwareCustody:
         return _DnssecKey(alg.dnspython(key=private), alg)
 
     def mac_key(self) -> bytes:
-        return self._mac
+        return self._envelope.mac_key
