@@ -9,6 +9,7 @@ and its PKCS#11 socket by :class:`SockClient`.
 """
 from __future__ import annotations
 
+import atexit
 import base64
 import errno
 import glob
@@ -544,18 +545,19 @@ class SoftHsm:
     PIN = "backing-pin-1"
     _shared: "SoftHsm | None" = None
 
-    def __init__(self) -> None:
+    def __init__(self, tokens: int = TOKENS) -> None:
         tool_path = need("softhsm2-util", "softhsm2")
         if not os.path.exists(SOFTHSM_MODULE):
             pytest.fail(f"{SOFTHSM_MODULE} not found (apt-get install softhsm2)")
         self.dir = Path(tempfile.mkdtemp(prefix="cbsofthsm-"))
+        atexit.register(shutil.rmtree, self.dir, True)
         (self.dir / "tokens").mkdir()
         self.conf = self.dir / "softhsm2.conf"
         self.conf.write_text(f"directories.tokendir = {self.dir / 'tokens'}\nobjectstore.backend = file\n"
                              "log.level = ERROR\n")
         os.environ["SOFTHSM2_CONF"] = str(self.conf)
         self.module = SOFTHSM_MODULE
-        self._free = [f"cb{os.getpid()}-{i}" for i in range(self.TOKENS)]
+        self._free = [f"cb{os.getpid()}-{i}" for i in range(tokens)]
         for label in self._free:
             subprocess.run([tool_path, "--init-token", "--free", "--label", label, "--pin", self.PIN,
                             "--so-pin", "so-pin-1"], check=True, capture_output=True)
@@ -569,7 +571,7 @@ class SoftHsm:
     def token(self) -> dict:
         """An unused token: the custody ``config`` that opens it (module, token label, user PIN)."""
         if not self._free:
-            pytest.fail(f"all {self.TOKENS} SoftHSM tokens of this process are used (raise SoftHsm.TOKENS)")
+            pytest.fail("all the SoftHSM tokens made for this process are used (raise SoftHsm.TOKENS)")
         return {"module": self.module, "token": self._free.pop(0), "pin": self.PIN}
 
 
