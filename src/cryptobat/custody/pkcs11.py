@@ -23,7 +23,7 @@ from typing import Any
 
 import pkcs11
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11e
@@ -323,7 +323,8 @@ class Pkcs11Custody:
         try:
             with self._lock:
                 if alg.kind == "rsa":
-                    pub, _ = self._session.generate_keypair(KeyType.RSA, alg.rsa_default_bits, public_template=public, **kw)
+                    pub, _ = self._session.generate_keypair(KeyType.RSA, alg.rsa_default_bits,
+                                                            public_template=public, **kw)
                 else:
                     kt = KeyType.EC if alg.kind == "ecdsa" else KeyType.EC_EDWARDS
                     pub, _ = self._session.generate_keypair(
@@ -344,9 +345,8 @@ class Pkcs11Custody:
             key = rsa.RSAPublicNumbers(int.from_bytes(e, "big"), int.from_bytes(n, "big")).public_key()
         elif alg.kind == "ecdsa":
             key = ec.EllipticCurvePublicKey.from_encoded_point(alg.curve, _ec_point(point, alg.public_key_len + 1))
-        else:
-            cls = ed25519.Ed25519PublicKey if alg.number == 15 else ed448.Ed448PublicKey
-            key = cls.from_public_bytes(_ec_point(point, alg.public_key_len))
+        else:  # dnspython's public key class names cryptography's (Ed25519PublicKey, Ed448PublicKey)
+            key = alg.dnspython.public_cls.key_cls.from_public_bytes(_ec_point(point, alg.public_key_len))
         return alg.dnspython.public_cls(key=key).encode_key_bytes()
 
     def import_key(self, algorithm: int, private_key, aad: bytes) -> tuple[bytes, bytes]:
@@ -413,7 +413,8 @@ class Pkcs11Custody:
                                   f"read out of the HSM); not adopted")
         if not a[Attribute.SIGN]:
             raise InvalidArgument(f"pkcs11 custody: key {label!r} cannot sign (CKA_SIGN is false)")
-        implied = 8 if params is None else getattr(algorithms.by_ec_params(params), "number", None)
+        implied = (next(a.number for a in algorithms.SIGNING if a.kind == "rsa") if params is None  # RSASHA256
+                   else getattr(algorithms.by_ec_params(params), "number", None))
         if implied is None:
             raise InvalidArgument(f"pkcs11 custody: key {label!r} is on a curve DNSSEC has no algorithm for")
         algorithm = implied if algorithm is None else algorithm
