@@ -125,6 +125,29 @@ def test_destroy_removes_both_objects(cfg, custody):
         custody.load(13, blob, b"gone")
 
 
+# python-pkcs11 ends the search begun on the lost session in a finaliser, which reports the
+# (expected) CKR_SESSION_HANDLE_INVALID as unraisable
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_signing_from_many_threads_and_after_the_hsm_lost_the_session(custody):
+    """The daemon signs from several threads; a session the HSM closed (a network HSM restarting)
+    is replaced, logged in again, and signing goes on."""
+    from concurrent.futures import ThreadPoolExecutor
+    keys = {alg: custody.generate(alg, b"t%d" % alg) for alg in (8, 13, 15)}
+    work = [alg for alg in keys for _ in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda alg: _assert_signs(custody, alg, *keys[alg], b"t%d" % alg), work))
+    loaded = custody.load(13, keys[13][1], b"t13")
+    custody._session.close()  # C_CloseSession under the custody's feet: the app is logged out too
+    _assert_signs(custody, 13, *keys[13], b"t13")  # load (C_FindObjects) in a new session
+    rrset = dns.rrset.from_text("www.testzone.", 300, "IN", "A", "192.0.2.1")
+    key = keystore.make_info("t13", "testzone.", 13, "zsk", keys[13][0])
+    tpl, data = signing_data(key, rrset, 1_800_000_000 - 60, 1_800_000_000 + 3600)
+    validate(key, rrset, tpl, loaded.sign(data), 1_800_000_000)  # a key loaded before: found again
+    custody._session.close()
+    validate(key, rrset, tpl, loaded.sign(data), 1_800_000_000)
+    assert custody.describe()["objects"].startswith("3 private keys")
+
+
 def test_wrong_backing_pin_is_one_clear_line(tmp_path, cfg):
     Pkcs11Custody(tmp_path, create=True, config=cfg).close()  # no session of this process stays logged in
     (tmp_path / "pkcs11-pin").write_text("not-the-pin\n")

@@ -19,7 +19,7 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pkcs11
 from cryptography.hazmat.primitives import hashes, serialization
@@ -44,6 +44,9 @@ _BLOB_VERSION = 1
 # second C_Finalize would end every other user's sessions. Modules initialised without
 # locking callbacks may assume one thread, so every call into a module holds its lock.
 _MODULES: dict[str, tuple[Any, threading.Lock]] = {}
+# a session the HSM no longer knows (a network HSM restarted, failed over, closed it): open another
+_LOST = (p11e.SessionHandleInvalid, p11e.SessionClosed, p11e.UserNotLoggedIn, p11e.ObjectHandleInvalid,
+         p11e.KeyHandleInvalid, p11e.DeviceRemoved, p11e.TokenNotPresent)
 _MODULES_LOCK = threading.Lock()
 
 
@@ -101,13 +104,14 @@ def _bytes(n: int) -> bytes:
 class _HsmKey:
     """A private key object in the HSM that signs RRSIG signing data per its DNSSEC algorithm."""
 
-    __slots__ = ("_key", "_alg", "_lock", "_mech", "_hash", "_half", "_custody")
+    __slots__ = ("_key", "_ref", "_alg", "_lock", "_mech", "_hash", "_half", "_custody")
 
-    def __init__(self, key, alg: algorithms.DnssecAlgorithm, lock: threading.Lock, custody: "Pkcs11Custody") -> None:
+    def __init__(self, key, ref: dict, alg: algorithms.DnssecAlgorithm, custody: "Pkcs11Custody") -> None:
         self._key = key
+        self._ref = ref  # how to find the object again in a new session
         self._alg = alg
-        self._lock = lock
-        self._custody = custody  # keeps the session (and so the object handle) open while the key is in use
+        self._lock = custody._lock
+        self._custody = custody
         self._hash = None
         if alg.kind == "rsa":
             self._mech = Mechanism(alg.mech_sign)  # CKM_SHA256_RSA_PKCS / CKM_SHA512_RSA_PKCS: the HSM hashes
@@ -121,18 +125,27 @@ class _HsmKey:
     def sign(self, data: bytes) -> bytes:
         if self._hash is not None:
             return self._ecdsa(self._hash(data).digest())
+        return self._sign(data, self._mech)
+
+    def _sign(self, payload: bytes, mech: Mechanism) -> bytes:
+        key = self._key
         try:
             with self._lock:
-                return self._key.sign(data, mechanism=self._mech)
+                return key.sign(payload, mechanism=mech)
+        except _LOST:
+            pass
+        except p11e.PKCS11Error as e:
+            raise CryptobatError(f"pkcs11 custody: signing failed: {_why(e)}") from None
+        try:  # once more, in a new session
+            self._custody._recover(key.session)
+            self._key = key = self._custody._private(self._ref)
+            with self._lock:
+                return key.sign(payload, mechanism=mech)
         except p11e.PKCS11Error as e:
             raise CryptobatError(f"pkcs11 custody: signing failed: {_why(e)}") from None
 
     def _ecdsa(self, digest: bytes) -> bytes:
-        try:
-            with self._lock:
-                sig = self._key.sign(digest, mechanism=Mechanism.ECDSA)
-        except p11e.PKCS11Error as e:
-            raise CryptobatError(f"pkcs11 custody: signing failed: {_why(e)}") from None
+        sig = self._sign(digest, Mechanism.ECDSA)
         n = self._half
         if len(sig) != 2 * n:  # r || s, each as long as the order: RFC 6605's form already
             raise CryptobatError(f"pkcs11 custody: the HSM returned a {len(sig)}-byte ECDSA signature")
@@ -144,11 +157,7 @@ class _HsmKey:
             raise CryptobatError("hash-only signing is not defined for this key type")
         if alg.kind == "ecdsa":
             return self._ecdsa(digest)
-        try:
-            with self._lock:
-                return self._key.sign(alg.digest_info + digest, mechanism=Mechanism.RSA_PKCS)
-        except p11e.PKCS11Error as e:
-            raise CryptobatError(f"pkcs11 custody: signing failed: {_why(e)}") from None
+        return self._sign(alg.digest_info + digest, Mechanism.RSA_PKCS)
 
 
 class Pkcs11Custody:
@@ -220,6 +229,9 @@ class Pkcs11Custody:
 
     def _open(self, pin: str) -> None:
         self._lib, self._lock = _module(self._module_path)
+        self._pin = pin  # to log in again in a new session (it is in HOME already)
+        if not hasattr(self, "_recovering"):
+            self._recovering = threading.Lock()
         try:
             with self._lock:
                 self._token = self._lib.get_token(token_label=self._token_label)
@@ -259,14 +271,37 @@ class Pkcs11Custody:
             raise CryptobatError(f"pkcs11 custody: the HSM cannot compute the master secret: {_why(e)}") from None
         self._envelope = Envelope(master)
 
+    def _recover(self, stale) -> None:
+        """A new session, logged in again, after the HSM lost ``stale`` (unless another thread
+        already replaced it)."""
+        with self._recovering:
+            if self._session is not stale:
+                return
+            try:
+                with self._lock:
+                    stale.close()
+            except p11e.PKCS11Error:
+                pass
+            self._open(self._pin)
+
+    def _in_session(self, fn: Callable[[Any], Any]) -> Any:
+        """``fn(session)`` under the module's lock; once more in a new session if the HSM lost this one."""
+        s = self._session
+        try:
+            with self._lock:
+                return fn(s)
+        except _LOST:
+            self._recover(s)
+        with self._lock:
+            return fn(self._session)
+
     def _find_one(self, cls: ObjectClass, ckid: bytes | None, label: str | None):
         attrs: dict = {Attribute.CLASS: cls}
         if ckid:
             attrs[Attribute.ID] = ckid
         if label is not None:
             attrs[Attribute.LABEL] = label
-        with self._lock:
-            found = list(self._session.get_objects(attrs))
+        found = self._in_session(lambda s: list(s.get_objects(attrs)))
         if len(found) > 1:
             what = f"CKA_ID {ckid.hex()}" if ckid else f"label {label!r}"
             raise InvalidArgument(f"pkcs11 custody: {len(found)} {cls.name.lower().replace('_', ' ')} objects "
@@ -321,14 +356,13 @@ class Pkcs11Custody:
         kw = dict(id=ckid, label=_KEY_PREFIX + ckid.hex(), store=True,
                   capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY, private_template=private)
         try:
-            with self._lock:
-                if alg.kind == "rsa":
-                    pub, _ = self._session.generate_keypair(KeyType.RSA, alg.rsa_default_bits,
-                                                            public_template=public, **kw)
-                else:
-                    kt = KeyType.EC if alg.kind == "ecdsa" else KeyType.EC_EDWARDS
-                    pub, _ = self._session.generate_keypair(
-                        kt, public_template={**public, Attribute.EC_PARAMS: alg.ec_params}, **kw)
+            if alg.kind == "rsa":
+                pub, _ = self._in_session(lambda s: s.generate_keypair(KeyType.RSA, alg.rsa_default_bits,
+                                                                       public_template=public, **kw))
+            else:
+                kt = KeyType.EC if alg.kind == "ecdsa" else KeyType.EC_EDWARDS
+                pub, _ = self._in_session(lambda s: s.generate_keypair(
+                    kt, public_template={**public, Attribute.EC_PARAMS: alg.ec_params}, **kw))
         except p11e.PKCS11Error as e:
             raise CryptobatError(f"pkcs11 custody: token {self._token_label!r} could not generate a key of "
                                  f"algorithm {algorithm}: {_why(e)}") from None
@@ -386,13 +420,14 @@ class Pkcs11Custody:
             pub.update({Attribute.KEY_TYPE: KeyType.EC_EDWARDS, Attribute.EC_PARAMS: alg.ec_params,
                         Attribute.EC_POINT: _der_octets(point)})
         try:
-            with self._lock:
-                made = self._session.create_object(priv)
+            def create(s):
+                made = s.create_object(priv)
                 try:
-                    self._session.create_object(pub)
+                    s.create_object(pub)
                 except BaseException:
                     made.destroy()
                     raise
+            self._in_session(create)
         except p11e.PKCS11Error as e:
             raise CryptobatError(f"pkcs11 custody: token {self._token_label!r} could not import a key of "
                                  f"algorithm {algorithm}: {_why(e)}") from None
@@ -443,7 +478,7 @@ class Pkcs11Custody:
         d = self._unpack(blob, aad)
         if d["alg"] != algorithm:
             raise IntegrityError(f"pkcs11 custody: the key blob is of algorithm {d['alg']}, not {algorithm}")
-        return _HsmKey(self._private(d), algorithms.by_number(algorithm), self._lock, self)
+        return _HsmKey(self._private(d), d, algorithms.by_number(algorithm), self)
 
     def destroy(self, blob: bytes, aad: bytes) -> None:
         """Remove the key's HSM objects; an adopted key's stay (they were made outside the token)."""
@@ -452,10 +487,11 @@ class Pkcs11Custody:
             return
         ckid = bytes.fromhex(d["id"])
         try:
-            with self._lock:
+            def remove(s):
                 for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
-                    for obj in list(self._session.get_objects({Attribute.CLASS: cls, Attribute.ID: ckid})):
+                    for obj in list(s.get_objects({Attribute.CLASS: cls, Attribute.ID: ckid})):
                         obj.destroy()
+            self._in_session(remove)
         except p11e.PKCS11Error as e:
             raise CryptobatError(f"pkcs11 custody: cannot destroy key objects CKA_ID {ckid.hex()}: {_why(e)}") from None
 
@@ -466,17 +502,16 @@ class Pkcs11Custody:
         while len(out) < n:
             k = min(n - len(out), 255 * 32)  # HKDF's limit
             try:
-                with self._lock:
-                    hsm = self._session.generate_random(256)
+                hsm = self._in_session(lambda s: s.generate_random(256))
             except p11e.PKCS11Error as e:
                 raise CryptobatError(f"pkcs11 custody: C_GenerateRandom failed: {_why(e)}") from None
             out += HKDF(hashes.SHA256(), k, salt=hsm, info=b"cryptobat random").derive(os.urandom(32))
         return bytes(out)
 
     def describe(self) -> dict[str, str]:
+        keys = self._in_session(lambda s: sum(1 for _ in s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})))
         with self._lock:
             lib, tok = self._lib, self._token
-            keys = sum(1 for _ in self._session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}))
             d = {"kind": NAME, "module": self._module_path,
                  "library": f"{lib.manufacturer_id} {lib.library_description} "
                             f"{'.'.join(map(str, lib.library_version))}",
