@@ -23,7 +23,7 @@ from cryptobat.errors import CryptobatError, InvalidArgument, NotFound
 from cryptobat.home import init_token, open_engine, open_token
 from support import PIN_TEXT, Officers, SoftHsm, configure, payload, signing_data, validate
 
-ALGS = (8, 10, 13, 14, 15)
+ALGS = (8, 10, 13, 14, 15, 16)  # SoftHSM 2.6 has Ed448 too
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +167,9 @@ def test_missing_token_label_is_one_clear_line(tmp_path, hsm):
         Pkcs11Custody(tmp_path, create=True, config={})
 
 
-def test_import_keeps_dnskey_and_keytag(tmp_path, custody):
-    soft = SoftwareCustody(tmp_path / "soft", create=True) if (tmp_path / "soft").mkdir() is None else None
+def test_import_keeps_dnskey_and_keytag(tmp_path, cfg, custody):
+    (tmp_path / "soft").mkdir()
+    soft = SoftwareCustody(tmp_path / "soft", create=True)
     for alg, private in ((8, rsa.generate_private_key(65537, 2048)), (13, ec.generate_private_key(ec.SECP256R1())),
                          (15, ed25519.Ed25519PrivateKey.generate())):
         before, _ = soft.import_key(alg, private, b"i")
@@ -177,6 +178,9 @@ def test_import_keeps_dnskey_and_keytag(tmp_path, custody):
         assert keystore.make_info("i", "testzone.", alg, "ksk", public).keytag == \
             keystore.make_info("i", "testzone.", alg, "ksk", before).keytag
         _assert_signs(custody, alg, public, blob, b"i")
+        with _session(cfg) as s:
+            obj = s.get_key(ObjectClass.PRIVATE_KEY, id=_ckid(custody, blob, b"i"))
+            assert obj[Attribute.SENSITIVE] is True and obj[Attribute.EXTRACTABLE] is False
 
 
 def test_adopt_an_existing_key_pair_by_label(cfg, custody):
