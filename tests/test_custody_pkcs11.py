@@ -167,6 +167,24 @@ def test_missing_token_label_is_one_clear_line(tmp_path, hsm):
         Pkcs11Custody(tmp_path, create=True, config={})
 
 
+def test_the_home_without_its_hsm_objects_opens_nothing(tmp_path, hsm, cfg, custody):
+    """pkcs11.json and the PIN pointed at another token (or the master object gone): no master secret."""
+    from cryptobat.errors import IntegrityError
+    other = hsm.token()
+    conf = json.loads((tmp_path / "pkcs11.json").read_text())
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "pkcs11.json").write_text(json.dumps({**conf, "token": other["token"]}))
+    (copy / "pkcs11-pin").write_text(other["pin"])
+    with pytest.raises(IntegrityError) as e:
+        Pkcs11Custody(copy)
+    assert "the master secret object" in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "state.db").touch()
+    (tmp_path / "pkcs11.json").rename(tmp_path / "moved.json")
+    with pytest.raises(IntegrityError, match="pkcs11.json is missing"):
+        Pkcs11Custody(tmp_path)
+
+
 def test_import_keeps_dnskey_and_keytag(tmp_path, cfg, custody):
     (tmp_path / "soft").mkdir()
     soft = SoftwareCustody(tmp_path / "soft", create=True)

@@ -193,12 +193,16 @@ class Pkcs11Custody:
         except OSError as e:
             raise IntegrityError(f"cannot read the backing PIN in {pin_path}: {e.strerror}") from None
         self._open(pin)
-        secret = self._find_one(ObjectClass.SECRET_KEY, master_id, None)
-        if secret is None:
-            raise IntegrityError(f"pkcs11 custody: the master secret object (CKA_ID {master_id.hex()}) is not on "
-                                 f"token {self._token_label!r}; the token's keys cannot be opened")
-        self._master_id = master_id
-        self._start(secret)
+        try:
+            secret = self._find_one(ObjectClass.SECRET_KEY, master_id, None)
+            if secret is None:
+                raise IntegrityError(f"pkcs11 custody: the master secret object (CKA_ID {master_id.hex()}) is "
+                                     f"not on token {self._token_label!r}; the token's keys cannot be opened")
+            self._master_id = master_id
+            self._start(secret)
+        except BaseException:
+            self.close()
+            raise
 
     # --- opening --------------------------------------------------------------------
     def _create(self, config: dict, cfg_path: Path, pin_path: Path) -> None:
@@ -210,22 +214,25 @@ class Pkcs11Custody:
         self._open(pin)
         master_id = os.urandom(16)
         try:
-            with self._lock:
-                secret = self._session.generate_key(
-                    KeyType.GENERIC_SECRET, 256, id=master_id, label=_MASTER_PREFIX + master_id.hex(), store=True,
-                    capabilities=MechanismFlag.SIGN,
-                    template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.PRIVATE: True,
-                              Attribute.VERIFY: False, Attribute.DERIVE: False, Attribute.WRAP: False,
-                              Attribute.ENCRYPT: False, Attribute.DECRYPT: False, Attribute.UNWRAP: False})
-        except p11e.PKCS11Error as e:
+            try:
+                with self._lock:
+                    secret = self._session.generate_key(
+                        KeyType.GENERIC_SECRET, 256, id=master_id, label=_MASTER_PREFIX + master_id.hex(),
+                        store=True, capabilities=MechanismFlag.SIGN,
+                        template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.PRIVATE: True,
+                                  Attribute.VERIFY: False, Attribute.DERIVE: False, Attribute.WRAP: False,
+                                  Attribute.ENCRYPT: False, Attribute.DECRYPT: False, Attribute.UNWRAP: False})
+            except p11e.PKCS11Error as e:
+                raise CryptobatError(f"pkcs11 custody: cannot create the master secret object on token "
+                                     f"{self._token_label!r}: {_why(e)}") from None
+            self._master_id = master_id
+            self._start(secret)
+            _write_private(pin_path, (pin + "\n").encode())
+            _write_private(cfg_path, json.dumps({"module": self._module_path, "token": self._token_label,
+                                                 "master_id": master_id.hex()}, indent=1).encode() + b"\n")
+        except BaseException:
             self.close()
-            raise CryptobatError(f"pkcs11 custody: cannot create the master secret object on token "
-                                 f"{self._token_label!r}: {_why(e)}") from None
-        self._master_id = master_id
-        self._start(secret)
-        _write_private(pin_path, (pin + "\n").encode())
-        _write_private(cfg_path, json.dumps({"module": self._module_path, "token": self._token_label,
-                                             "master_id": master_id.hex()}, indent=1).encode() + b"\n")
+            raise
 
     def _open(self, pin: str) -> None:
         self._lib, self._lock = _module(self._module_path)
