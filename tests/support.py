@@ -9,6 +9,7 @@ and its PKCS#11 socket by :class:`SockClient`.
 """
 from __future__ import annotations
 
+import atexit
 import base64
 import errno
 import glob
@@ -537,6 +538,51 @@ class Swtpm:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+class SoftHsm:
+    """SoftHSMv2 as the backing HSM of a PKCS#11 custody, one token directory per process.
+
+    The module reads ``SOFTHSM2_CONF`` and lists its tokens once, at its first C_Initialize
+    in a process (a token initialised later by ``softhsm2-util`` stays invisible to it), so
+    the configuration is put in this process's environment, which worker processes inherit,
+    and :data:`TOKENS` tokens are made up front; :meth:`token` hands out the next one."""
+
+    TOKENS = 32
+    PIN = "backing-pin-1"
+    _shared: "SoftHsm | None" = None
+
+    def __init__(self, tokens: int = TOKENS) -> None:
+        tool_path = need("softhsm2-util", "softhsm2")
+        if not os.path.exists(SOFTHSM_MODULE):
+            pytest.fail(f"{SOFTHSM_MODULE} not found (apt-get install softhsm2)")
+        self.dir = Path(tempfile.mkdtemp(prefix="cbsofthsm-"))
+        atexit.register(shutil.rmtree, self.dir, True)
+        (self.dir / "tokens").mkdir()
+        self.conf = self.dir / "softhsm2.conf"
+        self.conf.write_text(f"directories.tokendir = {self.dir / 'tokens'}\nobjectstore.backend = file\n"
+                             "log.level = ERROR\n")
+        os.environ["SOFTHSM2_CONF"] = str(self.conf)
+        self.module = SOFTHSM_MODULE
+        self._free = [f"cb{os.getpid()}-{i}" for i in range(tokens)]
+        for label in self._free:
+            subprocess.run([tool_path, "--init-token", "--free", "--label", label, "--pin", self.PIN,
+                            "--so-pin", "so-pin-1"], check=True, capture_output=True)
+
+    @classmethod
+    def shared(cls) -> "SoftHsm":
+        if cls._shared is None:
+            cls._shared = cls()
+        return cls._shared
+
+    def token(self) -> dict:
+        """An unused token: the custody ``config`` that opens it (module, token label, user PIN)."""
+        if not self._free:
+            pytest.fail("all the SoftHSM tokens made for this process are used (raise SoftHsm.TOKENS)")
+        return {"module": self.module, "token": self._free.pop(0), "pin": self.PIN}
 
 
 @contextlib.contextmanager
