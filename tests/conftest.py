@@ -11,8 +11,15 @@ import pytest
 
 from cryptobat.home import init_token
 from cryptobat.console import Console
-from support import (CONFIGURED_PIN, ZONE_KEYS, Clocked, Codes, Hsm, Officers, Pdns, cli, configure, free_port,
+from support import (CONFIGURED_PIN, use_custody, ZONE_KEYS, Clocked, Codes, Hsm, Officers, Pdns, cli, configure, free_port,
                      need)
+
+
+def pytest_configure(config):
+    """``CRYPTOBAT_TEST_CUSTODY=tpm2|pkcs11``: this run's tokens keep their keys in that custody."""
+    kind = os.environ.get("CRYPTOBAT_TEST_CUSTODY")
+    if kind:
+        use_custody(kind)
 
 
 @pytest.fixture

@@ -585,6 +585,80 @@ class SoftHsm:
         return {"module": self.module, "token": self._free.pop(0), "pin": self.PIN}
 
 
+class TpmBroker:
+    """A TPM with a resource manager, as ``/dev/tpmrm0`` is on a host: a real swtpm behind a real
+    ``tpm2-abrmd`` on a private D-Bus session bus. Several processes (a daemon, the CLI, the
+    test itself) use it at once, each with its own transient objects, which a bare swtpm (one
+    connection at a time, objects shared) cannot give. Everything dies with the test process."""
+
+    def __init__(self, state_dir: Path) -> None:
+        from cryptobat.workers import die_with_parent
+        self.dir = Path(state_dir)
+        self.tpm = Swtpm(self.dir / "tpm")
+        me = os.getpid()
+        bus = self.dir / "bus"
+        self.bus_address = f"unix:path={bus}"
+        self.procs = [subprocess.Popen(
+            [need("dbus-daemon", "dbus"), "--config-file=/usr/share/dbus-1/session.conf", "--nofork",
+             f"--address={self.bus_address}"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(self.dir / "dbus.log", "wb"), preexec_fn=lambda: die_with_parent(me))]
+        _wait_for(lambda: bus.exists(), "dbus-daemon did not start", self.procs[0])
+        name = f"com.intel.tss2.Tabrmd.cb{me}"
+        env = {**os.environ, "DBUS_SESSION_BUS_ADDRESS": self.bus_address}
+        root = ["--allow-root"] if os.geteuid() == 0 else []
+        self.procs.append(subprocess.Popen(
+            [need("tpm2-abrmd", "tpm2-abrmd"), "--session", *root, f"--dbus-name={name}",
+             f"--tcti={self.tpm.tcti}"], env=env, stdin=subprocess.DEVNULL,
+            stdout=open(self.dir / "abrmd.log", "wb"), stderr=subprocess.STDOUT,
+            preexec_fn=lambda: die_with_parent(me)))
+        self.tcti = f"tabrmd:bus_name={name},bus_type=session"
+        os.environ["DBUS_SESSION_BUS_ADDRESS"] = self.bus_address  # the TCTI finds the bus here
+
+        def answers() -> bool:
+            from tpm2_pytss import ESAPI, TCTILdr
+            try:
+                ESAPI(TCTILdr(*self.tcti.split(":", 1))).close()
+                return True
+            except Exception:
+                return False
+        _wait_for(answers, "tpm2-abrmd did not come up", self.procs[1])
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            stop_process(proc, timeout=5)
+        self.tpm.stop()
+
+
+def _wait_for(ready: Callable[[], bool], why: str, proc: subprocess.Popen, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{why} (exit status {proc.poll()})")
+        time.sleep(0.05)
+
+
+CUSTODIES = ("software", "tpm2", "pkcs11")
+
+
+def use_custody(kind: str) -> None:
+    """Every token this test run creates (in process, by the CLI, by a daemon) gets ``kind``
+    custody, through ``$CRYPTOBAT_CUSTODY`` as an operator's host would set it: tpm2 on a
+    :class:`TpmBroker`, pkcs11 in one SoftHSMv2 token shared by all (each token's master
+    secret and keys are objects of their own there)."""
+    if kind not in CUSTODIES:
+        raise pytest.UsageError(f"CRYPTOBAT_TEST_CUSTODY must be one of {', '.join(CUSTODIES)}, not {kind!r}")
+    if kind == "tpm2":
+        state = Path(tempfile.mkdtemp(prefix="cbtpm-"))
+        broker = TpmBroker(state)
+        atexit.register(shutil.rmtree, state, True)
+        atexit.register(broker.stop)
+        os.environ["CRYPTOBAT_CUSTODY"] = f"tpm2:{broker.tcti}"
+    elif kind == "pkcs11":
+        cfg = SoftHsm(tokens=1).token()
+        os.environ.update(CRYPTOBAT_CUSTODY=f"pkcs11:{cfg['module']}", CRYPTOBAT_CUSTODY_TOKEN=cfg["token"],
+                          CRYPTOBAT_CUSTODY_PIN=cfg["pin"])
+
+
 @contextlib.contextmanager
 def p11_daemon(home: Path, keys, compat=()):
     """A daemon on a :func:`setup_home` token, the address p11-kit-client.so reads pointing at it."""

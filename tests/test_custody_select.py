@@ -186,3 +186,18 @@ def test_a_custody_not_shared_with_workers_signs_in_the_token_process(tmp_path):
     finally:
         engine.close()
         t.close()
+
+
+def test_a_custody_run_really_uses_that_custody(tmp_path):
+    """Under ``CRYPTOBAT_TEST_CUSTODY`` (scripts/test runs a part of the suite on each custody),
+    tokens made in process and by the CLI are of that custody: the run cannot fall back quietly."""
+    want = os.environ.get("CRYPTOBAT_TEST_CUSTODY", "software")
+    t = init_token(tmp_path / "a", quorum=1)
+    try:
+        assert t.custody.name == want
+        if want != "software":
+            assert not (tmp_path / "a" / "master.key").exists()
+    finally:
+        t.close()
+    r = cli("init", "--quorum", "1", home=tmp_path / "b")
+    assert r.returncode == 0 and f"custody {want})" in r.stdout, r.stderr

@@ -88,10 +88,14 @@ def _custody_pin(a) -> str | None:
 
 
 def cmd_init(a) -> int:
-    from .custody import parse_spec
+    from .custody import parse_spec, spec_from_env
     from .home import init_token
     home = resolve_home(a.home)
-    kind, config = parse_spec(a.custody, token=a.custody_token, pin=_custody_pin(a), pcrs=a.pcrs)
+    if a.custody is None and a.custody_token is None and a.pcrs is None and a.custody_pin_file is None:
+        kind, config = spec_from_env()  # $CRYPTOBAT_CUSTODY, software when unset
+    else:
+        a.custody = a.custody or "software"
+        kind, config = parse_spec(a.custody, token=a.custody_token, pin=_custody_pin(a), pcrs=a.pcrs)
     t = init_token(home, a.quorum, kind=kind, config=config)
     print(f"Initialised token {t.serial()} at {home} (quorum {a.quorum}, custody {t.custody.name})")
     print("Next: enrol officers with 'cryptobat console' -> coadd NAME")
@@ -263,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("init", help="create a token")
     _home_arg(s)
     s.add_argument("--quorum", type=int, default=2, metavar="M", help="officers needed for a change (default 2)")
-    s.add_argument("--custody", default="software", metavar="SPEC",
-                   help="where private keys live: software (default; a 0600 master key in the home), "
+    s.add_argument("--custody", metavar="SPEC",
+                   help="where private keys live ($CRYPTOBAT_CUSTODY when not given): software (the default; "
+                        "a 0600 master key in the home), "
                         "tpm2[:TCTI] (inside a TPM 2.0; TCTI default device:/dev/tpmrm0, e.g. "
                         "swtpm:path=/run/swtpm.sock; with a rollback counter) or pkcs11:MODULE (an existing HSM)")
     s.add_argument("--pcrs", metavar="LIST", help="tpm2: bind the sealed master secret to these PCRs, e.g. 0,2,4,7")

@@ -16,7 +16,7 @@ from . import audit as auditlog
 from . import rollback
 from .audit import Head
 from .clock import _boottime
-from .custody import Custody, RollbackCounter, open_custody
+from .custody import Custody, RollbackCounter, open_custody, spec_from_env
 from .errors import Conflict, IntegrityError, InvalidArgument, NotFound
 from .state import TokenState
 from .store import Store
@@ -154,7 +154,8 @@ def init_token(home: Path | str, quorum: int = 2, custody_factory: Callable[...,
     """A new token at ``home`` (created 0700) with an M-of-N ``quorum``.
 
     Its custody is made by ``custody_factory(home, create=True)``, by default
-    :func:`cryptobat.custody.open_custody` of ``kind`` (software unless given) with ``config``
+    :func:`cryptobat.custody.open_custody` of ``kind`` with ``config`` (when not given, the
+    environment's default: :func:`cryptobat.custody.spec_from_env`, software when unset)
     (see :func:`cryptobat.custody.parse_spec`). A failure leaves nothing of the token behind in
     ``home`` (objects a device made before it failed are the custody's to undo)."""
     from .token import MAX_QUORUM, Token, new_state
@@ -164,6 +165,9 @@ def init_token(home: Path | str, quorum: int = 2, custody_factory: Callable[...,
     if (home / "state.db").exists():
         raise Conflict(f"a token already exists at {home}")
     if custody_factory is None:
+        if kind is None:
+            kind, config = spec_from_env()
+
         def custody_factory(h: Path, create: bool = False) -> Custody:
             return open_custody(h, create=create, kind=kind, config=config)
     existed = home.exists()

@@ -137,6 +137,18 @@ def parse_spec(text: str, *, token: str | None = None, pin: str | None = None,
     return kind, {"module": str(module), "token": token, "pin": pin}
 
 
+def spec_from_env(environ=os.environ) -> tuple[str, dict]:
+    """The custody a new token gets when its creator names none: ``$CRYPTOBAT_CUSTODY`` (a spec
+    as ``init --custody`` takes it; software when unset), with ``$CRYPTOBAT_CUSTODY_TOKEN``,
+    ``$CRYPTOBAT_CUSTODY_PIN`` and ``$CRYPTOBAT_CUSTODY_PCRS`` as its companion options.
+    A host where every token belongs in its TPM or HSM says so once, in its environment."""
+    text = environ.get("CRYPTOBAT_CUSTODY") or "software"
+    pkcs11 = text.startswith("pkcs11")
+    return parse_spec(text, token=environ.get("CRYPTOBAT_CUSTODY_TOKEN") if pkcs11 else None,
+                      pin=environ.get("CRYPTOBAT_CUSTODY_PIN") if pkcs11 else None,
+                      pcrs=environ.get("CRYPTOBAT_CUSTODY_PCRS") if text.startswith("tpm2") else None)
+
+
 def _custody_class(kind: str):
     module, name = KINDS[kind]
     try:
@@ -220,4 +232,4 @@ def open_custody(home: Path | str, create: bool = False, kind: str | None = None
     return custody
 
 
-__all__ = ["Custody", "DeviceKey", "LoadedKey", "RollbackCounter", "SoftwareCustody", "open_custody", "parse_spec"]
+__all__ = ["Custody", "DeviceKey", "LoadedKey", "RollbackCounter", "SoftwareCustody", "open_custody", "parse_spec", "spec_from_env"]
