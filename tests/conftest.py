@@ -17,9 +17,19 @@ from support import (CONFIGURED_PIN, use_custody, ZONE_KEYS, Clocked, Codes, Hsm
 
 def pytest_configure(config):
     """``CRYPTOBAT_TEST_CUSTODY=tpm2|pkcs11``: this run's tokens keep their keys in that custody."""
+    config.addinivalue_line("markers", "not_on(custody, why): the test cannot apply on that custody; "
+                                       "deselected (and counted as such) in a run on it")
     kind = os.environ.get("CRYPTOBAT_TEST_CUSTODY")
     if kind:
         use_custody(kind)
+
+
+def pytest_collection_modifyitems(config, items):
+    kind = os.environ.get("CRYPTOBAT_TEST_CUSTODY", "software")
+    out = [i for i in items if any(m.args[0] == kind for m in i.iter_markers("not_on"))]
+    if out:
+        config.hook.pytest_deselected(items=out)
+        items[:] = [i for i in items if i not in out]
 
 
 @pytest.fixture

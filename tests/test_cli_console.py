@@ -23,7 +23,8 @@ def test_seed_slides_on_a_terminal(tmp_path):
     try:
         child.expect_exact("> ")
         child.sendline("version")
-        child.expect(r"Cryptobat firmware version \d+\.\d+\.\d+\.[0-9A-F]{8} \(c\) Cryptobat rst:software")
+        custody = os.environ.get("CRYPTOBAT_TEST_CUSTODY", "software")  # the seed's device: rst:software
+        child.expect(r"Cryptobat firmware version \d+\.\d+\.\d+\.[0-9A-F]{8} \(c\) Cryptobat rst:" + custody)
         child.expect_exact("> ")
         child.sendline("date")
         child.expect(r"Y:\d\d M:\d\d D:\d\d h:\d\d m:\d\d s:\d\d ok\r\n(\d+)\r\n")

@@ -23,7 +23,7 @@ import pytest
 from cryptobat import signzone
 from cryptobat.client import connect
 from cryptobat.zonesign import reader
-from support import MONTH, rsa_private_file, zone_token, zone_validates
+from support import HOLDS, MONTH, rsa_private_file, zone_token, zone_validates
 
 ZONE = """\
 $TTL 3600
@@ -91,7 +91,7 @@ MODES = {
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-@pytest.mark.parametrize("alg", [8, 13, 15])
+@pytest.mark.parametrize("alg", [a for a in (8, 13, 15) if a in HOLDS])
 def test_sign_and_validate(tmp_path, alg, mode, capsys):
     rt, zf, ksks, zsks = _setup(tmp_path, [alg])
     argv = ["-x", "-N", "increment", "-j", "600", "-o", "example.org", "-k", ksks[0], *MODES[mode], zf, zsks[0]]
@@ -154,13 +154,14 @@ def _signers(path: str) -> dict[str, set[tuple[str, str]]]:
 def test_multi_algorithm_dnskey_by_ksks_only(tmp_path):
     """Two algorithms, no -x: still the DNSKEY RRset is signed by each algorithm's KSK only
     (the token refuses a ZSK's signature over it), the rest by each ZSK; keys found by -S."""
-    rt, zf, ksks, zsks = _setup(tmp_path, [13, 15])
+    second = 15 if 15 in HOLDS else 8
+    rt, zf, ksks, zsks = _setup(tmp_path, [13, second])
     assert _sign(rt, ["-S", "-o", "example.org", "-f", str(tmp_path / "out"), zf]) == 0
     zone_validates(str(tmp_path / "out"), "example.org", ksk_only=False)
     zone_validates(str(tmp_path / "out"), "example.org", ksk_only=True)
     signers = _signers(str(tmp_path / "out"))
-    assert signers.pop("DNSKEY") == {("13", _tag(ksks[0])), ("15", _tag(ksks[1]))}
-    assert set().union(*signers.values()) == {("13", _tag(zsks[0])), ("15", _tag(zsks[1]))}
+    assert signers.pop("DNSKEY") == {("13", _tag(ksks[0])), (str(second), _tag(ksks[1]))}
+    assert set().union(*signers.values()) == {("13", _tag(zsks[0])), (str(second), _tag(zsks[1]))}
 
 
 CDS_ZONE = ZONE + "@ CDNSKEY {dnskey}\n@ CDS {ds}\n"
@@ -228,6 +229,7 @@ def seed_keys(tmp_path_factory):
 SEED = "-s now -e +300 -v 5 -x -o testzone -k Ktestzone.+008+35407 testzone Ktestzone.+008+58968"
 
 
+@pytest.mark.not_on("tpm2", why="the slides' key tags are reached with RSA exponents a TPM does not import")
 def test_seed_command_verbatim(tmp_path, tmp_path_factory, seed_keys):
     """The slides' session on a real token: the keys imported with the slides' tags, max validity
     3600 s; the slides' command line through the real ``cryptobat`` command."""

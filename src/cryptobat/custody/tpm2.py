@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives import hashes
 # unseal); they are reported as exceptions instead. TSS2_LOG set by the operator still wins.
 os.environ.setdefault("TSS2_LOG", "all+none")
 
-from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
+from tpm2_pytss import ESAPI, TSS2_Exception
 from tpm2_pytss.constants import (ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_ECC, TPM2_PT, TPM2_PT_FIRMWARE, TPM2_PT_HR,
                                   TPM2_RC, TPM2_RH, TPM2_SE, TPM2_ST, TPMA_OBJECT, TPMA_SESSION)
 from tpm2_pytss.types import (TPM2B_DIGEST, TPM2B_PRIVATE, TPM2B_PUBLIC, TPM2B_SENSITIVE, TPM2B_SENSITIVE_CREATE,
@@ -143,10 +143,12 @@ def _pcr_list(pcrs: Any) -> tuple[int, ...]:
 
 
 def _connect(tcti: str) -> ESAPI:
-    name, _, conf = tcti.partition(":")
     try:
-        return ESAPI(TCTILdr(name, conf or None))
-    except Exception as e:  # TCTILdr raises TSS2_Exception or OSError
+        # ESAPI loads the TCTI from the text itself, and so finalizes it in close(): one made
+        # here and passed in would keep its connection (a resource manager's slot) until
+        # garbage-collected
+        return ESAPI(tcti)
+    except Exception as e:  # TSS2_Exception or OSError
         raise CryptobatError(f"cannot reach the TPM at {tcti}: {e}") from None
 
 
