@@ -90,6 +90,7 @@ class Token:
         self._sign_keys: dict[str, tuple[KeyRecord, SignKey]] = {}  # label -> (its record, SignKey of it)
         self._policy: tuple[tuple, policy.Policy] | None = None
         self._parsed = prehash.Parsed()  # bound digests' signing data, parsed at C_DigestFinal
+        self._by_tag: tuple[int, dict[tuple[int, int], list[KeyInfo]]] = (-1, {})  # (generation, see _tagged)
         self._write_failed = False
         self._last_flush = mono()
         self._last_refusal_entry: dict[tuple[str, str], float] = {}  # (command, why) -> when last audited alone
@@ -728,7 +729,22 @@ class Token:
             if sd is not None:
                 self._parsed.keep(data, sd)
             return why is None
-        return prehash.bindings(self.keys(), hashed, data, digest, accepts)
+        try:
+            h = rrsig.header(data)
+        except CryptobatError:
+            return []
+        return prehash.bindings(self._tagged().get((h.algorithm, h.key_tag), ()), hashed, data, digest, accepts)
+
+    def _tagged(self) -> dict[tuple[int, int], list[KeyInfo]]:
+        """(algorithm, key tag) -> the keys with them, recomputed only when the state changes:
+        the keys a digest can bind to, found without looking at every key of a large token."""
+        gen, by_tag = self._by_tag
+        if gen != self.generation:
+            by_tag = {}
+            for r in self.state.keys.values():
+                by_tag.setdefault((r.info.algorithm, r.info.keytag), []).append(r.info)
+            self._by_tag = (self.generation, by_tag)
+        return by_tag
 
     def sign_digest(self, label: str, raw: bytes, mechanism: str, bound: bytes | None) -> SignResult:
         """Hash-only signing of mechanism input ``raw``; see :func:`cryptobat.prehash.authorise`."""

@@ -139,16 +139,15 @@ class Connection:
         """Whether this client has a slow-key signature under way (:meth:`Module.signs_slowly`);
         with ``data``, also that ``data`` is exactly one whole C_Sign or C_SignFinal frame, the
         call that will make it (a front end may run it off its loop while others sign too)."""
-        if self.closed:
+        if self.closed or not self.module.signs_slowly():
             return False
         if data is not None:
             if self.frames.buf or self.version is None or len(data) < HEADER.size + 4:
                 return False
             code, olen, blen = HEADER.unpack_from(data)
-            if len(data) != HEADER.size + olen + blen or blen < 4 or \
-                    int.from_bytes(data[HEADER.size + olen:HEADER.size + olen + 4], "big") not in SIGN_CALLS:
-                return False
-        return self.module.signs_slowly()
+            return len(data) == HEADER.size + olen + blen and blen >= 4 and \
+                int.from_bytes(data[HEADER.size + olen:HEADER.size + olen + 4], "big") in SIGN_CALLS
+        return True
 
     def slow(self, data: bytes) -> bool:
         """Whether the next :meth:`feed` of ``data`` should run off the event loop: the first
