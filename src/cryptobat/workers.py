@@ -430,10 +430,13 @@ class Engine:
         try:
             if self._batch_waiting:
                 return None
-            try:
-                pool = self._start()
-            except OSError:
-                return None
+            pool = self._pool  # (a worker that died is found by its pipes, and the pool restarted)
+            if pool is None:
+                try:
+                    pool = self._start()
+                except OSError:
+                    return None
+            self._last_used = time.monotonic()
             w = next((w for w in pool if w not in self._lent), None)
             if w is None:
                 return None

@@ -294,11 +294,21 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
 
     def slow(p: _Peer, data: bytes) -> None:
         _helper.on = True
+        mask = OUT
         try:
             p.out = p.conn.feed(data)
+            if p.out and not p.conn.closed and (handover is None or not handover.requested):
+                try:  # the reply at once, if the socket takes it: no loop turn just to send it
+                    p.out = p.out[p.sock.send(p.out):]
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    pass  # the loop finds the socket broken
+                if not p.out and not p.conn.ready():
+                    mask = IN
         finally:
             try:
-                ep.register(p.fd, OUT)  # the loop sends the reply, then reads again
+                ep.register(p.fd, mask)  # OUT: the loop sends the reply (or answers buffered frames), then reads
             except (OSError, ValueError):
                 p.sock.close()
             p.busy = False  # only now: a handover waits for this, and the reply is in p.out
