@@ -58,8 +58,9 @@ MAX_PEERS = int(os.environ.get("CRYPTOBAT_P11_MAX_CONNECTIONS", "256"))  # beyon
 ACCEPT_PAUSE = 0.1  # out of descriptors: the listener is not polled for this long (it would stay readable)
 # after the last message, poll this long before sleeping (see serve_unix); off by default
 SPIN_SECONDS = float(os.environ.get("CRYPTOBAT_P11_SPIN_US", "0")) / 1e6
-# helper threads that make slow-key signatures (RSA) while other clients sign too
-SIGNING_THREADS = max(2, os.cpu_count() or 1)
+# helper threads that make slow-key signatures (RSA) while other clients sign too; 0 (env
+# CRYPTOBAT_P11_SIGNING_THREADS) signs them all on the loop, as one client's always are
+SIGNING_THREADS = int(os.environ.get("CRYPTOBAT_P11_SIGNING_THREADS", str(max(2, os.cpu_count() or 1))))
 _helper = threading.local()
 
 
@@ -257,7 +258,7 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
             p.busy = True
             threading.Thread(target=slow, args=(p, data), name="pkcs11-slow", daemon=True).start()
             return
-        if data and p.conn.signs_slowly(data) and others_sign(p):
+        if SIGNING_THREADS > 0 and data and p.conn.signs_slowly(data) and others_sign(p):
             if not signers:
                 from concurrent.futures import ThreadPoolExecutor
                 signers.append(ThreadPoolExecutor(SIGNING_THREADS, thread_name_prefix="pkcs11-sign"))
