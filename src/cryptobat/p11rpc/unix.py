@@ -8,6 +8,7 @@ import socket
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, Callable
 
 from .backend import Backend
@@ -242,9 +243,10 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
         elif p.conn.closed:
             close(p)
 
-    signers: list = []  # the ThreadPoolExecutor for slow-key signatures, made when first needed
+    signers: list[ThreadPoolExecutor] = []  # the helpers for slow-key signatures, made when first needed
 
     def others_sign(p: _Peer) -> bool:
+        """Whether a client other than ``p`` has a slow-key signature under way (or a helper busy)."""
         for q in peers.values():
             if q is not p and (q.busy or q.conn.signs_slowly()):
                 return True
@@ -260,7 +262,6 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
             return
         if SIGNING_THREADS > 0 and data and p.conn.signs_slowly(data) and others_sign(p):
             if not signers:
-                from concurrent.futures import ThreadPoolExecutor
                 signers.append(ThreadPoolExecutor(SIGNING_THREADS, thread_name_prefix="pkcs11-sign"))
             ep.unregister(p.fd)
             p.busy = True
