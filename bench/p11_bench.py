@@ -16,8 +16,8 @@ SoftHSM: the same calls, C_Digest on the token then CKM_ECDSA, which is what Pow
 to any token; and, as a second column, CKM_ECDSA over a locally computed SHA-256, three calls
 where the bound flow makes six, as p11-kit 0.24.1's client does not forward
 CKM_ECDSA_SHA256).  Prints signatures/s per row, the ratios, failures, and the CPU time per
-1,000 signatures of the server (the daemon; p11-kit server and the processes it forks per
-client) and of the clients (their signing loops).
+1,000 signatures of the server (the daemon and its signing worker processes; p11-kit server
+and the processes it forks per client) and of the clients (their signing loops).
 
 FindObjects rows: a second token on each side with ``--find-keys`` ECDSA P-256 keys over
 ``--find-keys``/4 zones (labels and ids ``m0``, ``m1``, ...); one client looks keys up by
@@ -191,13 +191,22 @@ def rrsig_data(key, now: int) -> bytes:
     return rrsig.signing_data(rrset, tpl)
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time of ``pid`` and of its children that ended (p11-kit server's per-client processes)."""
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """CPU time of ``pid``, of its children that ended (p11-kit server's per-client processes)
+    and of those still running (the daemon's signing worker processes)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    total = sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    if children:
+        for task in glob.glob(f"/proc/{pid}/task/*/children"):
+            try:
+                kids = Path(task).read_text().split()
+            except OSError:
+                continue
+            total += sum(cpu_seconds(int(k), children=False) for k in kids)
+    return total
 
 
 def run_row(module: str, address: str, kind: str, flow: str, data: bytes, clients: int, seconds: float,

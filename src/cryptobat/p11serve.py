@@ -19,7 +19,7 @@ from typing import Callable
 from .api import KeyInfo, SignResult
 from .client import serving
 from .p11rpc.server import Connection
-from .p11rpc.unix import Handover, listen_unix, serve_unix
+from .p11rpc.unix import Handover, in_helper, listen_unix, serve_unix
 from .p11rpc.unix import serve_stdio as _serve_stdio
 from .serve import Service, group_refused
 
@@ -55,7 +55,9 @@ class ServiceBackend:
         return keys
 
     def timed_sign(self, items: list[tuple[str, bytes]]) -> list[SignResult]:
-        return self.s.timed_sign(items)
+        """In a helper thread of the socket loop, a slow signature is made in a worker process
+        if one is free: signing here would hold the GIL, and so the loop, as long."""
+        return self.s.timed_sign(items, spread=in_helper())
 
     def check_signing_data(self, label: str, data: bytes) -> str | None:
         return self.s.call(self.t.check_signing_data, label, data)

@@ -71,6 +71,15 @@ class Policy:
     delete_until: Mapping[bytes, int] = field(default_factory=dict, hash=False)
 
 
+def for_zones(policy: Policy, zones: set[bytes]) -> Policy:
+    """The policy as it decides for keys of ``zones`` (canonical wire names): :func:`check`
+    reads the zone-keyed parts only at the key's own zone, so this decides the same for them,
+    and a job for one key sent to another process does not carry every zone's keys."""
+    return Policy(policy.max_validity, policy.clock_tampered,
+                  zone_keys={z: policy.zone_keys[z] for z in zones if z in policy.zone_keys},
+                  delete_until={z: policy.delete_until[z] for z in zones if z in policy.delete_until})
+
+
 def serial_gt(a: int, b: int) -> bool:
     """RFC 1982 ``a > b`` for 32-bit serial numbers."""
     d = (a - b) % _MOD
@@ -99,7 +108,16 @@ def check(key: KeyInfo, zone_wire: bytes, data: bytes, policy: Policy, now: int)
     value can wrap into looking acceptable.
     """
     in_force(policy)
-    sd = rrsig.parse(data)
+    return check_parsed(key, zone_wire, rrsig.parse(data), data, policy, now)
+
+
+def check_parsed(key: KeyInfo, zone_wire: bytes, sd: rrsig.SigningData, data: bytes, policy: Policy,
+                 now: int) -> rrsig.SigningData:
+    """:func:`check` of ``data`` that ``sd = rrsig.parse(data)`` already parsed: the whole
+    decision again (policy, key and clock as they are now), only not the parse. A bound digest
+    is checked at C_Digest and again at C_Sign; parsing is the costly part and depends on the
+    bytes alone, so the token parses them once."""
+    in_force(policy)
     if sd.rdclass != _IN:
         raise Refusal(NOT_IN)
     if sd.algorithm != key.algorithm:

@@ -6,7 +6,8 @@ A hash says nothing about what was hashed, so the token signs one only if
   named the key by algorithm and key tag, was hashed with the key's algorithm hash and
   passed the policy (:func:`bindings`, at C_DigestFinal); that hash then authorises one
   signature, and the data passes the policy again, as it stands then, when it is signed
-  (:func:`authorise`, at C_Sign); or
+  (:func:`authorise`, at C_Sign: the whole decision, on the data the token parsed at
+  C_DigestFinal); or
 - a quorum put the key in compat mode, and then only at a bounded rate.
 
 The PKCS#11 adapter keeps, per session, only what :func:`bindings` returned: it neither
@@ -15,6 +16,7 @@ parses signing data nor DigestInfo, and decides nothing. No I/O here.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from . import algorithms, policy, rrsig
@@ -58,15 +60,52 @@ def bindings(keys: Iterable[KeyInfo], hashed: str, data: bytes, digest: bytes,
             and accepts(k.label)]
 
 
+KEPT = 256  # bound signing data kept parsed for C_Sign, at most
+KEPT_BYTES = 4 << 20  # and their bytes, at most
+
+
+class Parsed:
+    """Bound signing data as :func:`cryptobat.policy.check` parsed it at C_DigestFinal, until
+    C_Sign takes it (:func:`authorise`'s ``parsed``): each binding is parsed once, not again
+    when it is signed. Bounded in entries and bytes; data that fell out is parsed again."""
+
+    def __init__(self, entries: int = KEPT, size: int = KEPT_BYTES) -> None:
+        self._kept: OrderedDict[bytes, rrsig.SigningData] = OrderedDict()
+        self._entries, self._size, self._bytes = entries, size, 0
+
+    def keep(self, data: bytes, sd: rrsig.SigningData) -> None:
+        if data in self._kept or len(data) > self._size:
+            return
+        self._kept[data] = sd
+        self._bytes += len(data)
+        while len(self._kept) > self._entries or self._bytes > self._size:
+            self._bytes -= len(self._kept.popitem(last=False)[0])
+
+    def take(self, data: bytes) -> rrsig.SigningData | None:
+        sd = self._kept.pop(data, None)
+        if sd is not None:
+            self._bytes -= len(data)
+        return sd
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
 def authorise(key: KeyInfo, zone_wire: bytes, mechanism: str, raw: bytes, bound: bytes | None,
-              pol: policy.Policy, now: int, limiter: policy.RateLimiter, t: float) -> bytes:
+              pol: policy.Policy, now: int, limiter: policy.RateLimiter, t: float,
+              parsed: rrsig.SigningData | None = None) -> bytes:
     """The bare hash ``key`` may sign for mechanism input ``raw``; raise Refusal otherwise.
 
     ``bound`` is the signing data a binding recorded for ``raw``: it must still hash to the
-    very hash being signed and pass the policy now (it may have tightened since C_Digest).
+    very hash being signed and pass the policy now (it may have tightened since C_Digest, and
+    the clock moved). ``parsed`` is ``rrsig.parse(bound)`` if the token kept it from the
+    binding: the policy then decides on it without parsing the bytes again.
     """
     if bound is not None:
-        policy.check(key, zone_wire, bound, pol, now)
+        if parsed is None:
+            policy.check(key, zone_wire, bound, pol, now)
+        else:
+            policy.check_parsed(key, zone_wire, parsed, bound, pol, now)
     digest = check_digest(key, raw, mechanism, bound is not None, pol, limiter, t)
     if bound is not None:
         name = hash_name(key.algorithm)

@@ -138,11 +138,13 @@ class Service:
         with self.lock:
             return self.token.peer_allowed(peer.uid, peer.gid)
 
-    def timed_sign(self, items: Sequence[tuple[str, bytes]]) -> list[SignResult]:
+    def timed_sign(self, items: Sequence[tuple[str, bytes]], spread: bool = False) -> list[SignResult]:
+        """Check and sign, the token lock held only around the job and the accounting.
+        ``spread``: a small job may go to a free worker process (see :meth:`Engine.run`)."""
         with self.lock:
             job = self.token.sign_job(items)
             engine = self.engine()
-        results = engine.run(job)
+        results = engine.run(job, spread=spread)
         with self.lock:
             self.token.account(results, labels=[label for label, _ in items])
         return results

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from . import policy
+from . import policy, rrsig
 from .api import KeyInfo, SignResult
 from .custody import Custody, LoadedKey
 from .errors import Refusal
@@ -36,6 +36,13 @@ class Job:
     now: int
     keys: dict[str, SignKey]
     items: Sequence[tuple[str, bytes]]
+
+
+def narrowed(job: Job) -> Job:
+    """``job`` with its policy cut to its keys' zones (:func:`cryptobat.policy.for_zones`):
+    the same decisions, fewer bytes to send a worker process for a signature or two."""
+    zones = {k.zone_wire for k in job.keys.values()}
+    return Job(policy.for_zones(job.policy, zones), job.now, job.keys, job.items)
 
 
 class KeyCache:
@@ -110,14 +117,18 @@ class KeyCache:
 def refusal(job: Job, label: str, data: bytes) -> str | None:
     """Why ``job`` may not sign ``data`` with ``label``'s key, or None: the policy check every
     signature passes, in the token's process and in the workers alike."""
+    return verdict(job, label, data)[0]
+
+
+def verdict(job: Job, label: str, data: bytes) -> tuple[str | None, rrsig.SigningData | None]:
+    """:func:`refusal`, with the parsed signing data when it passed (kept with a bound digest)."""
     key = job.keys.get(label)
     if key is None:
-        return f"no key labelled {label!r}"
+        return f"no key labelled {label!r}", None
     try:
-        policy.check(key.info, key.zone_wire, data, job.policy, job.now)
+        return None, policy.check(key.info, key.zone_wire, data, job.policy, job.now)
     except Refusal as e:
-        return e.reason
-    return None
+        return e.reason, None
 
 
 def sign_one(cache: KeyCache, job: Job, label: str, data: bytes) -> SignResult:

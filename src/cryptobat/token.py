@@ -97,6 +97,8 @@ class Token:
         self._pin_ok: tuple[str, bytes] | None = None
         self._sign_keys: dict[str, tuple[KeyRecord, SignKey]] = {}  # label -> (its record, SignKey of it)
         self._policy: tuple[tuple, policy.Policy] | None = None
+        self._parsed = prehash.Parsed()  # bound digests' signing data, parsed at C_DigestFinal
+        self._by_tag: tuple[int, dict[tuple[int, int], list[KeyInfo]]] = (-1, {})  # (generation, see _tagged)
         self._write_failed = False
         self._last_flush = mono()
         self._last_refusal_entry: dict[tuple[str, str], float] = {}  # (command, why) -> when last audited alone
@@ -794,21 +796,46 @@ class Token:
 
     def check_signing_data(self, label: str, data: bytes) -> str | None:
         """The policy verdict on ``data`` for ``label`` without signing: None or the reason."""
+        return self._verdict(label, data)[0]
+
+    def _verdict(self, label: str, data: bytes) -> tuple[str | None, rrsig.SigningData | None]:
+        """:meth:`check_signing_data`, with the parsed data when it passed."""
         job = self.sign_job([(label, data)])
         if label not in job.keys:
-            return f"no key labelled {label[:64]!r}"
-        why = signing.refusal(job, label, data)
+            return f"no key labelled {label[:64]!r}", None
+        why, sd = signing.verdict(job, label, data)
         if why is not None:
             self.account([SignResult(reason=why)], labels=[label])
-        return why
+        return why, sd
 
     def bind_digest(self, hashed: str, data: bytes, digest: bytes) -> list[tuple[str, bytes]]:
-        """Which keys a finished digest of ``data`` binds to; see :func:`cryptobat.prehash.bindings`."""
+        """Which keys a finished digest of ``data`` binds to; see :func:`cryptobat.prehash.bindings`.
+        The data that passed is kept parsed for :meth:`sign_digest` (checked again there, not parsed)."""
         open_ = self._role_open()
         if open_:
             self._settle_roles([(label, data) for label in open_])
-        return prehash.bindings(self.keys(), hashed, data, digest,
-                                lambda label: self.check_signing_data(label, data) is None)
+
+        def accepts(label: str) -> bool:
+            why, sd = self._verdict(label, data)
+            if sd is not None:
+                self._parsed.keep(data, sd)
+            return why is None
+        try:
+            h = rrsig.header(data)
+        except CryptobatError:
+            return []
+        return prehash.bindings(self._tagged().get((h.algorithm, h.key_tag), ()), hashed, data, digest, accepts)
+
+    def _tagged(self) -> dict[tuple[int, int], list[KeyInfo]]:
+        """(algorithm, key tag) -> the keys with them, recomputed only when the state changes:
+        the keys a digest can bind to, found without looking at every key of a large token."""
+        gen, by_tag = self._by_tag
+        if gen != self.generation:
+            by_tag = {}
+            for r in self.state.keys.values():
+                by_tag.setdefault((r.info.algorithm, r.info.keytag), []).append(r.info)
+            self._by_tag = (self.generation, by_tag)
+        return by_tag
 
     def sign_digest(self, label: str, raw: bytes, mechanism: str, bound: bytes | None) -> SignResult:
         """Hash-only signing of mechanism input ``raw``; see :func:`cryptobat.prehash.authorise`."""
@@ -817,8 +844,9 @@ class Token:
         if key is None:
             return SignResult(reason=f"no key labelled {label[:64]!r}")
         try:
+            parsed = None if bound is None else self._parsed.take(bound)
             digest = prehash.authorise(key.info, key.zone_wire, mechanism, raw, bound, job.policy, job.now,
-                                       self.limiter, self._mono())
+                                       self.limiter, self._mono(), parsed)
         except CryptobatError as e:
             result = SignResult(reason=str(e))
         else:

@@ -22,7 +22,10 @@ Worker processes hold unsealed keys, so they live no longer than they must:
 - They stop after :data:`WORKER_IDLE` seconds without a batch.
 
 One large batch at a time runs on the workers (each uses them all); small
-ones, and the token's own single signatures, are signed in-process.
+ones, and the token's own single signatures, are signed in-process, unless the
+caller asks to ``spread`` them: then each goes to a worker free at that moment
+(signing in a caller's thread holds the GIL, so it stalls the caller's process;
+the PKCS#11 loop asks for this for RSA while several clients sign at once).
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ from typing import Callable, Sequence
 from .api import SignResult
 from .custody import Custody
 from .errors import CryptobatError
-from .signing import KEY_IDLE, Job, KeyCache, results, run, signatures
+from .signing import KEY_IDLE, Job, KeyCache, narrowed, results, run, signatures
 
 PARALLEL_MIN = 256  # batches at least this large go to the worker processes
 WORKER_KEYS = 8  # unsealed keys a worker process keeps at most
@@ -343,11 +346,15 @@ class Engine:
         self._pool: list[_Worker] | None = None
         self._keeper: _Keeper | None = None
         self._lock = threading.Lock()  # one batch at a time on the workers; guards the pool
+        self._returned = threading.Condition(self._lock)  # a lent worker came back
+        self._lent: set[_Worker] = set()  # workers signing a spread job now (see run)
+        self._batch_waiting = False  # a batch waits for the lent workers: lend no more
         self._last_used = time.monotonic()
 
     def _start(self) -> list[_Worker]:
         """The worker processes (started on the keeper thread); called with ``_lock`` held."""
-        if self._pool is not None and any(w.proc.poll() is not None for w in self._pool):
+        if self._pool is not None and not self._lent and (
+                len(self._pool) < self.workers or any(w.proc.poll() is not None for w in self._pool)):
             self._stop_pool()  # a worker died while idle (the OOM killer, an operator): start afresh
         if self._pool is None:
             if self._keeper is None:
@@ -376,17 +383,29 @@ class Engine:
         self.cache.expire()
         if self._lock.acquire(blocking=False):
             try:
-                if self._pool is not None and time.monotonic() - self._last_used > WORKER_IDLE:
+                if self._pool is not None and not self._lent and time.monotonic() - self._last_used > WORKER_IDLE:
                     self._stop_pool()
             finally:
                 self._lock.release()
 
-    def run(self, job: Job) -> list[SignResult]:
+    def run(self, job: Job, spread: bool = False) -> list[SignResult]:
+        """Sign ``job``: across the workers if large; a small one here, or with ``spread`` in a
+        worker free now (here if none is: a batch has them all, or every one is lent)."""
         n = len(job.items)
         if self.workers <= 1 or n < PARALLEL_MIN:
+            if spread and self.workers > 1 and n:
+                out = self._run_lent(job)
+                if out is not None:
+                    return out
             return run(self.cache, job)
         parts = [_frame(Job(job.policy, job.now, job.keys, job.items[i:j])) for i, j in _split(n, self.workers)]
         with self._lock:
+            if self._lent:  # lent workers finish their job first: their pipes are theirs till then
+                self._batch_waiting = True
+                try:
+                    self._returned.wait_for(lambda: not self._lent)
+                finally:
+                    self._batch_waiting = False
             try:
                 pool = self._start()
             except OSError as e:  # no worker processes to be had: sign here
@@ -407,6 +426,47 @@ class Engine:
         for part in answers:
             out.extend(results(part))
         return out
+
+    def _run_lent(self, job: Job) -> list[SignResult] | None:
+        """``job`` signed by one worker not busy now, or None if there is none to have."""
+        if not self._lock.acquire(blocking=False):  # a batch is running (or starting workers)
+            return None
+        try:
+            if self._batch_waiting:
+                return None
+            pool = self._pool  # (a worker that died is found by its pipes, and the pool restarted)
+            if pool is None:
+                try:
+                    pool = self._start()
+                except OSError:
+                    return None
+            self._last_used = time.monotonic()
+            w = next((w for w in pool if w not in self._lent), None)
+            if w is None:
+                return None
+            self._lent.add(w)
+        finally:
+            self._lock.release()
+        ok = False
+        try:
+            w.send(_frame(narrowed(job)))
+            part = w.recv()
+            ok = True
+        except _WorkerFailed as e:
+            raise CryptobatError(f"signing worker failed: {e}") from None
+        except CryptobatError:
+            ok = True  # the worker answered with a refusal of the whole job: it is fine
+            raise
+        finally:
+            with self._lock:
+                self._lent.discard(w)
+                self._last_used = time.monotonic()
+                if not ok and self._pool is not None and w in self._pool:  # its pipes may hold half a frame
+                    self._pool.remove(w)  # the pool is started afresh once nothing is lent
+                self._returned.notify_all()
+            if not ok:
+                _stop_workers([w])
+        return results(part)
 
     @staticmethod
     def _map(pool: list[_Worker], parts: list[bytes]) -> list:

@@ -58,6 +58,9 @@ def _grouped(pairs: Iterable[tuple[int | None, algorithms.DnssecAlgorithm]]) -> 
 # verifying) also with the RSASHA1 keys a token may still hold.
 FULL_SIGN = _grouped((a.mech_sign, a) for a in algorithms.SIGNING)
 HASH_SIGN = _grouped((a.mech_hash_sign, a) for a in algorithms.TABLE.values())
+# algorithms whose private-key operation takes long (RSA: about a millisecond, against tens of
+# microseconds for ECDSA and EdDSA): a front end may sign these off its event loop
+SLOW_KEYS = frozenset(n for n, a in algorithms.TABLE.items() if a.kind == "rsa")
 # CKM_RSA_PKCS_KEY_PAIR_GEN names no hash: it makes a key of the first RSA algorithm the token signs with
 _RSA_KEYGEN = next(a for a in algorithms.SIGNING if a.kind == "rsa" and a.generate)
 DIGESTS = {C.CKM_SHA_1: "sha1", C.CKM_SHA256: "sha256", C.CKM_SHA384: "sha384", C.CKM_SHA512: "sha512"}
@@ -284,6 +287,16 @@ class Module:
                 s.bound[(str(label), _unb64(digest))] = _unb64(data)
             m.sessions[s.handle] = s
         return m
+
+    def signs_slowly(self) -> bool:
+        """Whether a session has a whole-data signature with a SLOW_KEYS key still to make
+        (not one already made for a size query): its C_Sign or C_SignFinal will sign."""
+        for s in self.sessions.values():
+            op = s.sign
+            if op is not None and op.result is None and op.key is not None \
+                    and op.key.algorithm in SLOW_KEYS and op.mech in FULL_SIGN:
+                return True
+        return False
 
     # --- plumbing -------------------------------------------------------------------
 

@@ -26,6 +26,8 @@ SLOW_CALLS = frozenset(c.id for c in CALLS if c.name in (
     "C_Login", "C_LoginUser", "C_InitToken", "C_InitToken2", "C_InitPIN", "C_SetPIN", "C_GenerateKey",
     "C_GenerateKeyPair", "C_DestroyObject", "C_GenerateRandom", "C_CreateObject", "C_CopyObject"))
 
+SIGN_CALLS = frozenset(c.id for c in CALLS if c.name in ("C_Sign", "C_SignFinal"))
+
 # One :meth:`Connection.feed` answers at most BATCH frames and stops early once its replies
 # reach TURN_BYTES; frames beyond stay buffered (:meth:`Connection.ready`) for the next turn,
 # so a client that pipelines thousands of requests never makes one huge reply in memory.
@@ -132,6 +134,20 @@ class Connection:
         except Exception:  # a backend failure must not take the connection down
             log.exception("p11rpc %s failed", req.call.name)
             return encode_error(C.CKR_GENERAL_ERROR)
+
+    def signs_slowly(self, data: bytes | None = None) -> bool:
+        """Whether this client has a slow-key signature under way (:meth:`Module.signs_slowly`);
+        with ``data``, also that ``data`` is exactly one whole C_Sign or C_SignFinal frame, the
+        call that will make it (a front end may run it off its loop while others sign too)."""
+        if self.closed or not self.module.signs_slowly():
+            return False
+        if data is not None:
+            if self.frames.buf or self.version is None or len(data) < HEADER.size + 4:
+                return False
+            code, olen, blen = HEADER.unpack_from(data)
+            return len(data) == HEADER.size + olen + blen and blen >= 4 and \
+                int.from_bytes(data[HEADER.size + olen:HEADER.size + olen + 4], "big") in SIGN_CALLS
+        return True
 
     def slow(self, data: bytes) -> bool:
         """Whether the next :meth:`feed` of ``data`` should run off the event loop: the first

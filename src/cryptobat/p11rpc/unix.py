@@ -8,6 +8,7 @@ import socket
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, Callable
 
 from .backend import Backend
@@ -58,6 +59,16 @@ MAX_PEERS = int(os.environ.get("CRYPTOBAT_P11_MAX_CONNECTIONS", "256"))  # beyon
 ACCEPT_PAUSE = 0.1  # out of descriptors: the listener is not polled for this long (it would stay readable)
 # after the last message, poll this long before sleeping (see serve_unix); off by default
 SPIN_SECONDS = float(os.environ.get("CRYPTOBAT_P11_SPIN_US", "0")) / 1e6
+# helper threads that make slow-key signatures (RSA) while other clients sign too; 0 (env
+# CRYPTOBAT_P11_SIGNING_THREADS) signs them all on the loop, as one client's always are
+SIGNING_THREADS = int(os.environ.get("CRYPTOBAT_P11_SIGNING_THREADS", str(max(2, os.cpu_count() or 1))))
+_helper = threading.local()
+
+
+def in_helper() -> bool:
+    """Whether this thread is one of :func:`serve_unix`'s helpers, not its event loop: work done
+    here stalls no other client, unless it holds the GIL (a backend may sign elsewhere)."""
+    return getattr(_helper, "on", False)
 
 
 class _Peer:
@@ -178,6 +189,10 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
     deletion, large random requests; :meth:`Connection.slow`) run in a helper thread while
     that client's socket is out of the loop, so they never stall other clients.  Sockets
     are non-blocking: a client that does not read its replies only stops being read from.
+    A C_Sign that makes an RSA signature (:meth:`Connection.signs_slowly`) runs in one of
+    :data:`SIGNING_THREADS` helper threads when another client has one under way too (alone,
+    the hand-off would only add latency): the backend may then sign it in another process
+    (:func:`in_helper`), and the loop serves the others meanwhile.
     A client that pipelines many requests is answered a bounded batch at a time
     (``server.BATCH`` frames, about ``server.TURN_BYTES`` of replies): its further frames
     wait, unread and unanswered, until the replies so far are sent, so its unsent replies
@@ -228,6 +243,15 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
         elif p.conn.closed:
             close(p)
 
+    signers: list[ThreadPoolExecutor] = []  # the helpers for slow-key signatures, made when first needed
+
+    def others_sign(p: _Peer) -> bool:
+        """Whether a client other than ``p`` has a slow-key signature under way (or a helper busy)."""
+        for q in peers.values():
+            if q is not p and (q.busy or q.conn.signs_slowly()):
+                return True
+        return False
+
     def turn(p: _Peer, data: bytes = b"") -> None:
         """Answer one batch of what ``p`` sent (``data`` and its buffer): here, or in a helper thread."""
         todo.discard(p.fd)
@@ -235,6 +259,13 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
             ep.unregister(p.fd)
             p.busy = True
             threading.Thread(target=slow, args=(p, data), name="pkcs11-slow", daemon=True).start()
+            return
+        if SIGNING_THREADS > 0 and data and p.conn.signs_slowly(data) and others_sign(p):
+            if not signers:
+                signers.append(ThreadPoolExecutor(SIGNING_THREADS, thread_name_prefix="pkcs11-sign"))
+            ep.unregister(p.fd)
+            p.busy = True
+            signers[0].submit(slow, p, data)
             return
         out = p.conn.feed(data)
         if out:
@@ -264,11 +295,22 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
                 pass
 
     def slow(p: _Peer, data: bytes) -> None:
+        _helper.on = True
+        mask = OUT
         try:
             p.out = p.conn.feed(data)
+            if p.out and not p.conn.closed and (handover is None or not handover.requested):
+                try:  # the reply at once, if the socket takes it: no loop turn just to send it
+                    p.out = p.out[p.sock.send(p.out):]
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    pass  # the loop finds the socket broken
+                if not p.out and not p.conn.ready():
+                    mask = IN
         finally:
             try:
-                ep.register(p.fd, OUT)  # the loop sends the reply, then reads again
+                ep.register(p.fd, mask)  # OUT: the loop sends the reply (or answers buffered frames), then reads
             except (OSError, ValueError):
                 p.sock.close()
             p.busy = False  # only now: a handover waits for this, and the reply is in p.out
@@ -418,6 +460,8 @@ def serve_unix(path: str, backend: BackendSource, lock: Any = None,
                     elif not p.busy:  # busy: its helper thread is just finishing (see slow)
                         turn(p)
     finally:
+        for pool in signers:
+            pool.shutdown(wait=False)
         if handed:
             ep.close()
             handover.done.set()
