@@ -35,8 +35,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import dns.exception
 import dns.name
@@ -44,8 +44,9 @@ import dns.name
 from .api import KeyInfo
 from .errors import CryptobatError
 from .policy import SKEW
+from .signing import PARALLEL_MIN
 from .timespec import parse_time
-from .zonesign import inputs, verify
+from .zonesign import inputs
 from .zonesign.batch import Batch, complete_samples, render
 from .zonesign.chain import nsec3_hasher  # noqa: F401  (re-exported: signzone's interface before the split)
 from .zonesign.fatal import PROG, Fatal
@@ -56,6 +57,9 @@ from .zonesign.prepare import ChainSpec, Prepared, new_serial, prepare  # noqa: 
 from .zonesign.reader import ZoneError
 from .zonesign.roles import key_roles, select_keys
 from .zonesign.stats import Progress, Stats, print_stats
+
+if TYPE_CHECKING:  # a run with -P never verifies: concurrent.futures and the verifier are imported when used
+    from concurrent.futures import Executor
 
 
 def _parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser, zones: bool = False) -> argparse.ArgumentParser:
@@ -228,9 +232,14 @@ def sign_zone(args, client, shared: Shared | None = None) -> Stats:
             size_hint = os.path.getsize(args.zonefile) // 12
         except OSError:
             size_hint = 0
-        verifier = None if args.noverify else verify.verifier_pool(size_hint)
-        warmer = threading.Thread(target=_warm, args=(client, verifier, size_hint), daemon=True)
-        warmer.start()
+        verifier = None
+        if not args.noverify:
+            from .zonesign import verify
+
+            verifier = verify.verifier_pool(size_hint)
+        if verifier is not None or size_hint >= PARALLEL_MIN:  # (a small zone with -P: nothing to start)
+            warmer = threading.Thread(target=_warm, args=(client, verifier, size_hint), daemon=True)
+            warmer.start()
     job = _Job(origin, chain, keys, roles, now, validity, verifier, warmer, stats, shared is not None)
     try:
         return _sign(args, client, job)
@@ -249,6 +258,8 @@ def _warm(client, verifier: Executor | None, size_hint: int) -> None:
     if warm:
         warm(size_hint)
     if verifier is not None:
+        from .zonesign import verify
+
         verify.warm_pool(verifier)
 
 
@@ -278,6 +289,8 @@ FLEET_SAMPLE = 4  # names per zone re-validated by dnspython in a run over many 
 
 
 def _sample_names(auth: list[tuple], many: bool) -> set:
+    from .zonesign import verify
+
     """The names whose RRsets dnspython re-validates. One zone of many gets its apex and a few
     random names: every signature is still verified, and the run as a whole samples thousands
     of RRsets, where a zone's full sample would cost more than signing it (a 50-name zone: 32 names)."""
@@ -295,9 +308,15 @@ def _sign(args, client, job: _Job) -> Stats:
     if job.warmer is not None:
         job.warmer.join()  # the worker pool exists before the first batch (no second pool from a race)
     output = Output(args.output or args.zonefile + ".signed", clean=not job.quiet)
-    checker = None if job.verifier is None else verify.Verifier(job.verifier, job.keys)
+    checker = None
+    if job.verifier is not None:
+        from .zonesign import verify
+
+        checker = verify.Verifier(job.verifier, job.keys)
     delivery = _Delivery(output, checker, _progress(prep, plan, job.quiet))
-    pipeline = Pipeline(client, job.keys, delivery)
+    # a zone that fits in a batch or two is signed in this thread: a signing thread (and
+    # concurrent.futures) would cost more than the overlap it buys
+    pipeline = Pipeline(client, job.keys, delivery, threaded=len(prep.order) > inputs.BATCH // 4)
     walk = inputs.SigningInputs(prep, plan)
     try:
         for batch in walk:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import base64
-from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 
 @dataclass
