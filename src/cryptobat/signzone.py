@@ -35,7 +35,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import dns.exception
@@ -143,20 +142,22 @@ def main(argv: list[str] | None = None, client=None) -> int:
             client.close()
 
 
-@dataclass
 class _Job:
-    """What the command line and the token decided before the zone is read."""
+    """What the command line and the token decided before the zone is read (a plain class, as
+    the records of :mod:`.zonesign` are: a dataclass costs about a millisecond at import)."""
 
-    origin: dns.name.Name
-    chain: ChainSpec
-    keys: list[SignKey]
-    roles: tuple  # (keys signing the key sets, keys signing the rest)
-    now: int
-    validity: inputs.Validity
-    verifier: Executor | None  # None with -P
-    warmer: threading.Thread | None  # None for one of many zones
-    stats: Stats
-    quiet: bool  # one of many zones: no progress line, no key report
+    __slots__ = ("origin", "chain", "keys", "roles", "now", "validity", "verifier", "warmer", "stats", "quiet")
+
+    def __init__(self, origin: dns.name.Name, chain: ChainSpec, keys: list[SignKey], roles: tuple, now: int,
+                 validity: inputs.Validity, verifier: Executor | None, warmer: threading.Thread | None,
+                 stats: Stats, quiet: bool) -> None:
+        self.origin, self.chain, self.keys = origin, chain, keys
+        self.roles = roles  # (keys signing the key sets, keys signing the rest)
+        self.now, self.validity = now, validity
+        self.verifier = verifier  # None with -P
+        self.warmer = warmer  # None for one of many zones
+        self.stats = stats
+        self.quiet = quiet  # one of many zones: no progress line, no key report
 
 
 def _origin(args) -> dns.name.Name:
@@ -200,12 +201,14 @@ def _run(args, client) -> int:
     return 0
 
 
-@dataclass
 class Shared:
     """What a run over many zones (``--zones``) does once for all of them instead of per zone."""
 
-    keys_of: Callable[[str], list[KeyInfo]]  # the token's keys of a zone (lower-case origin), read once
-    verifier: Executor | None  # the verification pool every small zone uses (never shut down by one)
+    __slots__ = ("keys_of", "verifier")
+
+    def __init__(self, keys_of: Callable[[str], list[KeyInfo]], verifier: Executor | None) -> None:
+        self.keys_of = keys_of  # the token's keys of a zone (lower-case origin), read once
+        self.verifier = verifier  # the verification pool every small zone uses (never shut down by one)
 
 
 def sign_zone(args, client, shared: Shared | None = None) -> Stats:
