@@ -240,7 +240,7 @@ def sign_zone(args, client, shared: Shared | None = None) -> Stats:
             from .zonesign import verify
 
             verifier = verify.verifier_pool(size_hint)
-        if verifier is not None or size_hint >= PARALLEL_MIN:  # (a small zone with -P: nothing to start)
+        if size_hint >= PARALLEL_MIN:  # a smaller zone starts nothing: it signs and verifies in place
             warmer = threading.Thread(target=_warm, args=(client, verifier, size_hint), daemon=True)
             warmer.start()
     job = _Job(origin, chain, keys, roles, now, validity, verifier, warmer, stats, shared is not None)
