@@ -19,6 +19,7 @@ from . import errors, native
 from .api import KeyInfo, SignResult
 from .errors import CryptobatError
 from .home import close_token, resolve_home
+from .signing import PARALLEL_MIN
 
 
 class Client(Protocol):
@@ -56,7 +57,6 @@ class EmbeddedClient:
     def warm(self, items: int | None = None) -> None:
         """Start the worker processes now, so the first batch does not wait for them; not for
         a job of ``items`` signatures too small to use them (it is signed in this process)."""
-        from .workers import PARALLEL_MIN
         if items is not None and items < PARALLEL_MIN:
             return
         self._pool().warm()
@@ -68,6 +68,8 @@ class EmbeddedClient:
         return self.token.now()
 
     def timed_sign(self, items: Sequence[tuple[str, bytes]]) -> list[SignResult]:
+        if self._engine is None and len(items) < PARALLEL_MIN:  # signed here in any case: a small
+            return self.token.timed_sign(items)  # zone starts (and imports) no worker machinery
         return self.token.timed_sign(items, run=self._pool().run)
 
     def close(self) -> None:

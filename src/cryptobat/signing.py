@@ -18,6 +18,8 @@ from .custody import Custody, LoadedKey
 from .errors import Refusal
 
 CACHE_KEYS = 64  # unsealed keys the token's own process keeps at most
+PARALLEL_MIN = 256  # batches at least this large go to an adapter's worker processes (cryptobat.workers);
+# smaller ones are signed in the token's process, where no worker need be started for them
 KEY_IDLE = 60.0  # seconds an unsealed key stays cached unused
 
 

@@ -35,8 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import dns.exception
 import dns.name
@@ -44,8 +43,9 @@ import dns.name
 from .api import KeyInfo
 from .errors import CryptobatError
 from .policy import SKEW
+from .signing import PARALLEL_MIN
 from .timespec import parse_time
-from .zonesign import inputs, verify
+from .zonesign import inputs
 from .zonesign.batch import Batch, complete_samples, render
 from .zonesign.chain import nsec3_hasher  # noqa: F401  (re-exported: signzone's interface before the split)
 from .zonesign.fatal import PROG, Fatal
@@ -56,6 +56,9 @@ from .zonesign.prepare import ChainSpec, Prepared, new_serial, prepare  # noqa: 
 from .zonesign.reader import ZoneError
 from .zonesign.roles import key_roles, select_keys
 from .zonesign.stats import Progress, Stats, print_stats
+
+if TYPE_CHECKING:  # a run with -P never verifies: concurrent.futures and the verifier are imported when used
+    from concurrent.futures import Executor
 
 
 def _parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser, zones: bool = False) -> argparse.ArgumentParser:
@@ -139,20 +142,22 @@ def main(argv: list[str] | None = None, client=None) -> int:
             client.close()
 
 
-@dataclass
 class _Job:
-    """What the command line and the token decided before the zone is read."""
+    """What the command line and the token decided before the zone is read (a plain class, as
+    the records of :mod:`.zonesign` are: a dataclass costs about a millisecond at import)."""
 
-    origin: dns.name.Name
-    chain: ChainSpec
-    keys: list[SignKey]
-    roles: tuple  # (keys signing the key sets, keys signing the rest)
-    now: int
-    validity: inputs.Validity
-    verifier: Executor | None  # None with -P
-    warmer: threading.Thread | None  # None for one of many zones
-    stats: Stats
-    quiet: bool  # one of many zones: no progress line, no key report
+    __slots__ = ("origin", "chain", "keys", "roles", "now", "validity", "verifier", "warmer", "stats", "quiet")
+
+    def __init__(self, origin: dns.name.Name, chain: ChainSpec, keys: list[SignKey], roles: tuple, now: int,
+                 validity: inputs.Validity, verifier: Executor | None, warmer: threading.Thread | None,
+                 stats: Stats, quiet: bool) -> None:
+        self.origin, self.chain, self.keys = origin, chain, keys
+        self.roles = roles  # (keys signing the key sets, keys signing the rest)
+        self.now, self.validity = now, validity
+        self.verifier = verifier  # None with -P
+        self.warmer = warmer  # None for one of many zones
+        self.stats = stats
+        self.quiet = quiet  # one of many zones: no progress line, no key report
 
 
 def _origin(args) -> dns.name.Name:
@@ -196,12 +201,14 @@ def _run(args, client) -> int:
     return 0
 
 
-@dataclass
 class Shared:
     """What a run over many zones (``--zones``) does once for all of them instead of per zone."""
 
-    keys_of: Callable[[str], list[KeyInfo]]  # the token's keys of a zone (lower-case origin), read once
-    verifier: Executor | None  # the verification pool every small zone uses (never shut down by one)
+    __slots__ = ("keys_of", "verifier")
+
+    def __init__(self, keys_of: Callable[[str], list[KeyInfo]], verifier: Executor | None) -> None:
+        self.keys_of = keys_of  # the token's keys of a zone (lower-case origin), read once
+        self.verifier = verifier  # the verification pool every small zone uses (never shut down by one)
 
 
 def sign_zone(args, client, shared: Shared | None = None) -> Stats:
@@ -228,9 +235,14 @@ def sign_zone(args, client, shared: Shared | None = None) -> Stats:
             size_hint = os.path.getsize(args.zonefile) // 12
         except OSError:
             size_hint = 0
-        verifier = None if args.noverify else verify.verifier_pool(size_hint)
-        warmer = threading.Thread(target=_warm, args=(client, verifier, size_hint), daemon=True)
-        warmer.start()
+        verifier = None
+        if not args.noverify:
+            from .zonesign import verify
+
+            verifier = verify.verifier_pool(size_hint)
+        if size_hint >= PARALLEL_MIN:  # a smaller zone starts nothing: it signs and verifies in place
+            warmer = threading.Thread(target=_warm, args=(client, verifier, size_hint), daemon=True)
+            warmer.start()
     job = _Job(origin, chain, keys, roles, now, validity, verifier, warmer, stats, shared is not None)
     try:
         return _sign(args, client, job)
@@ -249,6 +261,8 @@ def _warm(client, verifier: Executor | None, size_hint: int) -> None:
     if warm:
         warm(size_hint)
     if verifier is not None:
+        from .zonesign import verify
+
         verify.warm_pool(verifier)
 
 
@@ -278,6 +292,8 @@ FLEET_SAMPLE = 4  # names per zone re-validated by dnspython in a run over many 
 
 
 def _sample_names(auth: list[tuple], many: bool) -> set:
+    from .zonesign import verify
+
     """The names whose RRsets dnspython re-validates. One zone of many gets its apex and a few
     random names: every signature is still verified, and the run as a whole samples thousands
     of RRsets, where a zone's full sample would cost more than signing it (a 50-name zone: 32 names)."""
@@ -295,9 +311,15 @@ def _sign(args, client, job: _Job) -> Stats:
     if job.warmer is not None:
         job.warmer.join()  # the worker pool exists before the first batch (no second pool from a race)
     output = Output(args.output or args.zonefile + ".signed", clean=not job.quiet)
-    checker = None if job.verifier is None else verify.Verifier(job.verifier, job.keys)
+    checker = None
+    if job.verifier is not None:
+        from .zonesign import verify
+
+        checker = verify.Verifier(job.verifier, job.keys)
     delivery = _Delivery(output, checker, _progress(prep, plan, job.quiet))
-    pipeline = Pipeline(client, job.keys, delivery)
+    # a zone that fits in a batch or two is signed in this thread: a signing thread (and
+    # concurrent.futures) would cost more than the overlap it buys
+    pipeline = Pipeline(client, job.keys, delivery, threaded=len(prep.order) > inputs.BATCH // 4)
     walk = inputs.SigningInputs(prep, plan)
     try:
         for batch in walk:

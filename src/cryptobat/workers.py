@@ -45,9 +45,7 @@ from typing import Callable, Sequence
 from .api import SignResult
 from .custody import Custody
 from .errors import CryptobatError
-from .signing import KEY_IDLE, Job, KeyCache, narrowed, results, run, signatures
-
-PARALLEL_MIN = 256  # batches at least this large go to the worker processes
+from .signing import KEY_IDLE, PARALLEL_MIN, Job, KeyCache, narrowed, results, run, signatures  # noqa: F401  (PARALLEL_MIN re-exported)
 WORKER_KEYS = 8  # unsealed keys a worker process keeps at most
 WORKER_IDLE = 600.0  # seconds without a batch after which the worker processes stop
 

@@ -12,7 +12,6 @@ import struct
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -46,26 +45,33 @@ class Signer(NamedTuple):
     name: str  # zone/ALG/tag, for messages
 
 
-@dataclass(frozen=True)
 class Validity:
-    start: int
-    end: int
-    jitter: int  # expirations are drawn from (end - jitter, end]
+    """The signatures' validity (a plain class: a dataclass costs about a millisecond at import,
+    a small zone's run a few tens of them)."""
+
+    __slots__ = ("start", "end", "jitter")
+
+    def __init__(self, start: int, end: int, jitter: int) -> None:
+        self.start, self.end = start, end
+        self.jitter = jitter  # expirations are drawn from (end - jitter, end]
 
     @property
     def inception(self) -> int:
         return self.start & 0xFFFFFFFF
 
 
-@dataclass
 class Plan:
     """Who signs what, when, and what else the walk does."""
 
-    keyset: list[Signer]  # signers of the apex DNSKEY, CDS and CDNSKEY
-    others: list[Signer]  # signers of everything else
-    validity: Validity
-    sample_keys: set  # names whose RRsets are kept as samples
-    verbose: int
+    __slots__ = ("keyset", "others", "validity", "sample_keys", "verbose")
+
+    def __init__(self, keyset: list[Signer], others: list[Signer], validity: Validity, sample_keys: set,
+                 verbose: int) -> None:
+        self.keyset = keyset  # signers of the apex DNSKEY, CDS and CDNSKEY
+        self.others = others  # signers of everything else
+        self.validity = validity
+        self.sample_keys = sample_keys  # names whose RRsets are kept as samples
+        self.verbose = verbose
 
 
 def make_plan(keys: list[SignKey], roles: tuple, validity: Validity, sample_keys: set, verbose: int) -> Plan:

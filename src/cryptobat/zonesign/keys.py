@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from urllib.parse import unquote
 
 import dns.exception
@@ -22,13 +21,16 @@ class KeyFileError(Exception):
     pass
 
 
-@dataclass
 class SignKey:
-    """A token key as the signer uses it."""
+    """A token key as the signer uses it (this and :class:`KeyFile` are plain classes: a
+    dataclass costs about a millisecond to make at import, a small zone's run a few tens)."""
 
-    info: KeyInfo
-    sep: bool  # named with -k (BIND's KSK marker); what it signs follows info.role
-    signer_wire: bytes  # the zone's canonical wire name
+    __slots__ = ("info", "sep", "signer_wire")
+
+    def __init__(self, info: KeyInfo, sep: bool, signer_wire: bytes) -> None:
+        self.info = info
+        self.sep = sep  # named with -k (BIND's KSK marker); what it signs follows info.role
+        self.signer_wire = signer_wire  # the zone's canonical wire name
 
     @property
     def name(self) -> str:
@@ -37,15 +39,15 @@ class SignKey:
         return f"{zone}/{algorithms.by_number(self.info.algorithm).mnemonic}/{self.info.keytag}"
 
 
-@dataclass
 class KeyFile:
-    path: str
-    zone: str  # absolute, lower case
-    algorithm: int
-    keytag: int
-    label: str | None
-    dnskey: dns.rdata.Rdata | None
-    ttl: int | None
+    __slots__ = ("path", "zone", "algorithm", "keytag", "label", "dnskey", "ttl")
+
+    def __init__(self, path: str, zone: str, algorithm: int, keytag: int, label: str | None,
+                 dnskey: dns.rdata.Rdata | None, ttl: int | None) -> None:
+        self.path = path
+        self.zone = zone  # absolute, lower case
+        self.algorithm, self.keytag = algorithm, keytag
+        self.label, self.dnskey, self.ttl = label, dnskey, ttl
 
 
 def _label(value: str) -> str:

@@ -2,13 +2,14 @@
 
 One worker thread makes the ``timed_sign`` calls, so the walk builds the next batch
 while the token signs; a batch's signatures go to ``deliver`` in submission order and
-the batch is dropped, so memory stays bounded by the batches in flight.
+the batch is dropped, so memory stays bounded by the batches in flight. A zone of a batch
+or two gains nothing from that overlap: without ``threaded`` each batch is signed and
+delivered as it is submitted, and no thread (nor ``concurrent.futures``) is started.
 """
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from .batch import Batch
 from .fatal import Fatal
@@ -21,15 +22,22 @@ Deliver = Callable[[Batch, list[bytes]], None]
 
 
 class Pipeline:
-    def __init__(self, client, keys: list[SignKey], deliver: Deliver) -> None:
+    def __init__(self, client, keys: list[SignKey], deliver: Deliver, threaded: bool = True) -> None:
         self._sign = client.timed_sign
         self._keys = keys  # by index, to name a key the token refused
         self._deliver = deliver
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="signzone-sign")
+        self._pool = None
+        if threaded:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="signzone-sign")
         self._inflight: deque[Batch] = deque()
 
     def submit(self, batch: Batch) -> None:
         """Send ``batch``; deliver the finished ones, waiting while too many are in flight."""
+        if self._pool is None:
+            self._deliver(batch, self._checked(batch, self._sign(batch.items)))
+            return
         batch.future = self._pool.submit(self._sign, batch.items)
         self._inflight.append(batch)
         inflight = self._inflight
@@ -40,11 +48,13 @@ class Pipeline:
         """Wait for and deliver every batch in flight, then stop the worker thread."""
         while self._inflight:
             self._finish()
-        self._pool.shutdown()
+        if self._pool is not None:
+            self._pool.shutdown()
 
     def abort(self) -> None:
         """Stop after the call under way; batches not yet sent are dropped."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _finish(self) -> None:
         batch = self._inflight.popleft()
@@ -52,9 +62,12 @@ class Pipeline:
         self._deliver(batch, sigs)
 
     def _signatures(self, batch: Batch) -> list[bytes]:
-        """The token's signatures for ``batch``; a refusal ends the run with BIND's message."""
         res = batch.future.result()
         batch.future = None
+        return self._checked(batch, res)
+
+    def _checked(self, batch: Batch, res: list) -> list[bytes]:
+        """The token's signatures for ``batch``; a refusal ends the run with BIND's message."""
         n = len(batch.items)
         if len(res) != n:
             raise Fatal(f"the token returned {len(res)} results for {n} signing requests")

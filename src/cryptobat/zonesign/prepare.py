@@ -10,7 +10,6 @@ import gc
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 
 import dns.name
 import dns.rdata
@@ -23,30 +22,36 @@ from .keys import SignKey
 from .reader import DELEGATION, DNAME, DNSKEY, NS, OCCLUDED, SOA, Node, RRset
 
 
-@dataclass(frozen=True)
 class ChainSpec:
-    """NSEC, or NSEC3 with its parameters (``salt`` None for NSEC)."""
+    """NSEC, or NSEC3 with its parameters (``salt`` None for NSEC).
 
-    salt: bytes | None
-    iterations: int = 0
-    optout: bool = False
+    This and the other records of the signer are plain classes: a dataclass costs about a
+    millisecond to make at import, and a small zone's whole run is a few tens of them."""
+
+    __slots__ = ("salt", "iterations", "optout")
+
+    def __init__(self, salt: bytes | None, iterations: int = 0, optout: bool = False) -> None:
+        self.salt, self.iterations, self.optout = salt, iterations, optout
 
     @property
     def nsec(self) -> bool:
         return self.salt is None
 
 
-@dataclass
 class Prepared:
     """A zone ready for the signing walk."""
 
-    zone: reader.Zone
-    order: list[tuple]  # every name in canonical order (NSEC3 owners included)
-    auth: list[tuple]  # the names that are signed (not occluded): the NSEC chain's names
-    dnskeys: RRset  # the apex DNSKEY RRset, the signing keys added
-    neg_ttl: int  # NSEC/NSEC3 TTL (RFC 9077)
-    nchain: int  # NSEC or NSEC3 records
-    chain: ChainSpec
+    __slots__ = ("zone", "order", "auth", "dnskeys", "neg_ttl", "nchain", "chain", "__weakref__")
+
+    def __init__(self, zone: reader.Zone, order: list[tuple], auth: list[tuple], dnskeys: RRset, neg_ttl: int,
+                 nchain: int, chain: ChainSpec) -> None:
+        self.zone = zone
+        self.order = order  # every name in canonical order (NSEC3 owners included)
+        self.auth = auth  # the names that are signed (not occluded): the NSEC chain's names
+        self.dnskeys = dnskeys  # the apex DNSKEY RRset, the signing keys added
+        self.neg_ttl = neg_ttl  # NSEC/NSEC3 TTL (RFC 9077)
+        self.nchain = nchain  # NSEC or NSEC3 records
+        self.chain = chain
 
 
 def new_serial(old: int, method: str, now: int) -> int:

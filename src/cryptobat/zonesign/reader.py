@@ -183,6 +183,8 @@ class Node:
     def by_type(self) -> list[tuple[int, RRset]]:
         """(type, RRset) pairs in type order."""
         rr = self._rr
+        if len(rr) == 2:  # most names have one RRset: no slicing or sorting
+            return [(rr[0], rr[1])]
         return sorted(zip(rr[::2], rr[1::2]), key=_first)
 
     def types(self) -> list[int]:

@@ -11,7 +11,7 @@ import os
 import random
 import sys
 from collections import deque
-from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import dns.dnssec
 import dns.name
@@ -22,10 +22,14 @@ import dns.rrset
 from cryptography.exceptions import InvalidSignature
 
 from .. import algorithms
+from ..signing import PARALLEL_MIN
 from . import keys as zkeys
 from .batch import Batch, Sample
 from .fatal import Fatal
 from .reader import DNSKEY, RRset
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor
 
 VERIFY_CHUNK = 2048
 VERIFY_INFLIGHT = 48  # verification chunks queued before the signer waits for the verifiers
@@ -56,15 +60,49 @@ def verify_chunk(specs: list[tuple[int, int, bytes]], idx: bytes, datas: list[by
     return bad
 
 
-def verifier_pool(nsigs_hint: int) -> Executor:
-    """Processes for big zones (no GIL contention with signing), threads for small ones.
+class _Done:
+    """A call already made, answering ``result()`` as a finished Future does."""
+
+    __slots__ = ("_value", "_error")
+
+    def __init__(self, fn, args) -> None:
+        self._value = self._error = None
+        try:
+            self._value = fn(*args)
+        except Exception as e:
+            self._error = e
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class InPlace:
+    """Runs each check at once in the caller's thread: a zone too small for the token's worker
+    processes verifies in less time than a thread pool (and importing concurrent.futures) takes."""
+
+    def submit(self, fn, *args) -> _Done:
+        return _Done(fn, args)
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+def verifier_pool(nsigs_hint: int) -> Executor | InPlace:
+    """Processes for big zones (no GIL contention with signing), threads for small ones, and
+    none for a zone too small for the token's worker processes (:class:`InPlace`).
 
     The processes are forked from this one, in this thread, at once (they need only what it has
     imported) and each asks the kernel to kill it when signzone dies: a fork server and its resource tracker, or spawned
     interpreters, would outlive a killed run, and spawning costs an interpreter start each.
     """
     n = os.cpu_count() or 2
+    if nsigs_hint < PARALLEL_MIN:
+        return InPlace()
     if nsigs_hint < 20000:
+        from concurrent.futures import ThreadPoolExecutor
+
         return ThreadPoolExecutor(n, thread_name_prefix="signzone-verify")
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
