@@ -476,7 +476,7 @@ def fleet(a, d: str) -> dict:
 def report(results: dict, m: dict) -> str:
     when = results["date"]
     out = [f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, {m['os']}, Linux {m['kernel']}, "
-           f"Python {m['python']}; load before the run {results['load']}\n",
+           f"Python {m['python']}; load before the run {results['load']}; token custody {results.get('custody', 'software')}\n",
            "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + "\n"]
     if "large" in results:
         r = results["large"]
@@ -520,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-verify", action="store_true", help="do not run dnssec-verify on the outputs")
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--custody", default="software", choices=("software", "tpm2", "pkcs11"),
+                    help="the custody of the benchmark's tokens: tpm2 on a swtpm behind tpm2-abrmd, "
+                         "pkcs11 on SoftHSMv2 (both started here, as the tests start them)")
     a = ap.parse_args(argv)
 
     missing = [t for t in TOOLS + ("dnssec-verify",) if shutil.which(t) is None]
@@ -535,9 +538,14 @@ def main(argv: list[str] | None = None) -> int:
     import cryptobat
     compileall.compile_dir(os.path.dirname(cryptobat.__file__), quiet=1)
 
+    if a.custody != "software":
+        sys.path.insert(0, str(TESTS))
+        from support import use_custody
+        use_custody(a.custody)  # every token made below keeps its keys there ($CRYPTOBAT_CUSTODY)
     d = a.keep or tempfile.mkdtemp(prefix="signzone-bench-")
     os.makedirs(d, exist_ok=True)
-    results: dict = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    results: dict = {"custody": a.custody,
+                     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                      "load": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     try:
         if a.names:
