@@ -20,9 +20,11 @@ from cryptobat import rollback
 from cryptobat.console import Console
 from cryptobat.custody import SoftwareCustody
 from cryptobat.custody.nvcounter import NvCounter, attach
+from cryptobat.custody.tpm2 import Tpm2Custody
 from cryptobat.errors import CryptobatError, IntegrityError, StoreError
 from cryptobat.home import init_token, open_token
 from cryptobat.officers import MAX_FAILURES
+from cryptobat.token import MAX_PIN_FAILURES
 from cryptobat.store import FILES, from_json, to_json
 from support import Officers, Swtpm, make_signing_data
 
@@ -37,11 +39,17 @@ class SoftwareWithCounter(SoftwareCustody):
 
     def __init__(self, home: Path, create: bool = False, config: dict | None = None, *, tcti: str) -> None:
         super().__init__(home, create)
+        self.home = Path(home)
         self._esapi = ESAPI(TCTILdr(*tcti.split(":", 1)))
         auth = hmac.new(self.mac_key(), b"cryptobat rollback counter", hashlib.sha256).digest()
         self._counter = attach(self._esapi, home, auth, create)
 
     def counter(self) -> NvCounter:
+        return self._counter
+
+    def renew_counter(self) -> NvCounter:
+        auth = hmac.new(self.mac_key(), b"cryptobat rollback counter", hashlib.sha256).digest()
+        self._counter = attach(self._esapi, self.home, auth, True)
         return self._counter
 
     def describe(self) -> dict[str, str]:
@@ -113,9 +121,16 @@ class Rig:
             shutil.copy2(p, self.home / p.name)
 
 
-@pytest.fixture
-def rig(tmp_path):
-    r = Rig(tmp_path)
+class Tpm2Rig(Rig):
+    """The same, on the TPM 2.0 custody itself: keys and master secret in the TPM, its own counter."""
+
+    def factory(self, home: Path, create: bool = False) -> Tpm2Custody:
+        return Tpm2Custody(home, create, {"tcti": self.tpm.tcti})
+
+
+@pytest.fixture(params=["software+counter", "tpm2"])
+def rig(tmp_path, request):
+    r = (Rig if request.param == "software+counter" else Tpm2Rig)(tmp_path)
     yield r
     r.close()
     r.tpm.stop()
@@ -132,7 +147,8 @@ def test_decisions():
     assert not rollback.counts("sign", {}) and not rollback.counts("refused-sign", {})
     assert not rollback.counts("clock", {"hwm": 1}) and not rollback.counts("command", {})
     assert rollback.counts("setmaxval", {}) and rollback.counts("cologin", {"ok": False})
-    assert rollback.counts("pin", {"ok": False}) and not rollback.counts("pin", {"ok": True})
+    assert rollback.counts("pin", {"ok": False, "why": rollback.PIN_LOCKED})
+    assert not rollback.counts("pin", {"ok": False}) and not rollback.counts("pin", {"ok": True})
     assert rollback.counts("some-future-change", {})  # protected unless named audit-only
 
 
@@ -195,10 +211,20 @@ def test_counter_moves_on_every_security_change_and_never_on_signing(rig):
     assert rig.device() == before + 1
     assert rig.cmd("cologin solo 000000") == " Failed\n"  # a failure: counted towards the lockout
     assert rig.device() == before + 2
-    assert not t.check_pin("wrong-pin")  # a wrong PIN: counted, so a copy cannot reset the lockout
-    assert rig.device() == before + 3
-    assert t.check_pin("123456")  # resetting the failures is not
-    assert rig.device() == before + 3 == t.snapshot().rollback
+    # the signer PIN: wrong PINs between right ones spend nothing (the signing host knows the PIN:
+    # counted, they would wear a real TPM's NV out); the wrong PIN that locks it is counted, so a
+    # copy cannot undo the lockout
+    for _ in range(3):
+        for _ in range(MAX_PIN_FAILURES - 1):
+            assert not t.check_pin("wrong-pin")
+        assert t.check_pin("123456")
+    assert rig.device() == before + 2 == t.snapshot().rollback
+    for _ in range(MAX_PIN_FAILURES):
+        assert not t.check_pin("wrong-pin")
+    assert t.pin_locked() and rig.device() == before + 3 == t.snapshot().rollback
+    rig.login("solo")
+    assert rig.cmd("setpin") == "" and rig.cmd("123456") == " Signer PIN set\n"  # a quorum's new PIN
+    before = rig.device()
 
     # reads, signing batches and the clock's high-water mark do not move it
     before = rig.device()
@@ -216,9 +242,10 @@ def test_counter_moves_on_every_security_change_and_never_on_signing(rig):
     assert rig.device() == before == t.snapshot().rollback
     status = rig.cmd("status")
     assert re.search(rf"^rollback +counter store {before} / TPM {before}$", status, re.M), status
-    assert re.search(r"^custody +software  device swtpm  nv-index 0x01", status, re.M), status
+    kind = "software  device swtpm  nv-index 0x01" if type(rig) is Rig else "tpm2  device IBM firmware"
+    assert re.search(rf"^custody +{kind}", status, re.M), status
     info = t.info()  # the native API's and PKCS#11's view: the store's value, no device round trip
-    assert info["custody"] == "software" and info["rollback"] == before and "held" not in info
+    assert info["custody"] == ("software" if type(rig) is Rig else "tpm2") and info["rollback"] == before and "held" not in info
 
     # an officer locked out: each failure up to the lockout moves it, then attempts change nothing
     for _ in range(MAX_FAILURES):
@@ -320,16 +347,11 @@ def test_a_store_ahead_of_the_counter_is_refused(rig):
     stored = rig.token.snapshot().rollback
     rig.close()
     # the counter replaced: another index (as another TPM's would) behind this store
-    tpm = ESAPI(TCTILdr(*rig.tpm.tcti.split(":", 1)))
+    custody = rig.factory(rig.home)
     try:
-        master = (rig.home / "master.key").read_bytes()
-        mac = SoftwareCustody(rig.home).mac_key()
-        assert master
-        fresh = NvCounter.create(tpm, hmac.new(mac, b"cryptobat rollback counter", hashlib.sha256).digest())
-        (rig.home / "nvcounter.json").write_text(json.dumps({"index": fresh.index}))
-        device = fresh.read()
+        device = custody.renew_counter().read()
     finally:
-        tpm.close()
+        custody.close()
     assert device + 1 < stored
     with pytest.raises(IntegrityError, match=rf"state.db is ahead of the TPM's rollback counter "
                                              rf"\(store {stored}, TPM {device}\): a store from another TPM"):
@@ -356,6 +378,32 @@ def test_a_missing_counter_is_refused(rig):
         rig.open()
 
 
+def test_an_increment_whose_answer_was_lost_is_not_repeated(rig):
+    """The TPM moved the counter but its answer never came back: the next change must not move it
+    again (the device would pass the store, and the next open refuse a store never rolled back)."""
+    t = rig.init()
+    real = t.counter
+
+    class LostAnswer:
+        def read(self) -> int:
+            return real.read()
+
+        def increment(self) -> int:
+            real.increment()
+            raise CryptobatError("the TPM's answer was lost")
+
+    t.counter = LostAnswer()
+    assert rig.cmd("setmaxval 3600").startswith(" Maximum validity")
+    assert t.snapshot().rollback == real.read()  # the device did move
+    t.counter = real
+    assert rig.cmd("setmaxval 7200").startswith(" Maximum validity")  # catches up by reading: no double step
+    assert t.snapshot().rollback == real.read()
+    rig.close()
+    t = rig.open()  # served, nothing to repair or refuse
+    assert t.held is None and t.snapshot().max_validity == 7200
+    assert not any("rollback-repaired" in e for e in t.audit_tail(5))
+
+
 def test_changes_without_the_counter_device_are_refused_not_lost(rig):
     t = rig.init()
     rig.tpm.stop()
@@ -365,3 +413,36 @@ def test_changes_without_the_counter_device_are_refused_not_lost(rig):
     assert t.snapshot().max_validity == 3600
     with pytest.raises(StoreError):
         t.counter.read()
+
+
+def test_a_counter_removed_from_the_tpm_holds_the_token_until_a_quorum_makes_a_new_one(rig):
+    """Whoever reaches the TPM (owner authorization empty, as it is by default) can undefine
+    the counter's NV index: the token then refuses to serve, but still opens held, and a quorum's
+    acceptrollback makes a new counter: no one outside the quorum can lock the officers out."""
+    t = rig.init()
+    assert rig.cmd("setmaxval 3600").startswith(" Maximum validity")
+    index = t.counter.index
+    rig.close()
+    rig.tpm.restart()  # no other connection to a bare swtpm while the token holds one
+    esys = ESAPI(TCTILdr(*rig.tpm.tcti.split(":", 1)))
+    try:
+        from tpm2_pytss.constants import ESYS_TR
+        esys.nv_undefine_space(esys.tr_from_tpmpublic(index), ESYS_TR.OWNER)
+    finally:
+        esys.close()
+    with pytest.raises(IntegrityError, match="cannot be found") as e:
+        rig.open()
+    assert "\n" not in str(e.value) and "acceptrollback" in str(e.value)
+    t = rig.open(rollback_hold=True)
+    assert t.held and "cannot be found" in t.held
+    assert rig.cmd("setmaxval 60").startswith("fail:")
+    rig.login("solo")
+    out = rig.cmd("acceptrollback")
+    assert "Rollback accepted" in out, out
+    assert t.held is None and t.counter.index != index and t.snapshot().rollback == rig.device()
+    before = rig.device()
+    assert rig.cmd("setmaxval 600").startswith(" Maximum validity")
+    assert rig.device() == before + 1 == t.snapshot().rollback
+    rig.close()
+    t = rig.open()  # served normally again, on the new counter
+    assert t.held is None and t.snapshot().max_validity == 600

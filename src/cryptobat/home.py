@@ -78,7 +78,13 @@ def _check_rollback(counter: RollbackCounter, stored: int, hold: bool) -> tuple[
 
     A store one ahead (its last change committed, the increment lost) is repaired here; one
     behind or further ahead is refused, or with ``hold`` opened held for the officers' decision."""
-    verdict = rollback.decide(stored, counter.read())
+    try:
+        device = counter.read()
+    except IntegrityError as e:  # no counter to compare with (undefined, replaced, TPM cleared)
+        if not hold:
+            raise
+        return str(e), None
+    verdict = rollback.decide(stored, device)
     if verdict.action == "repair":
         counter.increment()
         return None, verdict.message

@@ -39,13 +39,19 @@ HELD_EVENTS = frozenset({"rollback-held", "accepted-loss", "command", "stop", "c
 def counts(event: str, fields: dict) -> bool:
     """Whether a commit of ``event`` moves the rollback counter.
 
-    A PIN check that succeeds only clears the failure count (a restored store with more failures
-    is harmless); a failed one counts, so a copy cannot reset the lockout."""
+    Of the signer PIN's checks only the wrong PIN that locks it counts, so a copy cannot undo
+    a lockout. The others do not: the signing host knows the PIN, and wrong PINs between right
+    ones would otherwise spend NV writes without bound (at scrypt's pace, a real TPM's ~500,000
+    writes in hours). A restored copy can so bring back a lower count of wrong PINs short of the
+    lockout, which takes write access to the token's files besides the PIN."""
     if event in AUDIT_ONLY:
         return False
     if event == "pin":
-        return not fields.get("ok", False)
+        return fields.get("why") == PIN_LOCKED
     return True
+
+
+PIN_LOCKED = "PIN now locked"  # the audit reason of the wrong PIN that locks the signer PIN
 
 
 def guarded(state: TokenState) -> TokenState:

@@ -156,10 +156,15 @@ class Token:
         return new
 
     def _increment(self) -> None:
-        """Bring the device's counter up to the store's (one behind it at most)."""
+        """Bring the device's counter up to the store's (one behind it at most).
+
+        Read first: an increment the TPM carried out but whose answer was lost must not be
+        repeated, or the device would pass the store and the next open refuse a store that
+        was never rolled back."""
         assert self.counter is not None
         try:
-            self.counter.increment()
+            if self.counter.read() < self.state.rollback:
+                self.counter.increment()
         except CryptobatError as e:
             raise StoreError(f"changes refused until the rollback counter can be moved: {e}") from None
         self._counter_behind = False
@@ -179,7 +184,15 @@ class Token:
         becomes the device's, audited with both; signing resumes. Returns (was, now)."""
         if self.held is None or self.counter is None:
             raise Conflict("the store and the rollback counter agree: nothing to accept")
-        device = self.counter.read()
+        try:
+            device = self.counter.read()
+        except IntegrityError:  # the counter itself is gone: the quorum's decision makes a new one
+            renew = getattr(self.custody, "renew_counter", None)
+            if renew is None:
+                raise
+            self.require(by, "rollback-accepted")
+            self.counter = renew()
+            device = self.counter.read()
         was = self.state.rollback
         self._gated("rollback-accepted", {"store": was, "device": device, "why": self.held},
                     lambda s: s.replace(rollback=device), by)
@@ -953,7 +966,7 @@ class Token:
             else:
                 n = self.state.pin_failures + 1
                 self._change("pin", {"ok": False, "failures": n, "source": source,  # counted in this entry
-                                     **({"why": "PIN now locked"} if n >= MAX_PIN_FAILURES else {})},
+                                     **({"why": rollback.PIN_LOCKED} if n >= MAX_PIN_FAILURES else {})},
                              lambda s: s.replace(pin_failures=n, counters=s.counters.with_refused(
                                  {(tally.NO_KEY, "PIN incorrect"): 1})))
         return ok

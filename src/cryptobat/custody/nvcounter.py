@@ -109,11 +109,11 @@ class NvCounter:
             public, _ = esapi.nv_read_public(handle)
         except t.TSS2_Exception as e:
             raise IntegrityError(f"the TPM's rollback counter (NV index {index:#010x}) cannot be found ({e}): "
-                                 f"another TPM, or the TPM was cleared; not serving") from None
+                                 f"another TPM, or the TPM was cleared") from None
         nv = public.nvPublic
         if int(nv.attributes) & ~int(t.TPMA_NV.WRITTEN) != int(_attributes()) or nv.dataSize != _SIZE:
             raise IntegrityError(f"NV index {index:#010x} is not the token's rollback counter "
-                                 f"(attributes {int(nv.attributes):#x}); not serving")
+                                 f"(attributes {int(nv.attributes):#x})")
         esapi.tr_set_auth(handle, auth)
         return cls(esapi, index, handle, lock)
 
@@ -143,20 +143,39 @@ class NvCounter:
 COUNTER_FILE = "nvcounter.json"  # the counter's NV index, in the token's home
 
 
+class MissingCounter:
+    """The token's counter could not be opened (its index undefined or replaced by someone with
+    access to the TPM, the TPM cleared, ``nvcounter.json`` lost). Reading it fails, so the token
+    is refused, yet it still opens held (``--rollback-hold``): a quorum's ``acceptrollback``
+    then makes a new counter. Failing at open instead would let anyone who can reach the TPM
+    lock the officers out of their own token for good."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+    def read(self) -> int:
+        raise IntegrityError(f"{self.problem}; not serving. Officers decide at the token's console: "
+                             f"cryptobat console --rollback-hold, then acceptrollback (quorum) makes a new counter")
+
+    increment = read
+
+
 def attach(esapi, home: Path | str, auth: bytes, create: bool = False,
-           lock: threading.Lock | None = None) -> NvCounter:
+           lock: threading.Lock | None = None) -> "NvCounter | MissingCounter":
     """A custody's counter: made at init (its index written to HOME/nvcounter.json, 0600,
-    whole or not at all) or opened again from that file."""
+    whole or not at all) or opened again from that file (a :class:`MissingCounter` when it
+    cannot be)."""
     path = Path(home) / COUNTER_FILE
     if not create:
         try:
             index = int(json.loads(path.read_text())["index"])
+            return NvCounter.open(esapi, index, auth, lock)
         except FileNotFoundError:
-            raise IntegrityError(f"{path} is missing: the token's rollback counter cannot be found "
-                                 f"(restore the token's files)") from None
+            return MissingCounter(f"{path} is missing: the token's rollback counter cannot be found")
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise IntegrityError(f"{path} is damaged ({type(e).__name__})") from None
-        return NvCounter.open(esapi, index, auth, lock)
+            return MissingCounter(f"{path} is damaged ({type(e).__name__})")
+        except IntegrityError as e:
+            return MissingCounter(str(e))
     counter = NvCounter.create(esapi, auth, lock)
     tmp = path.with_name(COUNTER_FILE + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)

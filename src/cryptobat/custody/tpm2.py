@@ -209,9 +209,8 @@ class Tpm2Custody:
             self._envelope = Envelope(master)
             self._auth_key = hmac.new(master, b"cryptobat tpm2 key auth", hashlib.sha256).digest()
             # the rollback counter (see cryptobat.rollback), authorised by the master secret
-            self._counter = nvcounter.attach(
-                self._esys, self.home, hmac.new(master, b"cryptobat rollback counter", hashlib.sha256).digest(),
-                create=new, lock=self._lock)
+            self._counter_auth = hmac.new(master, b"cryptobat rollback counter", hashlib.sha256).digest()
+            self._counter = nvcounter.attach(self._esys, self.home, self._counter_auth, create=new, lock=self._lock)
             if new:
                 _write_private(self.home / CONFIG_FILE,
                                json.dumps({"tcti": self.tcti, "pcrs": list(self.pcrs)}).encode())
@@ -483,8 +482,15 @@ class Tpm2Custody:
                 "objects loaded": f"{loaded + 1} of {self._slots + 1} (the primary and {loaded} keys)",
                 "pcrs": ",".join(map(str, self.pcrs)) or "none"}
 
-    def counter(self) -> nvcounter.NvCounter:
+    def counter(self) -> nvcounter.NvCounter | nvcounter.MissingCounter:
         return self._counter
+
+    def renew_counter(self) -> nvcounter.NvCounter:
+        """A new rollback counter in place of one that cannot be read (a quorum's decision:
+        :meth:`cryptobat.token.Token.acceptrollback`)."""
+        with self._lock:
+            self._counter = nvcounter.attach(self._esys, self.home, self._counter_auth, create=True, lock=self._lock)
+            return self._counter
 
     def close(self) -> None:
         with self._lock:
