@@ -295,6 +295,11 @@ def test_a_whole_token_signs_and_refuses_on_the_console(tmp_path, swtpm):
         assert tok.loaded_key("k8").handle() is None and c.handle(f"tpmflush {h8}").startswith("fail:")
         status = tok.custody.describe()
         assert status["kind"] == "tpm2" and "IBM" in status["device"]
+        assert len(tok.random(64)) == 64  # C_GenerateRandom: the OS generator and the TPM's mixed
+        swtpm.stop()
+        with pytest.raises(Exception):  # ... so it does reach the TPM
+            tok.random(64)
+        swtpm.start()
     finally:
         tok.close()
     tok = open_token(home, custody_factory=factory)

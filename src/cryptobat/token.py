@@ -978,7 +978,9 @@ class Token:
         return max(0, MAX_PIN_FAILURES - self.state.pin_failures)
 
     def random(self, n: int) -> bytes:
-        return os.urandom(n)
+        """C_GenerateRandom: the OS generator, mixed with the custody's device where it has one."""
+        device = getattr(self.custody, "random", None)
+        return device(n) if device is not None else os.urandom(n)
 
     def info(self) -> dict:
         """What the native API's ``info`` and PKCS#11's C_GetTokenInfo report (no device round trip:

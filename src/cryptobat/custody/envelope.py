@@ -12,7 +12,11 @@ import hashlib
 import hmac
 import os
 
+from typing import Callable
+
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import IntegrityError
 
@@ -42,3 +46,14 @@ class Envelope:
 
     def mac_key(self) -> bytes:
         return self._mac
+
+
+def mixed_random(n: int, device: Callable[[], bytes]) -> bytes:
+    """``n`` bytes from the OS generator and a device's (``device()``: a TPM's or an HSM's
+    random bytes) together, HKDF-SHA256 over both: as strong as the better of the two, never
+    the device's alone."""
+    out = bytearray()
+    while len(out) < n:
+        k = min(n - len(out), 255 * 32)  # HKDF's output limit
+        out += HKDF(hashes.SHA256(), k, salt=device(), info=b"cryptobat random").derive(os.urandom(32))
+    return bytes(out)

@@ -22,15 +22,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pkcs11
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11e
 
 from .. import algorithms
 from ..errors import CryptobatError, IntegrityError, InvalidArgument, NotFound
-from .envelope import Envelope
+from .envelope import Envelope, mixed_random
 
 NAME = "pkcs11"
 CONFIG = "pkcs11.json"
@@ -504,16 +503,13 @@ class Pkcs11Custody:
 
     # --- the rest of the protocol -----------------------------------------------------------
     def random(self, n: int) -> bytes:
-        """OS randomness and the HSM's, through HKDF-SHA256: never the HSM's alone."""
-        out = bytearray()
-        while len(out) < n:
-            k = min(n - len(out), 255 * 32)  # HKDF's limit
+        """OS randomness and the HSM's (C_GenerateRandom) together: never the HSM's alone."""
+        def device() -> bytes:
             try:
-                hsm = self._in_session(lambda s: s.generate_random(256))
+                return self._in_session(lambda s: s.generate_random(256))
             except p11e.PKCS11Error as e:
                 raise CryptobatError(f"pkcs11 custody: C_GenerateRandom failed: {_why(e)}") from None
-            out += HKDF(hashes.SHA256(), k, salt=hsm, info=b"cryptobat random").derive(os.urandom(32))
-        return bytes(out)
+        return mixed_random(n, device)
 
     def describe(self) -> dict[str, str]:
         keys = self._in_session(lambda s: sum(1 for _ in s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})))

@@ -102,5 +102,8 @@ class SoftwareCustody:
         alg = algorithms.by_number(algorithm)
         return _DnssecKey(alg.dnspython(key=private), alg)
 
+    def random(self, n: int) -> bytes:
+        return os.urandom(n)
+
     def mac_key(self) -> bytes:
         return self._envelope.mac_key()

@@ -44,8 +44,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives import hashes
 # The TSS logs every TPM error to stderr, including those handled here (a full TPM, a refused
 # unseal); they are reported as exceptions instead. TSS2_LOG set by the operator still wins.
 os.environ.setdefault("TSS2_LOG", "all+none")
@@ -61,7 +59,7 @@ from tpm2_pytss.utils import wrap
 from .. import algorithms
 from ..errors import CryptobatError, IntegrityError, InvalidArgument
 from . import nvcounter
-from .envelope import MASTER_LEN, Envelope
+from .envelope import MASTER_LEN, Envelope, mixed_random
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"
 MASTER_FILE = "tpm2-master"
@@ -463,17 +461,14 @@ class Tpm2Custody:
                 self._flush(handle)
 
     def random(self, n: int) -> bytes:
-        """n bytes from the OS generator and TPM2_GetRandom together (HKDF-SHA256 of both):
-        as strong as the better of the two."""
-        out = bytearray()
-        while len(out) < n:
-            want = min(n - len(out), 255 * 32)
-            device = bytearray()
+        """n bytes from the OS generator and TPM2_GetRandom together."""
+        def device() -> bytes:
+            got = bytearray()
             with self._lock:
-                while len(device) < 32:
-                    device += bytes(self._esys.get_random(32 - len(device)))  # type: ignore[union-attr]
-            out += HKDF(hashes.SHA256(), want, None, b"cryptobat random").derive(os.urandom(32) + bytes(device))
-        return bytes(out)
+                while len(got) < 32:
+                    got += bytes(self._esys.get_random(32 - len(got)))  # type: ignore[union-attr]
+            return bytes(got)
+        return mixed_random(n, device)
 
     def describe(self) -> dict[str, str]:
         with self._lock:
