@@ -48,6 +48,22 @@ class Envelope:
         return self._mac
 
 
+class Sealing:
+    """The custody protocol's ``seal``, ``unseal`` and ``mac_key``: the same in every custody,
+    from the :class:`Envelope` it keeps as ``_envelope``."""
+
+    _envelope: Envelope
+
+    def seal(self, data: bytes, aad: bytes) -> bytes:
+        return self._envelope.seal(data, aad)
+
+    def unseal(self, blob: bytes, aad: bytes) -> bytes:
+        return self._envelope.unseal(blob, aad)
+
+    def mac_key(self) -> bytes:
+        return self._envelope.mac_key()
+
+
 def mixed_random(n: int, device: Callable[[], bytes]) -> bytes:
     """``n`` bytes from the OS generator and a device's (``device()``: a TPM's or an HSM's
     random bytes) together, HKDF-SHA256 over both: as strong as the better of the two, never

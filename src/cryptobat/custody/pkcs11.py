@@ -29,7 +29,7 @@ from pkcs11 import exceptions as p11e
 
 from .. import algorithms
 from ..errors import CryptobatError, IntegrityError, InvalidArgument, NotFound
-from .envelope import Envelope, mixed_random
+from .envelope import Envelope, Sealing, mixed_random
 
 NAME = "pkcs11"
 CONFIG = "pkcs11.json"
@@ -159,7 +159,7 @@ class _HsmKey:
         return self._sign(alg.digest_info + digest, Mechanism.RSA_PKCS)
 
 
-class Pkcs11Custody:
+class Pkcs11Custody(Sealing):
     """Keys and the master secret in a PKCS#11 token; configuration in ``HOME/pkcs11.json``,
     the backing PIN in ``HOME/pkcs11-pin``. ``config`` (at create): ``module`` (path of the
     PKCS#11 library), ``token`` (its label), ``pin`` (the user PIN)."""
@@ -313,16 +313,6 @@ class Pkcs11Custody:
             raise InvalidArgument(f"pkcs11 custody: {len(found)} {cls.name.lower().replace('_', ' ')} objects "
                                   f"with {what} on token {self._token_label!r}")
         return found[0] if found else None
-
-    # --- the envelope -----------------------------------------------------------------
-    def seal(self, data: bytes, aad: bytes) -> bytes:
-        return self._envelope.seal(data, aad)
-
-    def unseal(self, blob: bytes, aad: bytes) -> bytes:
-        return self._envelope.unseal(blob, aad)
-
-    def mac_key(self) -> bytes:
-        return self._envelope.mac_key()
 
     # --- keys -------------------------------------------------------------------------
     def _algorithm(self, algorithm: int) -> algorithms.DnssecAlgorithm:

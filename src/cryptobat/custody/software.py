@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_ds
 
 from .. import algorithms
 from ..errors import CryptobatError, IntegrityError
-from .envelope import Envelope
+from .envelope import Envelope, Sealing
 
 
 class _DnssecKey:
@@ -52,7 +52,7 @@ class _DnssecKey:
         return r.to_bytes(n, "big") + s.to_bytes(n, "big")
 
 
-class SoftwareCustody:
+class SoftwareCustody(Sealing):
     """Master key in ``HOME/master.key`` (0600); private keys sealed under it."""
 
     name = "software"
@@ -79,12 +79,6 @@ class SoftwareCustody:
             raise IntegrityError(f"{path} is damaged (not a 32-byte master key)")
         self._envelope = Envelope(master)
 
-    def seal(self, data: bytes, aad: bytes) -> bytes:
-        return self._envelope.seal(data, aad)
-
-    def unseal(self, blob: bytes, aad: bytes) -> bytes:
-        return self._envelope.unseal(blob, aad)
-
     def generate(self, algorithm: int, aad: bytes) -> tuple[bytes, bytes]:
         alg = algorithms.by_number(algorithm)
         key = alg.dnspython.generate(alg.rsa_default_bits) if alg.kind == "rsa" else alg.dnspython.generate()
@@ -104,6 +98,3 @@ class SoftwareCustody:
 
     def random(self, n: int) -> bytes:
         return os.urandom(n)
-
-    def mac_key(self) -> bytes:
-        return self._envelope.mac_key()

@@ -59,7 +59,7 @@ from tpm2_pytss.utils import wrap
 from .. import algorithms
 from ..errors import CryptobatError, IntegrityError, InvalidArgument
 from . import nvcounter
-from .envelope import MASTER_LEN, Envelope, mixed_random
+from .envelope import MASTER_LEN, Envelope, Sealing, mixed_random
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"
 MASTER_FILE = "tpm2-master"
@@ -185,7 +185,7 @@ class _TpmKey:
         self.custody._unload(self)
 
 
-class Tpm2Custody:
+class Tpm2Custody(Sealing):
     """Keys inside a TPM 2.0; the master secret sealed in it (optionally to PCRs)."""
 
     name = "tpm2"
@@ -351,15 +351,6 @@ class Tpm2Custody:
         return master
 
     # --- the custody interface ------------------------------------------------------
-    def seal(self, data: bytes, aad: bytes) -> bytes:
-        return self._envelope.seal(data, aad)
-
-    def unseal(self, blob: bytes, aad: bytes) -> bytes:
-        return self._envelope.unseal(blob, aad)
-
-    def mac_key(self) -> bytes:
-        return self._envelope.mac_key()
-
     def _auth(self, nonce: bytes) -> bytes:
         """A key's authValue: only the holder of the master secret can compute it. Trailing
         zero bytes are dropped, as the TPM drops them from a stored authValue."""
