@@ -18,7 +18,7 @@ from cryptobat import migration
 from cryptobat.console import Console
 from cryptobat.custody import tpm2
 from cryptobat.home import init_token, open_token
-from support import PIN_TEXT, Officers, SoftHsm, Swtpm, configure, signing_data
+from support import PIN_TEXT, Codes, Officers, SoftHsm, Swtpm, cli, configure, signing_data
 
 ZONE = "testzone."
 KEYS = ("13 zsk testzone z13", "8 ksk testzone k8")
@@ -105,6 +105,33 @@ def test_tpm2_migration_keeps_dnskeys_officers_and_pin(tmp_path, swtpm):
         _signs_under(tok, published)
         assert c.handle(f"custodymigrate tpm2:{swtpm.tcti}").startswith("fail: this token's keys are in tpm2 custody")
         assert c.handle("custodymigrate software").startswith("fail: this token's keys are in tpm2 custody")
+    finally:
+        tok.close()
+
+
+def test_cryptobat_console_migrates_a_token_into_the_tpm(tmp_path, swtpm):
+    """The whole path an operator takes: ``cryptobat init``, ``cryptobat console``, ``status``."""
+    home = tmp_path / "t"
+    codes = Codes()
+    assert cli("init", "--quorum", "1", "--custody", "software", home=home).returncode == 0
+    codes.enrol("solo", cli("console", home=home, input="coadd solo\n").stdout)
+
+    def console(*lines: str) -> str:
+        r = cli("console", home=home, input="".join(f"{x}\n" for x in (f"cologin solo {codes('solo')}", *lines)))
+        assert " CO solo Ok" in r.stdout, r.stdout + r.stderr
+        return r.stdout
+
+    assert console("setmaxval 3600", f"setpin {PIN_TEXT}", "keygen 13 zsk testzone z13").count("ok:") == 1
+    tok = open_token(home)
+    published, tag = _published(tok), tok.key("z13").keytag
+    tok.close()
+    out = console(f"custodymigrate tpm2:{swtpm.tcti}")
+    assert f"ok: custody migrated to tpm2; keys moved (label=tag): z13={tag}; master.key destroyed" in out, out
+    status = cli("status", home=home).stdout
+    assert "tpm2" in status, status
+    tok = open_token(home)
+    try:
+        _signs_under(tok, published)
     finally:
         tok.close()
 

@@ -135,7 +135,7 @@ def destroy_master(home: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    path.unlink()
+    path.unlink(missing_ok=True)
     _fsync_dir(home)
 
 
