@@ -232,6 +232,11 @@ def _kill_between(home: Path, swtpm: Swtpm, where: str, when: str) -> None:
         assert tok.custody.name == ("tpm2" if committed else "software"), (where, when)
         assert not (home / migration.NEXT_FILE).exists() and (home / "master.key").exists() != committed
         assert _kind(home) == tok.custody.name and {k.label: k.keytag for k in tok.keys()} == tags
+        if (where, when) in {("write_next", "after"), ("rekey", "before")}:  # undone at open, and audited
+            assert not any((home / n).exists() for n in migration.TARGET_FILES["tpm2"])
+        if (where, when) not in {("prepare_target", "after"), ("reseal", "after"), ("write_next", "before"),
+                                 ("destroy_master", "after")}:  # (nothing was left half done)
+            assert any("custody-resumed" in e for e in tok.audit_tail(5)), (where, when)
         officers.console = c = Console(tok)
         officers.login("lamb")  # the officer's sealed TOTP secret opens under whichever custody
         c.handle("signerlogin")
