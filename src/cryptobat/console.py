@@ -64,6 +64,7 @@ HELP = f"""\
  tpmflush HANDLE              unload a key
  tpmreset                     unload every key
  audit [N] | audit verify     last N audit entries | check the hash chain
+ custodymigrate tpm2[:TCTI] [pcrs LIST] | pkcs11:MODULE TOKEN PINFILE   move a software token's keys into a TPM or HSM (quorum)
  acceptrollback               accept a store the TPM's rollback counter refused (quorum; console --rollback-hold)
  help                         this list
 """
@@ -100,6 +101,15 @@ def _open_qr_file(path: str):
         return open(path, "wb")
     except OSError as e:
         raise CryptobatError(f"cannot write the QR code to {path}: {e.strerror}") from None
+
+
+def _read_pin(path: str) -> str:
+    """The first line of a PIN file (an HSM's PIN is never typed on the command line)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"cannot read the PIN file {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def failed(answer: str) -> bool:
@@ -586,6 +596,28 @@ class Console:
             return (f" Rollback accepted: the store's counter {was} set to the TPM's {now}; "
                     f"signing resumes\n")
         return self._quorum("acceptrollback", run)
+
+    def do_custodymigrate(self, args: list[str]) -> str:
+        """The target named as ``init --custody`` names it; an HSM's PIN from a file, never the line."""
+        from . import migration
+        from .custody import parse_spec
+        if not args:
+            raise _Usage
+        spec, rest = args[0], args[1:]
+        if spec.startswith("pkcs11"):
+            if len(rest) != 2:
+                raise _Usage
+            kind, config = parse_spec(spec, token=rest[0], pin=_read_pin(rest[1]))
+        elif len(rest) in (0, 2) and (not rest or rest[0] == "pcrs"):
+            kind, config = parse_spec(spec, pcrs=rest[1] if rest else None)
+        else:
+            raise _Usage
+
+        def run(by: Approval) -> str:
+            moved = self.token.custodymigrate(kind, config, by, migration)
+            tags = " ".join(f"{m['label']}={m['keytag']}" for m in moved) or "none"
+            return f"ok: custody migrated to {kind}; keys moved (label=tag): {tags}; master.key destroyed\n"
+        return self._quorum(shlex.join(["custodymigrate", *args]), run)
 
     def do_quit(self, args: list[str]) -> str:
         self.close()

@@ -115,8 +115,10 @@ def open_token(home: Path | str, custody_factory: Callable[..., Custody] = open_
     ``custody_factory(home)`` opens the custody (by default the kind HOME/custody.json
     records). ``rollback_hold``: a store the rollback counter refuses is opened held instead
     (signing refused; officers may log in and a quorum ``acceptrollback``)."""
+    from .migration import resume
     from .token import Token
     home = Path(home)
+    resumed = resume(home) if home.is_dir() else None  # a custody migration a crash interrupted
     custody, store = _open_files(home, custody_factory, create=False)
     try:
         state = store.load()
@@ -139,6 +141,8 @@ def open_token(home: Path | str, custody_factory: Callable[..., Custody] = open_
         token.audit("rollback-repaired", store=state.rollback, device=state.rollback - 1, why=repaired)
     if held:
         token.audit("rollback-held", why=held)
+    if resumed:
+        token.audit("custody-resumed", why=resumed)
     return token
 
 

@@ -26,14 +26,15 @@ AUDIT_ONLY = frozenset({
     "command",                                          # a console read (status, keylist...)
     "pending", "approve", "cancel", "coreset",          # a quorum command's own change is counted when it runs
     "clock",                                            # high-water mark, persisted every minute
-    "store-retry", "accepted-loss", "custody-orphan",
+    "store-retry", "accepted-loss", "custody-orphan", "custody-resumed",
     "serve", "stop", "restart", "restart-failed", "takeover",
     "rollback-repaired", "rollback-accepted", "rollback-held",  # these set the value themselves
 })
 
 # Held (a store the counter refused, opened for the officers to decide): what may still change.
 HELD_EVENTS = frozenset({"rollback-held", "accepted-loss", "command", "stop", "cologin", "coreset", "pending", "approve", "cancel", "refused", "rollback-accepted",
-                         "sign", "refused-sign", "refused-call", "clock", "store-retry", "clock-tamper"})
+                         "sign", "refused-sign", "refused-call", "clock", "store-retry", "clock-tamper",
+                         "custody-resumed"})
 
 
 def counts(event: str, fields: dict) -> bool:

@@ -125,6 +125,9 @@ class TokenState:
     # the custody's rollback counter as of this state (0 where the custody has none): a store
     # behind the device's counter is an older copy (see cryptobat.rollback)
     rollback: int = 0
+    # the passphrase pepper sealed by the custody (hex), kept across a custody migration so the
+    # officers' passphrases and the PIN still check; empty: derived from the custody's MAC key
+    pepper: str = ""
 
     def replace(self, **changes) -> "TokenState":
         return dataclasses.replace(self, **changes)

@@ -44,6 +44,7 @@ def upgrade(state: dict) -> dict:
     state.setdefault("cds_delete", {})  # zone -> token time until which an RFC 8078 delete may be signed
     state.setdefault("p11_window_keys", 0)  # windows before the key count allowed any number: none open now
     state.setdefault("rollback", 0)  # stores from before rollback counters: no counter yet
+    state.setdefault("pepper", "")  # stores never migrated: the pepper derives from the MAC key
     state.setdefault("signer_peers", [])  # "uid:N" / "gid:N" allowed on the signer sockets without a PIN
     state.setdefault("audit_checked", dict(state["audit"]) if state["audit"]["seq"] == 0 else
                      {"seq": 0, "hash": Head().hash})
@@ -127,7 +128,8 @@ def _typed(d: dict) -> TokenState:
         p11_window_until=d["p11_window_until"], p11_window_zone=d["p11_window_zone"],
         p11_window_keys=d["p11_window_keys"],
         counters=_counters(d["counters"]), audit=AuditHead(**d["audit"]),
-        audit_checked=AuditHead(**d["audit_checked"]), rollback=d["rollback"])
+        audit_checked=AuditHead(**d["audit_checked"]), rollback=d["rollback"],
+        pepper=d["pepper"])
 
 
 def _plain(value):
@@ -298,6 +300,32 @@ class Store:
                 raise
         except sqlite3.Error as e:  # disk full, I/O error: nothing was changed
             raise StoreError(f"state store write failed ({e}); nothing changed") from None
+
+    def rekey(self, state: TokenState, entries: list[tuple[int, str, str]], mac_key: bytes) -> None:
+        """Commit ``state`` MAC'd under ``mac_key`` (another custody's) with its key check value, in
+        one transaction: a crash leaves the store whole under the old key or under the new one.
+
+        The commit marker is the caller's to rewrite (:meth:`mark`) under the new key afterwards."""
+        old, self._mac_key = self._mac_key, mac_key
+        doc = json.dumps(to_json(state), sort_keys=True, separators=(",", ":"))
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT INTO audit (seq, entry, hash) VALUES (?, ?, ?)", entries)
+                db.execute("INSERT OR REPLACE INTO state (id, doc, mac) VALUES (1, ?, ?)", (doc, self._mac(doc)))
+                db.execute("INSERT OR REPLACE INTO keycheck (id, kcv) VALUES (1, ?)",
+                           (self._mac("cryptobat key check"),))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except BaseException as e:
+            self._mac_key = old
+            if isinstance(e, sqlite3.Error):
+                raise StoreError(f"state store write failed ({e}); nothing changed") from None
+            raise
 
     def audit_rows(self, since: int = 0) -> Iterator[tuple[int, str, str]]:
         try:

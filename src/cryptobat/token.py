@@ -93,7 +93,7 @@ class Token:
         self._pending = Tally()
         self.limiter = policy.RateLimiter()
         self._pin_key = os.urandom(32)
-        self._pepper = hmac.new(self.custody.mac_key(), b"cryptobat passphrase pepper", hashlib.sha256).digest()
+        self._pepper = self._read_pepper()
         self._pin_ok: tuple[str, bytes] | None = None
         self._sign_keys: dict[str, tuple[KeyRecord, SignKey]] = {}  # label -> (its record, SignKey of it)
         self._policy: tuple[tuple, policy.Policy] | None = None
@@ -105,6 +105,13 @@ class Token:
         self._open_roles: tuple[int, frozenset[str]] = (-1, frozenset())  # (generation, role-open labels)
         self._mono = mono
         self.started = mono()
+
+    def _read_pepper(self) -> bytes:
+        """The key passphrases and the PIN are hashed with: sealed in the state once the token
+        changed custody (see :meth:`custodymigrate`), else derived from the custody's MAC key."""
+        if self.state.pepper:
+            return self.custody.unseal(bytes.fromhex(self.state.pepper), b"cryptobat passphrase pepper")
+        return hmac.new(self.custody.mac_key(), b"cryptobat passphrase pepper", hashlib.sha256).digest()
 
     def close(self) -> None:
         try:
@@ -681,6 +688,50 @@ class Token:
         except CryptobatError as e:
             with contextlib.suppress(CryptobatError):
                 self.audit("custody-orphan", label=rec.info.label, why=str(e))
+
+    # --- changing custody ---------------------------------------------------------------
+    def custodymigrate(self, kind: str, config: dict, by: Approval, migration) -> list[dict]:
+        """Move this software-custody token's keys and sealed values into ``kind`` custody (a
+        quorum decision); the keys moved, each with its unchanged key tag.
+
+        ``migration`` is :mod:`cryptobat.migration`, given by the adapter (the core opens no
+        files): its steps, and why each is safe to die after, are there. The commit point is
+        the one transaction that writes the re-sealed state under the target's MAC key; after
+        it this token signs through the target custody."""
+        self.require(by, "custody-migrated")
+        migration.check_direction(self.custody.name, kind)
+        target = migration.prepare_target(self.home, kind, config)
+        try:
+            new, moved = migration.reseal(self.state, self.custody, target, self._pepper)
+            counter = getattr(target, "counter", None)
+            counter = counter() if counter is not None else None
+            fields = {"from": self.custody.name, "to": target.name, "keys": moved, **by.audit_fields()}
+            chain = Chain(self._chain.head)
+            entries = [chain.append(self._time_for_audit(), "custody-migrated", auditlog.bounded(fields))]
+            new = new.replace(audit=AuditHead(chain.head.seq, chain.head.hash),
+                              rollback=counter.read() if counter is not None else 0)
+            migration.write_next(self.home, kind)
+            self.store.rekey(new, entries, target.mac_key())
+        except BaseException:
+            close = getattr(target, "close", None)
+            if close is not None:
+                close()
+            migration.discard(self.home, kind)
+            raise
+        self._switch(target, counter, new, chain)
+        migration.finish(self.home)
+        return moved
+
+    def _switch(self, target: Custody, counter: RollbackCounter | None, state: TokenState, chain: Chain) -> None:
+        """This token after the migration committed: the new state and custody, no key unsealed
+        from the old one kept."""
+        self.state, self._chain = state, chain
+        self.generation += 1
+        self.store.mark(chain.head)
+        self.cache.clear()
+        self.custody, self.counter, self._counter_behind = target, counter, False
+        self.cache = KeyCache(target)
+        self._sign_keys = {}
 
     # --- signing ------------------------------------------------------------------------
     def policy(self) -> policy.Policy:

@@ -191,10 +191,11 @@ def _read_kind(home: Path) -> str:
     return kind
 
 
-def _write_kind(home: Path, kind: str) -> None:
-    """HOME/custody.json, 0600, written whole or not at all (temporary file, fsync, rename)."""
-    path = home / CONFIG_FILE
-    tmp = home / (CONFIG_FILE + ".tmp")
+def _write_kind(home: Path, kind: str, name: str = CONFIG_FILE) -> None:
+    """HOME/custody.json (or ``name``: a migration's next custody), 0600, written whole or not at
+    all (temporary file, fsync, rename)."""
+    path = home / name
+    tmp = home / (name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         os.write(fd, json.dumps({"kind": kind}).encode() + b"\n")
