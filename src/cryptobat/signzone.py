@@ -59,6 +59,7 @@ from .zonesign.stats import Progress, Stats, print_stats
 
 if TYPE_CHECKING:  # a run with -P never verifies: concurrent.futures and the verifier are imported when used
     from concurrent.futures import Executor
+    from .zonesign import verify
 
 
 def _parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser, zones: bool = False) -> argparse.ArgumentParser:
