@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dns.dnssec
@@ -17,8 +18,11 @@ import pytest
 from cryptobat import migration
 from cryptobat.console import Console
 from cryptobat.custody import tpm2
+from cryptobat.errors import IntegrityError
 from cryptobat.home import init_token, open_token
-from support import PIN_TEXT, Codes, Officers, SoftHsm, Swtpm, cli, configure, signing_data
+from cryptobat.client import SocketClient
+from support import (PIN_TEXT, SOFTHSM_MODULE, Codes, Daemon, Officers, SoftHsm, Swtpm, cli, configure,
+                     signing_data)
 
 ZONE = "testzone."
 KEYS = ("13 zsk testzone z13", "8 ksk testzone k8")
@@ -136,6 +140,49 @@ def test_cryptobat_console_migrates_a_token_into_the_tpm(tmp_path, swtpm):
         tok.close()
 
 
+def test_a_running_daemon_signs_through_the_tpm_after_migrating_on_its_console(tmp_path, swtpm):
+    """Migrated on the daemon's own console socket: its signers go on, large batches included
+    (the worker processes that held the software custody are replaced), and the signatures
+    validate against the DNSKEY RRset published before."""
+    home = tmp_path / "t"
+    officers, published = _software_token(home)
+    officers.console.token.close()
+    d = Daemon(home, codes=officers)
+    try:
+        out = d.quorum(f"custodymigrate tpm2:{swtpm.tcti}")
+        assert any("ok: custody migrated to tpm2" in line for line in out), out
+        signer = SocketClient(str(home / "native.sock"), pin=PIN_TEXT)
+        try:
+            key = {k.label: k for k in signer.keys()}["z13"]
+            now = int(time.time())
+            tpl, data = signing_data(key, _rrset(), now - 60, now + 1800)
+            results = signer.timed_sign([("z13", data)] * 300)  # a batch for the worker engine
+            assert all(r.ok for r in results), results[0]
+            dns.dnssec.validate_rrsig(_rrset(), tpl.replace(signature=results[-1].signature),
+                                      {dns.name.from_text(ZONE): published}, now=now)
+        finally:
+            signer.close()
+        assert not (home / "master.key").exists()
+    finally:
+        d.stop()
+
+
+def test_the_hsm_pin_file_is_read_only_after_the_quorum_and_only_a_regular_file(tmp_path):
+    """Anyone at a console could otherwise make the daemon read a path of their choosing (a FIFO
+    would hang it, /dev/zero fill it) before any officer approved anything."""
+    officers, _ = _software_token(tmp_path / "t")
+    c = officers.console
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    lone = Console(c.token)  # nobody logged in
+    out = lone.handle(f"custodymigrate pkcs11:{SOFTHSM_MODULE} tok {fifo}")
+    assert "not a regular file" not in out and "cannot read" not in out, out  # not read: no quorum
+    out = c.handle(f"custodymigrate pkcs11:{SOFTHSM_MODULE} tok {fifo}")  # the quorum: read now, refused
+    assert out.startswith("fail:") and "not a regular file" in out, out
+    assert _kind(tmp_path / "t") == "software"
+    c.token.close()
+
+
 def test_pkcs11_migration_through_the_console_command(tmp_path):
     hsm = SoftHsm.shared().token()
     home = tmp_path / "t"
@@ -155,6 +202,37 @@ def test_pkcs11_migration_through_the_console_command(tmp_path):
         _signs_under(tok, published)
     finally:
         tok.close()
+
+
+def test_a_planted_next_custody_file_does_not_switch_off_the_lost_commit_check(tmp_path):
+    """custody.next.json on a token migrated long ago (no master.key left): the commit marker is
+    not moved to whatever head the store has, so a store that lost acknowledged changes is still
+    refused (on pkcs11 custody no rollback counter would catch it)."""
+    import shutil
+    hsm = SoftHsm.shared().token()
+    home = tmp_path / "t"
+    officers, _ = _software_token(home, quorum=1)
+    c, tok = officers.console, officers.console.token
+    (tmp_path / "pin").write_text(hsm["pin"] + "\n")
+    assert c.handle(f"custodymigrate pkcs11:{hsm['module']} {hsm['token']} {tmp_path / 'pin'}").startswith("ok:")
+    tok.close()
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    for name in ("state.db", "state.db-wal"):
+        if (home / name).exists():
+            shutil.copy2(home / name, backup / name)
+    tok = open_token(home)
+    tok.audit("note", what="an acknowledged change the copy does not have")
+    tok.close()
+    for name in ("state.db", "state.db-wal", "state.db-shm"):
+        (home / name).unlink(missing_ok=True)
+    for f in backup.iterdir():
+        shutil.copy2(f, home / f.name)
+    with pytest.raises(IntegrityError, match="lost"):
+        open_token(home)
+    (home / migration.NEXT_FILE).write_text(json.dumps({"kind": "pkcs11"}))
+    with pytest.raises(IntegrityError):
+        open_token(home)
 
 
 def test_a_key_the_target_cannot_hold_aborts_the_whole_migration(tmp_path, swtpm):

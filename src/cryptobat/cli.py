@@ -77,13 +77,9 @@ def _serving(home: Path) -> Path | None:
 def _custody_pin(a) -> str | None:
     """The backing HSM's PIN: from --custody-pin-file (first line) or $CRYPTOBAT_CUSTODY_PIN, never argv."""
     import os
+    from .custody import read_pin_file
     if a.custody_pin_file:
-        try:
-            with open(a.custody_pin_file, encoding="utf-8") as f:
-                return f.readline().rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as e:
-            raise CryptobatError(f"cannot read the custody PIN file {a.custody_pin_file}: "
-                                 f"{getattr(e, 'strerror', None) or e}") from None
+        return read_pin_file(a.custody_pin_file)
     return os.environ.get("CRYPTOBAT_CUSTODY_PIN") if a.custody.startswith("pkcs11") else None
 
 

@@ -103,15 +103,6 @@ def _open_qr_file(path: str):
         raise CryptobatError(f"cannot write the QR code to {path}: {e.strerror}") from None
 
 
-def _read_pin(path: str) -> str:
-    """The first line of a PIN file (an HSM's PIN is never typed on the command line)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.readline().rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InvalidArgument(f"cannot read the PIN file {path}: {getattr(e, 'strerror', None) or e}") from None
-
-
 def failed(answer: str) -> bool:
     """Whether a console answer relayed as text (the daemon's console socket) reports a failure:
     the console protocol starts those, and only those, with ``fail:``; in process, use
@@ -600,20 +591,24 @@ class Console:
     def do_custodymigrate(self, args: list[str]) -> str:
         """The target named as ``init --custody`` names it; an HSM's PIN from a file, never the line."""
         from . import migration
-        from .custody import parse_spec
+        from .custody import parse_spec, read_pin_file
         if not args:
             raise _Usage
         spec, rest = args[0], args[1:]
-        if spec.startswith("pkcs11"):
-            if len(rest) != 2:
-                raise _Usage
-            kind, config = parse_spec(spec, token=rest[0], pin=_read_pin(rest[1]))
-        elif len(rest) in (0, 2) and (not rest or rest[0] == "pcrs"):
-            kind, config = parse_spec(spec, pcrs=rest[1] if rest else None)
-        else:
+        hsm = spec.startswith("pkcs11")
+        if len(rest) != 2 if hsm else not (not rest or (len(rest) == 2 and rest[0] == "pcrs")):
             raise _Usage
 
+        def target() -> tuple[str, dict]:
+            if hsm:  # the PIN file is read only once a quorum decided, in run()
+                return parse_spec(spec, token=rest[0], pin=read_pin_file(rest[1]))
+            return parse_spec(spec, pcrs=rest[1] if rest else None)
+        if not hsm:
+            target()  # a bad spec is refused before officers approve it
+
         def run(by: Approval) -> str:
+            self.token.require(by, "custody-migrated")  # the quorum first: only then is a PIN file read
+            kind, config = target()
             moved = self.token.custodymigrate(kind, config, by, migration)
             tags = " ".join(f"{m['label']}={m['keytag']}" for m in moved) or "none"
             return f"ok: custody migrated to {kind}; keys moved (label=tag): {tags}; master.key destroyed\n"

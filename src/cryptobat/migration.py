@@ -163,17 +163,25 @@ def _close(custody) -> None:
         close()
 
 
-def _store_under(home: Path, custody: Custody, mark: bool = False) -> bool:
-    """Whether the store is MAC'd under ``custody``'s key (its key check value, then the MAC);
-    with ``mark``, the commit marker is written again under that key."""
+def _store_under(home: Path, custody: Custody, old_mac: bytes | None = None) -> bool:
+    """Whether the store is MAC'd under ``custody``'s key (its key check value, then the MAC).
+
+    With ``old_mac`` (the software custody's, its master.key still there) the commit marker the
+    software custody wrote is moved to the store's head under the new key, provided it is not
+    ahead of that head: a marker that says changes were lost, or one not written by that key (a
+    ``custody.next.json`` planted on a token migrated long ago), is left for the lost-commit
+    check at open to refuse."""
     try:
         store = Store(home, custody.mac_key())
     except IntegrityError:
         return False  # the key check value is another key's
     try:
         state = store.load()
-        if state is not None and mark:
-            store.mark(Head(state.audit.seq, state.audit.hash))
+        if state is not None and old_mac is not None:
+            head = Head(state.audit.seq, state.audit.hash)
+            before = store.marker_under(old_mac)
+            if before is not None and before.seq <= head.seq:
+                store.mark(head)
         return state is not None
     except IntegrityError:
         return False
@@ -192,14 +200,16 @@ def resume(home: Path) -> str | None:
             return "an interrupted migration had not destroyed master.key: destroyed"
         return None
     kind = _next_kind(home)
+    old_mac = None
     if _read_kind(home) == "software" and (home / MASTER).exists():
         source = _construct(_custody_class("software"), "software", home, False, None)
         if _store_under(home, source):
             discard(home, kind)
             return f"an interrupted migration to {kind} custody had not committed: discarded"
+        old_mac = source.mac_key()
     target = _construct(_custody_class(kind), kind, home, False, None)
     try:
-        if not _store_under(home, target, mark=True):
+        if not _store_under(home, target, old_mac):
             raise IntegrityError(f"state.db verifies under neither the software custody nor the {kind} custody "
                                  f"{NEXT_FILE} names; restore the token's files")
     finally:

@@ -106,6 +106,9 @@ class Service:
 
     def engine(self) -> Engine:
         """The daemon's worker pool for large batches; called with ``self.lock`` held."""
+        if self._engine is not None and self._engine.custody is not self.token.custody:
+            old, self._engine = self._engine, None  # custodymigrate: its workers hold the old custody
+            old.close()
         if self._engine is None:
             self._engine = open_engine(self.token)
         return self._engine

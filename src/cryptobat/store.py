@@ -327,6 +327,26 @@ class Store:
                 raise StoreError(f"state store write failed ({e}); nothing changed") from None
             raise
 
+    def keyed_under(self, mac_key: bytes) -> bool | None:
+        """Whether the store's key check value is ``mac_key``'s (None: it cannot be read): after
+        a :meth:`rekey` that raised, whether its commit landed anyway."""
+        try:
+            row = self.db.execute("SELECT kcv FROM keycheck WHERE id = 1").fetchone()
+        except sqlite3.Error:
+            return None
+        return row is not None and hmac.compare_digest(
+            row[0], hmac.new(mac_key, b"cryptobat key check", hashlib.sha256).hexdigest())
+
+    def marker_under(self, mac_key: bytes) -> Head | None:
+        """The commit marker if ``mac_key`` (the custody's before a migration) wrote it, else None."""
+        mine, self._mac_key = self._mac_key, mac_key
+        try:
+            return self._read_marker()
+        except IntegrityError:
+            return None
+        finally:
+            self._mac_key = mine
+
     def audit_rows(self, since: int = 0) -> Iterator[tuple[int, str, str]]:
         try:
             yield from self.db.execute("SELECT seq, entry, hash FROM audit WHERE seq > ? ORDER BY seq", (since,))

@@ -713,11 +713,17 @@ class Token:
             migration.write_next(self.home, kind)
             self.store.rekey(new, entries, target.mac_key())
         except BaseException:
-            close = getattr(target, "close", None)
-            if close is not None:
-                close()
-            migration.discard(self.home, kind)
-            raise
+            landed = (self.home / migration.NEXT_FILE).exists() and self.store.keyed_under(target.mac_key())
+            if landed is not True:
+                close = getattr(target, "close", None)
+                if close is not None:
+                    close()
+                if landed is False:  # the store is still the software custody's: undo the rest
+                    migration.discard(self.home, kind)
+                else:  # unknown: nothing is removed; the next open decides from the store (migration.resume)
+                    self._write_failed = True
+                raise
+            # the commit landed although the write reported an error (a late I/O error): keep it
         self._switch(target, counter, new, chain)
         migration.finish(self.home)
         return moved
@@ -727,11 +733,15 @@ class Token:
         from the old one kept."""
         self.state, self._chain = state, chain
         self.generation += 1
-        self.store.mark(chain.head)
-        self.cache.clear()
+        self.cache.clear()  # the same cache object: an engine sharing it sees the new custody
+        self.cache.custody = target
         self.custody, self.counter, self._counter_behind = target, counter, False
-        self.cache = KeyCache(target)
         self._sign_keys = {}
+        try:
+            self.store.mark(chain.head)
+        except CryptobatError:
+            self._write_failed = True  # as in _change: committed, the marker retried with the next change
+            raise
 
     # --- signing ------------------------------------------------------------------------
     def policy(self) -> policy.Policy:

@@ -334,6 +334,7 @@ class Engine:
     def __init__(self, custody: Custody, custody_factory, home: Path, workers: int | None = None,
                  cache: KeyCache | None = None, parallel: bool | None = None) -> None:
         self.cache = cache if cache is not None else KeyCache(custody)  # a token's own: keys unsealed once
+        self.custody = custody  # the custody its workers open again (a migration replaces the engine)
         self._factory = custody_factory
         self._home = str(home)
         self.workers = (os.cpu_count() or 1) if workers is None else workers

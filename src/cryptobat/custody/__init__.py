@@ -137,6 +137,25 @@ def parse_spec(text: str, *, token: str | None = None, pin: str | None = None,
     return kind, {"module": str(module), "token": token, "pin": pin}
 
 
+def read_pin_file(path: str) -> str:
+    """The first line of a file holding an HSM's PIN (a PIN is never put on a command line).
+
+    A regular file only, opened without blocking and read to at most 4 KiB: a daemon reading a
+    path an officer typed must not hang on a FIFO nor fill its memory from /dev/zero."""
+    import stat
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InvalidArgument(f"the PIN file {path} is not a regular file")
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        return data.decode("utf-8").split("\n", 1)[0].rstrip("\r")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"cannot read the PIN file {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def spec_from_env(environ=os.environ) -> tuple[str, dict]:
     """The custody a new token gets when its creator names none: ``$CRYPTOBAT_CUSTODY`` (a spec
     as ``init --custody`` takes it; software when unset), with ``$CRYPTOBAT_CUSTODY_TOKEN``,
@@ -233,4 +252,4 @@ def open_custody(home: Path | str, create: bool = False, kind: str | None = None
     return custody
 
 
-__all__ = ["Custody", "DeviceKey", "LoadedKey", "RollbackCounter", "SoftwareCustody", "open_custody", "parse_spec", "spec_from_env"]
+__all__ = ["Custody", "DeviceKey", "LoadedKey", "RollbackCounter", "SoftwareCustody", "open_custody", "parse_spec", "read_pin_file", "spec_from_env"]
