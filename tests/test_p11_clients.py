@@ -340,6 +340,18 @@ def test_bench_runs_with_tiny_counts(tmp_path):
         assert row["softhsm"]["rate"] > 0, row
 
 
+def test_floor_bench_runs_with_tiny_counts():
+    """bench/p11_floor.py: every server of its table answered the clients, and the sans-I/O
+    replay of the recorded session ran on the real token."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "p11_floor.py"), "--seconds", "0.3", "--clients", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| 1 |"))
+    assert all(float(x) > 0 for x in row.split("|")[2:6]), r.stdout  # cryptobat, both floors, SoftHSM
+    assert "failures" not in r.stdout and "floor: no recorded reply" not in r.stderr, r.stdout + r.stderr
+    assert "sans-I/O:" in r.stdout and "C_Digest" in r.stdout, r.stdout
+
+
 # --- the signing host's PKCS#11 attacks (they run last: they change the shared daemon's policy) ---
 
 @pytest.fixture(scope="module")

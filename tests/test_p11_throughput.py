@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ import pytest
 
 from cryptobat import policy, prehash, rrsig
 from cryptobat.signing import Job
-from support import PIN, Daemon, client_module, make_signing_data, make_token, setup_home, signing_token
+from support import PIN, Daemon, SoftHsm, client_module, make_signing_data, make_token, setup_home, signing_token
 
 
 @pytest.fixture
@@ -166,14 +167,37 @@ with pkcs11.lib(sys.argv[1]).get_token().open(user_pin=sys.argv[4]) as s:
 """
 
 
-def test_rsa_clients_signing_at_once_use_the_worker_processes(tmp_path):
-    import os
+def _thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of ``pid``."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+@pytest.mark.parametrize("custody", ["software", "pkcs11"])
+def test_rsa_clients_signing_at_once_sign_off_the_loop(tmp_path, monkeypatch, custody):
+    """One client's RSA signatures are made on the loop. Several clients': in helper threads
+    when the custody signs from threads at once (software: cryptography releases the GIL),
+    in the worker processes when it does not (pkcs11: one module lock in the daemon)."""
     from cryptobat import algorithms
+    if custody == "pkcs11":
+        cfg = SoftHsm.shared().token()
+        monkeypatch.setenv("CRYPTOBAT_CUSTODY", f"pkcs11:{cfg['module']}")
+        monkeypatch.setenv("CRYPTOBAT_CUSTODY_TOKEN", cfg["token"])
+        monkeypatch.setenv("CRYPTOBAT_CUSTODY_PIN", cfg["pin"])
+    else:
+        monkeypatch.delenv("CRYPTOBAT_CUSTODY", raising=False)
     home = tmp_path / "h"
     setup_home(home)
     from cryptobat.home import open_token
     tok = open_token(home)
     try:
+        assert tok.custody.name == custody
         k8 = tok.key("k8")
         now = tok.now()
     finally:
@@ -196,9 +220,15 @@ def test_rsa_clients_signing_at_once_use_the_worker_processes(tmp_path):
 
         alone = sign(1, 30)
         assert len(alone) == 30 and _daemon_workers(d.pid) == []  # one client: signed in the loop
+        before = _thread_cpu(d.pid)
         together = sign(4, 60)
         assert len(together) == 240
-        assert _daemon_workers(d.pid)  # several at once: the worker processes signed too
+        if custody == "software":
+            assert _daemon_workers(d.pid) == []
+            helpers = [cpu for tid, cpu in _thread_cpu(d.pid).items() if tid not in before]
+            assert len(helpers) >= 2 and sum(helpers) >= 0.05, helpers  # helper threads signed
+        else:
+            assert _daemon_workers(d.pid)  # several at once: the worker processes signed too
         pub = algorithms.public_key_of(k8.dnskey())
         for sig in set(alone + together):
             pub.verify(bytes.fromhex(sig), data)

@@ -55,9 +55,12 @@ class ServiceBackend:
         return keys
 
     def timed_sign(self, items: list[tuple[str, bytes]]) -> list[SignResult]:
-        """In a helper thread of the socket loop, a slow signature is made in a worker process
-        if one is free: signing here would hold the GIL, and so the loop, as long."""
-        return self.s.timed_sign(items, spread=in_helper())
+        """In a helper thread of the socket loop a slow signature is made right here when the
+        custody signs from several threads at once (software: the GIL is released meanwhile);
+        otherwise in a worker process if one is free, so that it holds neither the loop nor the
+        custody's lock."""
+        spread = in_helper() and not getattr(self.t.custody, "concurrent", False)
+        return self.s.timed_sign(items, spread=spread)
 
     def check_signing_data(self, label: str, data: bytes) -> str | None:
         return self.s.call(self.t.check_signing_data, label, data)

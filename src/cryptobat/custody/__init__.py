@@ -46,6 +46,8 @@ class DeviceKey(LoadedKey, Protocol):
 
 class Custody(Protocol):
     name: str
+    parallel: bool  # worker processes may each open it (and sign at once)
+    concurrent: bool  # threads of one process sign at once (the GIL or a lock is not held meanwhile)
 
     def generate(self, algorithm: int, aad: bytes) -> tuple[bytes, bytes]:
         """Create a key inside custody; return (DNSKEY public key field, opaque blob to store)."""

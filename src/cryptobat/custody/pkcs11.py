@@ -169,6 +169,7 @@ class Pkcs11Custody(Sealing):
     # not a fork: no PKCS#11 state is inherited); with SoftHSM that spreads signing over the
     # cores (measured: docs/custody.md).
     parallel = True
+    concurrent = False  # in this process every call into the module holds its lock
 
     def __init__(self, home: Path, create: bool = False, config: dict | None = None) -> None:
         self.home = Path(home)

@@ -190,6 +190,7 @@ class Tpm2Custody(Sealing):
 
     name = "tpm2"
     parallel = False  # one TPM connection, one process: the token signs in its own
+    concurrent = False  # ... one command at a time
 
     def __init__(self, home: Path, create: bool = False, config: dict[str, Any] | None = None) -> None:
         self.home = Path(home)
