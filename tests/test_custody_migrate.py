@@ -18,7 +18,7 @@ import pytest
 from cryptobat import migration
 from cryptobat.console import Console
 from cryptobat.custody import tpm2
-from cryptobat.errors import IntegrityError
+from cryptobat.errors import CryptobatError, IntegrityError
 from cryptobat.home import init_token, open_token
 from cryptobat.client import SocketClient
 from support import (PIN_TEXT, SOFTHSM_MODULE, Codes, Daemon, Officers, SoftHsm, Swtpm, cli, configure,
@@ -324,4 +324,75 @@ def _kill_between(home: Path, swtpm: Swtpm, where: str, when: str) -> None:
             assert c.handle(f"custodymigrate tpm2:{swtpm.tcti}").startswith("ok: custody migrated to tpm2")
             _signs_under(tok, published)
     finally:
+        tok.close()
+
+
+# --- a custody that never came to be leaves nothing in its device ---
+
+def _nv_indices(swtpm: Swtpm) -> set[int]:
+    from tpm2_pytss import ESAPI
+    from cryptobat.custody import nvcounter
+    esys = ESAPI(swtpm.tcti)
+    try:
+        return nvcounter._used_indices(esys)
+    finally:
+        esys.close()
+
+
+def _hsm_objects(hsm: dict) -> list[str]:
+    """The objects on the HSM token, as pkcs11-tool lists them (one line each)."""
+    r = subprocess.run(["pkcs11-tool", "--module", hsm["module"], "--token-label", hsm["token"], "--login",
+                        "--pin", hsm["pin"], "--list-objects"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return sorted(line for line in r.stdout.splitlines() if line.endswith("Object; RSA 2048")
+                  or " Object;" in line)
+
+
+def test_an_init_failing_after_the_counter_was_defined_removes_it(tmp_path, swtpm):
+    before = _nv_indices(swtpm)
+    home = tmp_path / "t"
+    home.mkdir()
+    (home / "tpm2.json.tmp").mkdir()  # the custody's configuration, written last, cannot be
+    with pytest.raises(CryptobatError, match="Is a directory"):
+        init_token(home, 1, kind="tpm2", config={"tcti": swtpm.tcti})
+    assert _nv_indices(swtpm) == before
+    assert sorted(p.name for p in home.iterdir()) == ["tpm2.json.tmp"]
+
+
+def test_an_init_failing_after_the_master_secret_was_made_destroys_it(tmp_path):
+    hsm = SoftHsm.shared().token()
+    before = _hsm_objects(hsm)
+    home = tmp_path / "t"
+    home.mkdir()
+    (home / "pkcs11.json.tmp").mkdir()
+    with pytest.raises(CryptobatError, match="Is a directory"):
+        init_token(home, 1, kind="pkcs11", config={"module": hsm["module"], "token": hsm["token"], "pin": hsm["pin"]})
+    assert _hsm_objects(hsm) == before
+    assert sorted(p.name for p in home.iterdir()) == ["pkcs11.json.tmp"]
+
+
+def test_a_migration_failing_half_way_leaves_nothing_in_the_tpm_or_the_hsm(tmp_path, swtpm, monkeypatch):
+    """The target made its counter (tpm2) or its master secret and a key (pkcs11) before the
+    second key failed (the failure put in here, in the migration's own step): all of it is
+    removed again, and the token is the software one it was."""
+    moved = migration._moved_key
+
+    def second_fails(rec, source, target):
+        if rec.info.label == "k8":
+            raise IntegrityError("key 'k8' came out of the target with another DNSKEY (injected)")
+        return moved(rec, source, target)
+    monkeypatch.setattr(migration, "_moved_key", second_fails)
+    hsm = SoftHsm.shared().token()
+    (tmp_path / "pin").write_text(hsm["pin"] + "\n")
+    for target, device in ((f"tpm2:{swtpm.tcti}", lambda: _nv_indices(swtpm)),
+                           (f"pkcs11:{hsm['module']} {hsm['token']} {tmp_path / 'pin'}", lambda: _hsm_objects(hsm))):
+        home = tmp_path / target.split(":")[0]
+        officers, published = _software_token(home, quorum=1)
+        c, tok = officers.console, officers.console.token
+        before = device()
+        out = c.handle(f"custodymigrate {target}")
+        assert out.startswith("fail: key 'k8' came out of the target"), out
+        assert device() == before, target
+        assert tok.custody.name == "software" and _kind(home) == "software"
+        _signs_under(tok, published)
         tok.close()

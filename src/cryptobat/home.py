@@ -47,8 +47,10 @@ def _private_home(home: Path, create: bool) -> None:
         os.chmod(home, 0o700)
 
 
-def _close_custody(custody: Custody) -> None:
-    close = getattr(custody, "close", None)
+def _close_custody(custody: Custody, discard: bool = False) -> None:
+    """Close ``custody``; with ``discard`` (a token that never came to be), first remove from its
+    device what it made there (:meth:`Custody.discard`, where the custody has one)."""
+    close = (getattr(custody, "discard", None) if discard else None) or getattr(custody, "close", None)
     if close is not None:
         close()
 
@@ -61,7 +63,7 @@ def _open_files(home: Path, custody_factory: Callable[..., Custody], create: boo
         try:
             return custody, Store(home, custody.mac_key(), create=create)
         except BaseException:
-            _close_custody(custody)
+            _close_custody(custody, discard=create)
             raise
     finally:
         os.umask(old_umask)
@@ -198,7 +200,7 @@ def init_token(home: Path | str, quorum: int = 2, custody_factory: Callable[...,
         token.audit("init", quorum=quorum, custody=custody.name)
     except BaseException as e:
         store.close()
-        _close_custody(custody)
+        _close_custody(custody, discard=not isinstance(e, Conflict))
         if not isinstance(e, Conflict):  # (a token that appeared meanwhile is not ours to remove)
             _remove_new(home, existed, before)
         raise

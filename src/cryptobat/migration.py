@@ -64,8 +64,9 @@ def _fsync_dir(home: Path) -> None:
 def discard(home: Path, kind: str) -> None:
     """Remove a migration that did not commit: the target's files, then ``custody.next.json``.
 
-    Objects the target made in its device (a TPM NV counter index, HSM key objects) stay there;
-    nothing refers to them any more."""
+    Objects the target made in its device (a TPM NV counter index, HSM key objects) are removed
+    by the target's ``discard`` when the migration fails in this process; after a crash they stay
+    there, and nothing refers to them any more."""
     for name in TARGET_FILES.get(kind, ()):
         (home / name).unlink(missing_ok=True)
     (home / NEXT_FILE).unlink(missing_ok=True)

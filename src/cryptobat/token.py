@@ -715,7 +715,8 @@ class Token:
         except BaseException:
             landed = (self.home / migration.NEXT_FILE).exists() and self.store.keyed_under(target.mac_key())
             if landed is not True:
-                close = getattr(target, "close", None)
+                # not committed: what the target made in its device goes too; unknown: kept
+                close = getattr(target, "discard" if landed is False else "close", None)
                 if close is not None:
                     close()
                 if landed is False:  # the store is still the software custody's: undo the rest

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from ..errors import CryptobatError, IntegrityError, InvalidArgument
+from .envelope import write_private
 from .software import SoftwareCustody
 
 
@@ -66,6 +67,9 @@ class Custody(Protocol):
     def mac_key(self) -> bytes:
         """Key for the state store's integrity MAC."""
         ...
+
+    # Optional: close(); discard(), which closes after removing from the device what this object
+    # made there (a counter index, HSM objects), for a custody no token state came to refer to.
 
 
 class RollbackCounter(Protocol):
@@ -214,21 +218,8 @@ def _read_kind(home: Path) -> str:
 
 def _write_kind(home: Path, kind: str, name: str = CONFIG_FILE) -> None:
     """HOME/custody.json (or ``name``: a migration's next custody), 0600, written whole or not at
-    all (temporary file, fsync, rename)."""
-    path = home / name
-    tmp = home / (name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, json.dumps({"kind": kind}).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(home, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    all, the directory synced."""
+    write_private(home / name, json.dumps({"kind": kind}).encode() + b"\n", sync_dir=True)
 
 
 def open_custody(home: Path | str, create: bool = False, kind: str | None = None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-
+from pathlib import Path
 from typing import Callable
 
 from cryptography.hazmat.primitives import hashes
@@ -73,3 +73,30 @@ def mixed_random(n: int, device: Callable[[], bytes]) -> bytes:
         k = min(n - len(out), 255 * 32)  # HKDF's output limit
         out += HKDF(hashes.SHA256(), k, salt=device(), info=b"cryptobat random").derive(os.urandom(32))
     return bytes(out)
+
+
+def write_private(path: Path, data: bytes, *, exclusive: bool = False, sync_dir: bool = False) -> None:
+    """Write a custody's small file (0600) whole or not at all: a temporary file, fsynced, then
+    renamed over ``path``; with ``exclusive``, linked instead, so an existing file (a master
+    secret) is never replaced (FileExistsError). ``sync_dir``: the directory fsynced after."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if exclusive:
+        try:
+            os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    else:
+        os.replace(tmp, path)
+    if sync_dir:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
 import threading
 from pathlib import Path
 
 from ..errors import CryptobatError, IntegrityError
+from .envelope import write_private
 
 # owner-defined NV indices (TCG "Registry of Reserved TPM 2.0 Handles": 0x01000000-0x013FFFFF);
 # a random one, so several tokens sharing a TPM do not collide
@@ -138,6 +138,12 @@ class NvCounter:
                                      f"(NV index {self.index:#010x}): {e}") from None
         return self.read()
 
+    def undefine(self) -> None:
+        """Remove the index from the TPM (a counter no token state refers to: a failed init or
+        migration); errors are ignored, as the counter is being abandoned anyway."""
+        with self._lock, contextlib.suppress(Exception):
+            self._esapi.nv_undefine_space(self._handle)
+
 
 
 COUNTER_FILE = "nvcounter.json"  # the counter's NV index, in the token's home
@@ -177,12 +183,9 @@ def attach(esapi, home: Path | str, auth: bytes, create: bool = False,
         except IntegrityError as e:
             return MissingCounter(str(e))
     counter = NvCounter.create(esapi, auth, lock)
-    tmp = path.with_name(COUNTER_FILE + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
-        os.write(fd, json.dumps({"index": counter.index}).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        write_private(path, json.dumps({"index": counter.index}).encode() + b"\n")
+    except BaseException:
+        counter.undefine()  # nothing names it: it would only take one of the TPM's few NV indices
+        raise
     return counter

@@ -29,7 +29,7 @@ from pkcs11 import exceptions as p11e
 
 from .. import algorithms
 from ..errors import CryptobatError, IntegrityError, InvalidArgument, NotFound
-from .envelope import Envelope, Sealing, mixed_random
+from .envelope import Envelope, Sealing, mixed_random, write_private
 
 NAME = "pkcs11"
 CONFIG = "pkcs11.json"
@@ -173,6 +173,7 @@ class Pkcs11Custody(Sealing):
 
     def __init__(self, home: Path, create: bool = False, config: dict | None = None) -> None:
         self.home = Path(home)
+        self._made: list[bytes] = []  # CKA_IDs of the objects this object created (see discard)
         cfg_path, pin_path = self.home / CONFIG, self.home / PIN_FILE
         if create and not cfg_path.exists():
             self._create(config or {}, cfg_path, pin_path)
@@ -225,13 +226,14 @@ class Pkcs11Custody(Sealing):
             except p11e.PKCS11Error as e:
                 raise CryptobatError(f"pkcs11 custody: cannot create the master secret object on token "
                                      f"{self._token_label!r}: {_why(e)}") from None
+            self._made.append(master_id)
             self._master_id = master_id
             self._start(secret)
-            _write_private(pin_path, (pin + "\n").encode())
-            _write_private(cfg_path, json.dumps({"module": self._module_path, "token": self._token_label,
+            write_private(pin_path, (pin + "\n").encode())
+            write_private(cfg_path, json.dumps({"module": self._module_path, "token": self._token_label,
                                                  "master_id": master_id.hex()}, indent=1).encode() + b"\n")
         except BaseException:
-            self.close()
+            self.discard()
             raise
 
     def _open(self, pin: str) -> None:
@@ -363,6 +365,7 @@ class Pkcs11Custody(Sealing):
         except p11e.PKCS11Error as e:
             raise CryptobatError(f"pkcs11 custody: token {self._token_label!r} could not generate a key of "
                                  f"algorithm {algorithm}: {_why(e)}") from None
+        self._made.append(ckid)
         return self._public_field(alg, pub), self.seal(self._pack(algorithm, ckid), aad)
 
     def _public_field(self, alg: algorithms.DnssecAlgorithm, obj) -> bytes:
@@ -428,6 +431,7 @@ class Pkcs11Custody(Sealing):
         except p11e.PKCS11Error as e:
             raise CryptobatError(f"pkcs11 custody: token {self._token_label!r} could not import a key of "
                                  f"algorithm {algorithm}: {_why(e)}") from None
+        self._made.append(ckid)
         return public, self.seal(self._pack(algorithm, ckid), aad)
 
     def adopt(self, label: str, algorithm: int | None = None, aad: bytes | None = None) -> tuple[bytes, bytes]:
@@ -518,6 +522,23 @@ class Pkcs11Custody(Sealing):
     def counter(self) -> None:
         return None
 
+    def discard(self) -> None:
+        """Close, first destroying every HSM object this object created (its master secret, keys
+        it generated or imported): for a custody no token state came to refer to (a failed init,
+        a migration that did not commit). Best effort: what the HSM refuses to destroy stays."""
+        if self._made and getattr(self, "_session", None) is not None:
+            made, self._made = self._made, []
+
+            def remove(s) -> None:
+                for ckid in made:
+                    for obj in list(s.get_objects({Attribute.ID: ckid})):
+                        obj.destroy()
+            try:
+                self._in_session(remove)
+            except p11e.PKCS11Error:
+                pass
+        self.close()
+
     def close(self) -> None:
         s = getattr(self, "_session", None)
         if s is not None:
@@ -529,13 +550,3 @@ class Pkcs11Custody(Sealing):
                 pass
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` (0600) atomically: a half-written configuration never opens."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_ds
 
 from .. import algorithms
 from ..errors import CryptobatError, IntegrityError
-from .envelope import Envelope, Sealing
+from .envelope import Envelope, Sealing, write_private
 
 
 class _DnssecKey:
@@ -63,12 +63,7 @@ class SoftwareCustody(Sealing):
     def __init__(self, home: Path, create: bool = False) -> None:
         path = Path(home) / "master.key"
         if create and not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, os.urandom(32))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_private(path, os.urandom(32), exclusive=True)
         try:
             master = path.read_bytes()
         except FileNotFoundError:

@@ -59,7 +59,7 @@ from tpm2_pytss.utils import wrap
 from .. import algorithms
 from ..errors import CryptobatError, IntegrityError, InvalidArgument
 from . import nvcounter
-from .envelope import MASTER_LEN, Envelope, Sealing, mixed_random
+from .envelope import MASTER_LEN, Envelope, Sealing, mixed_random, write_private
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"
 MASTER_FILE = "tpm2-master"
@@ -195,6 +195,7 @@ class Tpm2Custody(Sealing):
     def __init__(self, home: Path, create: bool = False, config: dict[str, Any] | None = None) -> None:
         self.home = Path(home)
         self.tcti, self.pcrs, new = self._settings(create, config or {})
+        self._new = new  # made here: discard() may remove what it put in the TPM
         self._lock = threading.RLock()
         self._resident: OrderedDict[bytes, ESYS_TR] = OrderedDict()  # key ident -> loaded handle
         self._saved: OrderedDict[bytes, TPMS_CONTEXT] = OrderedDict()  # key ident -> context of an evicted key
@@ -211,10 +212,10 @@ class Tpm2Custody(Sealing):
             self._counter_auth = hmac.new(master, b"cryptobat rollback counter", hashlib.sha256).digest()
             self._counter = nvcounter.attach(self._esys, self.home, self._counter_auth, create=new, lock=self._lock)
             if new:
-                _write_private(self.home / CONFIG_FILE,
-                               json.dumps({"tcti": self.tcti, "pcrs": list(self.pcrs)}).encode())
+                write_private(self.home / CONFIG_FILE,
+                              json.dumps({"tcti": self.tcti, "pcrs": list(self.pcrs)}).encode())
         except BaseException:
-            self.close()
+            self.discard()
             raise
 
     # --- opening -------------------------------------------------------------------
@@ -277,7 +278,7 @@ class Tpm2Custody(Sealing):
         path = self.home / MASTER_FILE
         if create and not path.exists():
             master = self.random(MASTER_LEN)
-            _write_private(path, self._seal_master(master))
+            write_private(path, self._seal_master(master), exclusive=True)
             return master
         try:
             sealed = path.read_bytes()
@@ -479,6 +480,15 @@ class Tpm2Custody(Sealing):
             self._counter = nvcounter.attach(self._esys, self.home, self._counter_auth, create=True, lock=self._lock)
             return self._counter
 
+    def discard(self) -> None:
+        """Close, first removing the rollback counter's NV index if this object defined it: for
+        a custody no token state came to refer to (a failed init, a migration that did not
+        commit). Keys need nothing: a TPM key is its blob, and no blob is kept."""
+        counter = getattr(self, "_counter", None)
+        if getattr(self, "_new", False) and isinstance(counter, nvcounter.NvCounter):
+            counter.undefine()
+        self.close()
+
     def close(self) -> None:
         with self._lock:
             esys, self._esys = self._esys, None
@@ -624,10 +634,3 @@ def _unpack(content: bytes) -> tuple[TPM2B_PUBLIC, TPM2B_PRIVATE, bytes]:
     return public, private, nonce
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
