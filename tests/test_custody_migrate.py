@@ -340,35 +340,34 @@ def _nv_indices(swtpm: Swtpm) -> set[int]:
 
 
 def _hsm_objects(hsm: dict) -> list[str]:
-    """The objects on the HSM token, as pkcs11-tool lists them (one line each)."""
-    r = subprocess.run(["pkcs11-tool", "--module", hsm["module"], "--token-label", hsm["token"], "--login",
-                        "--pin", hsm["pin"], "--list-objects"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return sorted(line for line in r.stdout.splitlines() if line.endswith("Object; RSA 2048")
-                  or " Object;" in line)
+    """The objects SoftHSMv2 keeps on disk, one file each in its token directories (the file
+    store; listing them with pkcs11-tool from another process missed objects at times)."""
+    return sorted(p.name for p in (SoftHsm.shared().dir / "tokens").glob("*/*.object") if p.name != "token.object")
 
 
-def test_an_init_failing_after_the_counter_was_defined_removes_it(tmp_path, swtpm):
-    before = _nv_indices(swtpm)
+@pytest.mark.parametrize("kind,blocker", [
+    ("tpm2", "nvcounter.json"),  # the counter's index cannot be recorded: undefined again
+    ("tpm2", "custody.json"),  # the whole custody made, then its kind cannot be recorded
+    ("pkcs11", "pkcs11-pin"),  # the master secret made, then the custody's files cannot be written
+    ("pkcs11", "custody.json"),
+])
+def test_an_init_failing_after_the_device_was_written_leaves_it_as_it_was(tmp_path, swtpm, kind, blocker):
+    """A file the new custody writes cannot be (a directory is in its place): the init fails
+    with one line, and the NV index or the HSM objects it had made are gone again."""
+    if kind == "tpm2":
+        config, device = {"tcti": swtpm.tcti}, lambda: _nv_indices(swtpm)
+    else:
+        hsm = SoftHsm.shared().token()
+        config = {"module": hsm["module"], "token": hsm["token"], "pin": hsm["pin"]}
+        device = lambda: _hsm_objects(hsm)  # noqa: E731
+    before = device()
     home = tmp_path / "t"
     home.mkdir()
-    (home / "tpm2.json.tmp").mkdir()  # the custody's configuration, written last, cannot be
+    (home / blocker).mkdir()
     with pytest.raises(CryptobatError, match="Is a directory"):
-        init_token(home, 1, kind="tpm2", config={"tcti": swtpm.tcti})
-    assert _nv_indices(swtpm) == before
-    assert sorted(p.name for p in home.iterdir()) == ["tpm2.json.tmp"]
-
-
-def test_an_init_failing_after_the_master_secret_was_made_destroys_it(tmp_path):
-    hsm = SoftHsm.shared().token()
-    before = _hsm_objects(hsm)
-    home = tmp_path / "t"
-    home.mkdir()
-    (home / "pkcs11.json.tmp").mkdir()
-    with pytest.raises(CryptobatError, match="Is a directory"):
-        init_token(home, 1, kind="pkcs11", config={"module": hsm["module"], "token": hsm["token"], "pin": hsm["pin"]})
-    assert _hsm_objects(hsm) == before
-    assert sorted(p.name for p in home.iterdir()) == ["pkcs11.json.tmp"]
+        init_token(home, 1, kind=kind, config=config)
+    assert device() == before
+    assert sorted(p.name for p in home.iterdir()) == [blocker]
 
 
 def test_a_migration_failing_half_way_leaves_nothing_in_the_tpm_or_the_hsm(tmp_path, swtpm, monkeypatch):
@@ -395,4 +394,38 @@ def test_a_migration_failing_half_way_leaves_nothing_in_the_tpm_or_the_hsm(tmp_p
         assert device() == before, target
         assert tok.custody.name == "software" and _kind(home) == "software"
         _signs_under(tok, published)
+        tok.close()
+
+
+def test_a_commit_that_reported_an_error_keeps_the_target_for_the_next_open_to_decide(tmp_path, monkeypatch):
+    """The store's commit of the migration raises: whether it landed may only show at the next
+    open (a WAL frame written before the error), so neither the target's files nor its HSM
+    objects are removed now. The token signs on in software custody once its next write
+    succeeds; the next open finds the store still software and removes the target's files."""
+    from cryptobat.errors import StoreError
+    from cryptobat.store import Store
+    hsm = SoftHsm.shared().token()
+    (tmp_path / "pin").write_text(hsm["pin"] + "\n")
+    home = tmp_path / "t"
+    officers, published = _software_token(home, quorum=1)
+    c, tok = officers.console, officers.console.token
+
+    def failing_commit(self, *a, **k):
+        raise StoreError("state store write failed (disk I/O error); nothing changed")
+    before = _hsm_objects(hsm)
+    with monkeypatch.context() as m:
+        m.setattr(Store, "rekey", failing_commit)
+        out = c.handle(f"custodymigrate pkcs11:{hsm['module']} {hsm['token']} {tmp_path / 'pin'}")
+    assert out.startswith("fail: state store write failed"), out
+    assert len(_hsm_objects(hsm)) > len(before)  # the master secret and the keys: kept, not destroyed
+    assert (home / migration.NEXT_FILE).exists() and (home / "pkcs11.json").exists()
+    assert tok.custody.name == "software" and (home / "master.key").exists()
+    _signs_under(tok, published)  # the audit written first, then the signature
+    tok.close()
+    tok = open_token(home)
+    try:
+        assert tok.custody.name == "software" and not (home / migration.NEXT_FILE).exists()
+        assert not (home / "pkcs11.json").exists()
+        _signs_under(tok, published)
+    finally:
         tok.close()

@@ -198,6 +198,9 @@ def init_token(home: Path | str, quorum: int = 2, custody_factory: Callable[...,
             state = state.replace(rollback=counter.read())
         token = Token(store, custody, state, wall=wall, mono=mono, counter=counter)
         token.audit("init", quorum=quorum, custody=custody.name)
+        kept = getattr(custody, "kept", None)
+        if kept is not None:  # the committed state refers to what it made: never discarded now
+            kept()
     except BaseException as e:
         store.close()
         _close_custody(custody, discard=not isinstance(e, Conflict))

@@ -701,6 +701,7 @@ class Token:
         self.require(by, "custody-migrated")
         migration.check_direction(self.custody.name, kind)
         target = migration.prepare_target(self.home, kind, config)
+        committing = False
         try:
             new, moved = migration.reseal(self.state, self.custody, target, self._pepper)
             counter = getattr(target, "counter", None)
@@ -711,18 +712,19 @@ class Token:
             new = new.replace(audit=AuditHead(chain.head.seq, chain.head.hash),
                               rollback=counter.read() if counter is not None else 0)
             migration.write_next(self.home, kind)
+            committing = True
             self.store.rekey(new, entries, target.mac_key())
         except BaseException:
-            landed = (self.home / migration.NEXT_FILE).exists() and self.store.keyed_under(target.mac_key())
-            if landed is not True:
-                # not committed: what the target made in its device goes too; unknown: kept
-                close = getattr(target, "discard" if landed is False else "close", None)
-                if close is not None:
-                    close()
-                if landed is False:  # the store is still the software custody's: undo the rest
-                    migration.discard(self.home, kind)
-                else:  # unknown: nothing is removed; the next open decides from the store (migration.resume)
-                    self._write_failed = True
+            if not committing:  # nothing refers to the target yet: its files and device objects go
+                _abandon(target, "discard")
+                migration.discard(self.home, kind)
+                raise
+            if self.store.keyed_under(target.mac_key()) is not True:
+                # A commit that reported an error may still surface at the next open (a WAL frame
+                # written before the error), so nothing of the target is removed: closed, and the
+                # next open decides from the store (migration.resume); signing waits for a write.
+                _abandon(target, "close")
+                self._write_failed = True
                 raise
             # the commit landed although the write reported an error (a late I/O error): keep it
         self._switch(target, counter, new, chain)
@@ -737,6 +739,7 @@ class Token:
         self.cache.clear()  # the same cache object: an engine sharing it sees the new custody
         self.cache.custody = target
         self.custody, self.counter, self._counter_behind = target, counter, False
+        _abandon(target, "kept")  # the store refers to what it made: never discarded now
         self._sign_keys = {}
         try:
             self.store.mark(chain.head)
@@ -1068,3 +1071,10 @@ class Token:
             self.flush_audit(force=True)
         rows = list(self.store.audit_rows(max(0, self._chain.head.seq - n)))
         return [entry for _, entry, _ in rows]
+
+
+def _abandon(custody: Custody, how: str) -> None:
+    """Call the custody's optional ``how`` (``discard``, ``close``, ``kept``) if it has one."""
+    fn = getattr(custody, how, None)
+    if fn is not None:
+        fn()

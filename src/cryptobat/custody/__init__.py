@@ -69,7 +69,8 @@ class Custody(Protocol):
         ...
 
     # Optional: close(); discard(), which closes after removing from the device what this object
-    # made there (a counter index, HSM objects), for a custody no token state came to refer to.
+    # made there (a counter index, HSM objects), for a custody no token state came to refer to;
+    # kept(), once a committed state refers to it (discard() then removes nothing).
 
 
 class RollbackCounter(Protocol):
@@ -237,8 +238,8 @@ def open_custody(home: Path | str, create: bool = False, kind: str | None = None
     custody = _construct(cls, kind, home, True, config)
     try:
         _write_kind(home, kind)
-    except OSError as e:
-        close = getattr(custody, "close", None)
+    except OSError as e:  # nothing will refer to what the custody made in its device
+        close = getattr(custody, "discard", None) or getattr(custody, "close", None)
         if close is not None:
             close()
         raise CryptobatError(f"cannot write {home / CONFIG_FILE}: {e.strerror}") from None

@@ -8,9 +8,11 @@ MAC the same construction under every custody.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -76,24 +78,25 @@ def mixed_random(n: int, device: Callable[[], bytes]) -> bytes:
 
 
 def write_private(path: Path, data: bytes, *, exclusive: bool = False, sync_dir: bool = False) -> None:
-    """Write a custody's small file (0600) whole or not at all: a temporary file, fsynced, then
-    renamed over ``path``; with ``exclusive``, linked instead, so an existing file (a master
-    secret) is never replaced (FileExistsError). ``sync_dir``: the directory fsynced after."""
+    """Write a custody's small file (0600) whole or not at all: a temporary file of its own
+    (``mkstemp``: a new name, O_EXCL, so no other writer can open it), fsynced, then renamed over
+    ``path``; with ``exclusive``, linked instead, so an existing file (a master secret) is never
+    replaced (FileExistsError). ``sync_dir``: the directory fsynced after."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if exclusive:
         try:
-            os.link(tmp, path)
+            os.write(fd, data)
+            os.fsync(fd)
         finally:
+            os.close(fd)
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    else:
-        os.replace(tmp, path)
     if sync_dir:
         dfd = os.open(path.parent, os.O_RDONLY)
         try:

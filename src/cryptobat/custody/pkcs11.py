@@ -173,7 +173,8 @@ class Pkcs11Custody(Sealing):
 
     def __init__(self, home: Path, create: bool = False, config: dict | None = None) -> None:
         self.home = Path(home)
-        self._made: list[bytes] = []  # CKA_IDs of the objects this object created (see discard)
+        # CKA_IDs of the objects this object created, until a committed state refers to them (discard)
+        self._made: list[bytes] | None = [] if create else None
         cfg_path, pin_path = self.home / CONFIG, self.home / PIN_FILE
         if create and not cfg_path.exists():
             self._create(config or {}, cfg_path, pin_path)
@@ -226,7 +227,7 @@ class Pkcs11Custody(Sealing):
             except p11e.PKCS11Error as e:
                 raise CryptobatError(f"pkcs11 custody: cannot create the master secret object on token "
                                      f"{self._token_label!r}: {_why(e)}") from None
-            self._made.append(master_id)
+            self._made_one(master_id)
             self._master_id = master_id
             self._start(secret)
             write_private(pin_path, (pin + "\n").encode())
@@ -365,7 +366,7 @@ class Pkcs11Custody(Sealing):
         except p11e.PKCS11Error as e:
             raise CryptobatError(f"pkcs11 custody: token {self._token_label!r} could not generate a key of "
                                  f"algorithm {algorithm}: {_why(e)}") from None
-        self._made.append(ckid)
+        self._made_one(ckid)
         return self._public_field(alg, pub), self.seal(self._pack(algorithm, ckid), aad)
 
     def _public_field(self, alg: algorithms.DnssecAlgorithm, obj) -> bytes:
@@ -431,7 +432,7 @@ class Pkcs11Custody(Sealing):
         except p11e.PKCS11Error as e:
             raise CryptobatError(f"pkcs11 custody: token {self._token_label!r} could not import a key of "
                                  f"algorithm {algorithm}: {_why(e)}") from None
-        self._made.append(ckid)
+        self._made_one(ckid)
         return public, self.seal(self._pack(algorithm, ckid), aad)
 
     def adopt(self, label: str, algorithm: int | None = None, aad: bytes | None = None) -> tuple[bytes, bytes]:
@@ -522,22 +523,35 @@ class Pkcs11Custody(Sealing):
     def counter(self) -> None:
         return None
 
+    def _made_one(self, ckid: bytes) -> None:
+        if self._made is not None:
+            self._made.append(ckid)
+
+    def kept(self) -> None:
+        """A committed token state refers to this custody's objects: :meth:`discard` keeps them."""
+        self._made = None
+
     def discard(self) -> None:
         """Close, first destroying every HSM object this object created (its master secret, keys
         it generated or imported): for a custody no token state came to refer to (a failed init,
-        a migration that did not commit). Best effort: what the HSM refuses to destroy stays."""
-        if self._made and getattr(self, "_session", None) is not None:
-            made, self._made = self._made, []
-
-            def remove(s) -> None:
-                for ckid in made:
-                    for obj in list(s.get_objects({Attribute.ID: ckid})):
-                        obj.destroy()
-            try:
-                self._in_session(remove)
-            except p11e.PKCS11Error:
-                pass
-        self.close()
+        a migration that did not commit). Best effort, object by object: an HSM that is gone or
+        refuses leaves them, and the close still happens."""
+        made, self._made = self._made or [], None
+        try:
+            if made and getattr(self, "_session", None) is not None:
+                def remove(s) -> None:
+                    for ckid in made:
+                        for obj in list(s.get_objects({Attribute.ID: ckid})):
+                            try:
+                                obj.destroy()
+                            except p11e.PKCS11Error:
+                                pass
+                try:
+                    self._in_session(remove)
+                except (p11e.PKCS11Error, CryptobatError):
+                    pass
+        finally:
+            self.close()
 
     def close(self) -> None:
         s = getattr(self, "_session", None)

@@ -480,14 +480,21 @@ class Tpm2Custody(Sealing):
             self._counter = nvcounter.attach(self._esys, self.home, self._counter_auth, create=True, lock=self._lock)
             return self._counter
 
+    def kept(self) -> None:
+        """A committed token state refers to this custody: :meth:`discard` keeps its counter."""
+        self._new = False
+
     def discard(self) -> None:
         """Close, first removing the rollback counter's NV index if this object defined it: for
         a custody no token state came to refer to (a failed init, a migration that did not
         commit). Keys need nothing: a TPM key is its blob, and no blob is kept."""
         counter = getattr(self, "_counter", None)
-        if getattr(self, "_new", False) and isinstance(counter, nvcounter.NvCounter):
-            counter.undefine()
-        self.close()
+        try:
+            if getattr(self, "_new", False) and isinstance(counter, nvcounter.NvCounter):
+                counter.undefine()
+        finally:
+            self._new = False
+            self.close()
 
     def close(self) -> None:
         with self._lock:
