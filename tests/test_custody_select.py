@@ -201,3 +201,26 @@ def test_a_custody_run_really_uses_that_custody(tmp_path):
         t.close()
     r = cli("init", "--quorum", "1", home=tmp_path / "b")
     assert r.returncode == 0 and f"custody {want})" in r.stdout, r.stderr
+
+
+def test_a_second_init_of_the_same_home_meanwhile_is_refused(tmp_path):
+    """While one init runs (its lock on the home held here), another is refused at once with
+    one line and touches nothing; afterwards the home initialises as usual."""
+    import fcntl
+    import os
+    from cryptobat.errors import Conflict
+    home = tmp_path / "t"
+    home.mkdir(mode=0o700)
+    fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(Conflict, match="another cryptobat init is running"):
+            init_token(home, 1)
+        r = cli("init", "--quorum", "1", home=home)
+        assert r.returncode == 1 and "another cryptobat init is running" in r.stderr and r.stderr.count("\n") == 1
+        assert list(home.iterdir()) == []
+    finally:
+        os.close(fd)
+    init_token(home, 1).close()
+    with pytest.raises(Conflict, match="a token already exists"):
+        init_token(home, 1)

@@ -6,11 +6,13 @@ state they hold, clock sources) and returns results.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import stat
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import audit as auditlog
 from . import rollback
@@ -170,7 +172,7 @@ def init_token(home: Path | str, quorum: int = 2, custody_factory: Callable[...,
     environment's default: :func:`cryptobat.custody.spec_from_env`, software when unset)
     (see :func:`cryptobat.custody.parse_spec`). A failure leaves nothing of the token behind in
     ``home`` (objects a device made before it failed are the custody's to undo)."""
-    from .token import MAX_QUORUM, Token, new_state
+    from .token import MAX_QUORUM
     if not 1 <= quorum <= MAX_QUORUM:
         raise InvalidArgument(f"quorum must be between 1 and {MAX_QUORUM}")
     home = Path(home)
@@ -184,6 +186,32 @@ def init_token(home: Path | str, quorum: int = 2, custody_factory: Callable[...,
             return open_custody(h, create=create, kind=kind, config=config)
     existed = home.exists()
     before = {p.name for p in home.iterdir()} if existed and home.is_dir() else set()
+    _private_home(home, create=True)
+    with _init_lock(home):
+        if (home / "state.db").exists():  # made by an init that held the lock before this one
+            raise Conflict(f"a token already exists at {home}")
+        return _init_locked(home, quorum, custody_factory, existed, before, wall, mono)
+
+
+@contextlib.contextmanager
+def _init_lock(home: Path) -> Iterator[None]:
+    """Held for a whole init: a second ``cryptobat init`` of the same home meanwhile would write
+    its custody's files over the first's (its counter's index over the first's ``nvcounter.json``)
+    and, failing, remove them; it is refused at once instead."""
+    fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Conflict(f"another cryptobat init is running in {home}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _init_locked(home: Path, quorum: int, custody_factory: Callable[..., Custody], existed: bool,
+                 before: set[str], wall: Callable[[], float], mono: Callable[[], float]):
+    from .token import Token, new_state
     try:
         custody, store = _open_files(home, custody_factory, create=True)
     except BaseException:
