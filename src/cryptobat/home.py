@@ -18,7 +18,7 @@ from . import audit as auditlog
 from . import rollback
 from .audit import Head
 from .clock import _boottime
-from .custody import Custody, RollbackCounter, open_custody, spec_from_env
+from .custody import Custody, RollbackCounter, open_custody, release, spec_from_env
 from .errors import Conflict, IntegrityError, InvalidArgument, NotFound
 from .state import TokenState
 from .store import Store
@@ -49,14 +49,6 @@ def _private_home(home: Path, create: bool) -> None:
         os.chmod(home, 0o700)
 
 
-def _close_custody(custody: Custody, discard: bool = False) -> None:
-    """Close ``custody``; with ``discard`` (a token that never came to be), first remove from its
-    device what it made there (:meth:`Custody.discard`, where the custody has one)."""
-    close = (getattr(custody, "discard", None) if discard else None) or getattr(custody, "close", None)
-    if close is not None:
-        close()
-
-
 def _open_files(home: Path, custody_factory: Callable[..., Custody], create: bool) -> tuple[Custody, Store]:
     _private_home(home, create)
     old_umask = os.umask(0o077)
@@ -65,7 +57,7 @@ def _open_files(home: Path, custody_factory: Callable[..., Custody], create: boo
         try:
             return custody, Store(home, custody.mac_key(), create=create)
         except BaseException:
-            _close_custody(custody, discard=create)
+            release(custody, "discard" if create else "close", "close")
             raise
     finally:
         os.umask(old_umask)
@@ -136,7 +128,7 @@ def open_token(home: Path | str, custody_factory: Callable[..., Custody] = open_
         token = Token(store, custody, state, wall=wall, mono=mono, counter=counter, held=held)
     except BaseException:
         store.close()
-        _close_custody(custody)
+        release(custody, "close")
         raise
     if lost:
         token.audit("accepted-loss", acknowledged=lost[0], kept=lost[1],
@@ -226,12 +218,10 @@ def _init_locked(home: Path, quorum: int, custody_factory: Callable[..., Custody
             state = state.replace(rollback=counter.read())
         token = Token(store, custody, state, wall=wall, mono=mono, counter=counter)
         token.audit("init", quorum=quorum, custody=custody.name)
-        kept = getattr(custody, "kept", None)
-        if kept is not None:  # the committed state refers to what it made: never discarded now
-            kept()
+        release(custody, "kept")  # the committed state refers to what it made: never discarded now
     except BaseException as e:
         store.close()
-        _close_custody(custody, discard=not isinstance(e, Conflict))
+        release(custody, "close" if isinstance(e, Conflict) else "discard", "close")
         if not isinstance(e, Conflict):  # (a token that appeared meanwhile is not ours to remove)
             _remove_new(home, existed, before)
         raise

@@ -30,7 +30,8 @@ from cryptography.hazmat.primitives import serialization
 
 from . import keystore
 from .audit import Head
-from .custody import CONFIG_FILE, Custody, _construct, _custody_class, _read_kind, _write_kind
+from .custody import CONFIG_FILE, Custody, _construct, _custody_class, _read_kind, _write_kind, release
+from .custody.envelope import fsync_dir
 from .errors import Conflict, IntegrityError, InvalidArgument
 from .state import TokenState, frozen
 from .store import Store
@@ -53,14 +54,6 @@ def check_direction(current: str, target: str) -> None:
         raise InvalidArgument(f"a software token migrates to tpm2 or pkcs11 custody, not {target!r}")
 
 
-def _fsync_dir(home: Path) -> None:
-    fd = os.open(home, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def discard(home: Path, kind: str) -> None:
     """Remove a migration that did not commit: the target's files, then ``custody.next.json``.
 
@@ -70,7 +63,7 @@ def discard(home: Path, kind: str) -> None:
     for name in TARGET_FILES.get(kind, ()):
         (home / name).unlink(missing_ok=True)
     (home / NEXT_FILE).unlink(missing_ok=True)
-    _fsync_dir(home)
+    fsync_dir(home)
 
 
 def prepare_target(home: Path, kind: str, config: dict) -> Custody:
@@ -78,7 +71,7 @@ def prepare_target(home: Path, kind: str, config: dict) -> Custody:
     try that died before step 3 are removed first, as a new custody must not adopt them."""
     discard(home, kind)
     target = _construct(_custody_class(kind), kind, home, True, config)
-    _fsync_dir(home)
+    fsync_dir(home)
     return target
 
 
@@ -137,14 +130,14 @@ def destroy_master(home: Path) -> None:
     finally:
         os.close(fd)
     path.unlink(missing_ok=True)
-    _fsync_dir(home)
+    fsync_dir(home)
 
 
 def finish(home: Path) -> None:
     """Step 5: the target becomes the custody of record, then the software master key goes."""
     if (home / NEXT_FILE).exists():
         os.replace(home / NEXT_FILE, home / CONFIG_FILE)
-        _fsync_dir(home)
+        fsync_dir(home)
     destroy_master(home)
 
 
@@ -156,12 +149,6 @@ def _next_kind(home: Path) -> str:
     if kind not in TARGET_FILES:
         raise IntegrityError(f"{home / NEXT_FILE} names no custody a token migrates to ({kind!r})")
     return kind
-
-
-def _close(custody) -> None:
-    close = getattr(custody, "close", None)
-    if close is not None:
-        close()
 
 
 def _store_under(home: Path, custody: Custody, old_mac: bytes | None = None) -> bool:
@@ -214,7 +201,7 @@ def resume(home: Path) -> str | None:
             raise IntegrityError(f"state.db verifies under neither the software custody nor the {kind} custody "
                                  f"{NEXT_FILE} names; restore the token's files")
     finally:
-        _close(target)
+        release(target, "close")
     finish(home)
     return f"an interrupted migration to {kind} custody had committed: finished"
 

@@ -23,7 +23,7 @@ from . import algorithms, keystore, officers, policy, prehash, rollback, rrsig
 from .api import KeyInfo, SignResult
 from .audit import Chain, Head
 from .clock import DEFAULT_GAP, DEFAULT_TOLERANCE, TrustedClock, _boottime
-from .custody import Custody, LoadedKey, RollbackCounter
+from .custody import Custody, LoadedKey, RollbackCounter, release
 from .errors import (ConfigurationDisabled, Conflict, CryptobatError, IntegrityError, InvalidArgument, KeygenRefused,
                      NotFound, NotPermitted, PinIncorrect, StoreError)
 from .quorum import IDLE_TIMEOUT, Approval, PendingOperation, Quorum, Session
@@ -716,14 +716,14 @@ class Token:
             self.store.rekey(new, entries, target.mac_key())
         except BaseException:
             if not committing:  # nothing refers to the target yet: its files and device objects go
-                _abandon(target, "discard")
+                release(target, "discard", "close")
                 migration.discard(self.home, kind)
                 raise
             if self.store.keyed_under(target.mac_key()) is not True:
                 # A commit that reported an error may still surface at the next open (a WAL frame
                 # written before the error), so nothing of the target is removed: closed, and the
                 # next open decides from the store (migration.resume); signing waits for a write.
-                _abandon(target, "close")
+                release(target, "close")
                 self._write_failed = True
                 raise
             # the commit landed although the write reported an error (a late I/O error): keep it
@@ -739,7 +739,7 @@ class Token:
         self.cache.clear()  # the same cache object: an engine sharing it sees the new custody
         self.cache.custody = target
         self.custody, self.counter, self._counter_behind = target, counter, False
-        _abandon(target, "kept")  # the store refers to what it made: never discarded now
+        release(target, "kept")  # the store refers to what it made: never discarded now
         self._sign_keys = {}
         try:
             self.store.mark(chain.head)
@@ -1071,10 +1071,3 @@ class Token:
             self.flush_audit(force=True)
         rows = list(self.store.audit_rows(max(0, self._chain.head.seq - n)))
         return [entry for _, entry, _ in rows]
-
-
-def _abandon(custody: Custody, how: str) -> None:
-    """Call the custody's optional ``how`` (``discard``, ``close``, ``kept``) if it has one."""
-    fn = getattr(custody, how, None)
-    if fn is not None:
-        fn()

@@ -217,6 +217,17 @@ def _read_kind(home: Path) -> str:
     return kind
 
 
+def release(custody: Custody, *hows: str) -> None:
+    """Call the first of ``hows`` the custody has, of its optional methods: ``discard`` (close
+    after removing what it made in its device), ``close``, ``kept`` (a committed state refers to
+    it: discard no longer removes anything)."""
+    for how in hows:
+        fn = getattr(custody, how, None)
+        if fn is not None:
+            fn()
+            return
+
+
 def _write_kind(home: Path, kind: str, name: str = CONFIG_FILE) -> None:
     """HOME/custody.json (or ``name``: a migration's next custody), 0600, written whole or not at
     all, the directory synced."""
@@ -239,11 +250,9 @@ def open_custody(home: Path | str, create: bool = False, kind: str | None = None
     try:
         _write_kind(home, kind)
     except OSError as e:  # nothing will refer to what the custody made in its device
-        close = getattr(custody, "discard", None) or getattr(custody, "close", None)
-        if close is not None:
-            close()
+        release(custody, "discard", "close")
         raise CryptobatError(f"cannot write {home / CONFIG_FILE}: {e.strerror}") from None
     return custody
 
 
-__all__ = ["Custody", "DeviceKey", "LoadedKey", "RollbackCounter", "SoftwareCustody", "open_custody", "parse_spec", "read_pin_file", "spec_from_env"]
+__all__ = ["Custody", "DeviceKey", "LoadedKey", "RollbackCounter", "SoftwareCustody", "open_custody", "parse_spec", "read_pin_file", "release", "spec_from_env"]

@@ -98,8 +98,13 @@ def write_private(path: Path, data: bytes, *, exclusive: bool = False, sync_dir:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     if sync_dir:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the directory's entries (a file created, renamed or removed in it) durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
